@@ -1,0 +1,535 @@
+"""One argparse with Megatron-LM flag names, turned once into typed config sections.
+
+Users carry launch scripts over from Megatron-LM and MindSpeed-LLM, so flag names
+follow theirs. Below the entry point nothing reads argparse output: each section
+is a dataclass that validates itself and names the flag in its errors, and
+`validate()` checks the rules that span sections (batch sizes against the layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot run; the message names the flags and the rule."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _from_namespace(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class ModelConfig:
+    """Decoder architecture (Llama / Mistral / Qwen2 / Qwen3 family)."""
+
+    num_layers: int
+    """--num-layers: transformer layers."""
+    hidden_size: int
+    """--hidden-size."""
+    num_attention_heads: int
+    """--num-attention-heads."""
+    seq_length: int
+    """--seq-length: longest training sequence (tokens)."""
+    ffn_hidden_size: int | None = None
+    """--ffn-hidden-size; default 4 x hidden size."""
+    group_query_attention: bool = False
+    """--group-query-attention: use --num-query-groups key/value heads."""
+    num_query_groups: int | None = None
+    """--num-query-groups: key/value heads under GQA."""
+    kv_channels: int | None = None
+    """--kv-channels: head dim; default hidden / heads (Qwen3 sets it explicitly)."""
+    max_position_embeddings: int | None = None
+    """--max-position-embeddings; default --seq-length."""
+    position_embedding_type: str = "rope"
+    """--position-embedding-type: rope or learned_absolute."""
+    rotary_base: int = 10000
+    """--rotary-base: RoPE theta."""
+    rope_scaling_type: str | None = None
+    """--rope-scaling-type llama3 (or --use-rope-scaling): Llama 3.1 frequency scaling."""
+    rope_scaling_factor: float = 8.0
+    """--rope-scaling-factor."""
+    low_freq_factor: float = 1.0
+    """--low-freq-factor (llama3 rope scaling)."""
+    high_freq_factor: float = 4.0
+    """--high-freq-factor (llama3 rope scaling)."""
+    original_max_position_embeddings: int = 8192
+    """--original-max-position-embeddings (llama3 rope scaling)."""
+    normalization: str = "RMSNorm"
+    """--normalization: RMSNorm or LayerNorm."""
+    norm_epsilon: float = 1e-5
+    """--norm-epsilon."""
+    swiglu: bool = False
+    """--swiglu: gated SiLU MLP (gate and up fused in linear_fc1)."""
+    disable_bias_linear: bool = False
+    """--disable-bias-linear: no biases in linear layers."""
+    add_qkv_bias: bool = False
+    """--add-qkv-bias: bias on linear_qkv only (Qwen2)."""
+    qk_layernorm: bool = False
+    """--qk-layernorm: per-head RMSNorm on queries and keys (Qwen3)."""
+    untie_embeddings_and_output_weights: bool = False
+    """--untie-embeddings-and-output-weights."""
+    vocab_size: int | None = None
+    """--vocab-size: tokenizer vocabulary size (before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """--make-vocab-size-divisible-by: padded vocab is a multiple of this x TP."""
+    padded_vocab_size: int | None = None
+    """--padded-vocab-size: explicit padded size (overrides the rounding rule)."""
+    init_method_std: float = 0.02
+    """--init-method-std."""
+    hidden_dropout: float = 0.0
+    """--hidden-dropout."""
+    attention_dropout: float = 0.0
+    """--attention-dropout."""
+    transformer_impl: str = "auto"
+    """--transformer-impl: transformer_engine, local, or auto (TE when importable)."""
+    attention_backend: str = "auto"
+    """--attention-backend for the local spec: sdpa (torch scaled_dot_product_attention),
+    unfused (megatron's DotProductAttention), or auto (sdpa)."""
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if not self.group_query_attention:
+            _require(
+                self.num_query_groups in (None, self.num_attention_heads),
+                "--num-query-groups needs --group-query-attention",
+            )
+            self.num_query_groups = self.num_attention_heads
+        _require(
+            self.num_query_groups is not None,
+            "--group-query-attention needs --num-query-groups",
+        )
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "num_query_groups"):
+            _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            f"--num-attention-heads ({self.num_attention_heads}) must be a multiple of "
+            f"--num-query-groups ({self.num_query_groups})",
+        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads "
+                f"({self.num_attention_heads}), or set --kv-channels",
+            )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        _require(
+            self.seq_length <= self.max_position_embeddings,
+            f"--seq-length ({self.seq_length}) exceeds --max-position-embeddings "
+            f"({self.max_position_embeddings})",
+        )
+        _require(self.normalization in ("RMSNorm", "LayerNorm"), "--normalization must be RMSNorm or LayerNorm")
+        _require(
+            self.position_embedding_type in ("rope", "learned_absolute"),
+            "--position-embedding-type must be rope or learned_absolute",
+        )
+        _require(self.rope_scaling_type in (None, "llama3"), "--rope-scaling-type supports llama3 only")
+        _require(
+            self.transformer_impl in ("auto", "transformer_engine", "local"),
+            "--transformer-impl must be auto, transformer_engine or local",
+        )
+        _require(
+            self.attention_backend in ("auto", "sdpa", "unfused"),
+            "--attention-backend must be auto, sdpa or unfused",
+        )
+        _require(
+            self.vocab_size is not None or self.padded_vocab_size is not None,
+            "the model needs --vocab-size (tokenizer size) or --padded-vocab-size",
+        )
+
+    def padded_vocab(self, tensor_model_parallel_size: int) -> int:
+        """Vocab rows of the embedding: the tokenizer size rounded up so every TP shard is equal."""
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor, pipeline and data parallel layout."""
+
+    tensor_model_parallel_size: int = 1
+    """--tensor-model-parallel-size."""
+    pipeline_model_parallel_size: int = 1
+    """--pipeline-model-parallel-size."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """--num-layers-per-virtual-pipeline-stage: interleaved 1F1B schedule."""
+    sequence_parallel: bool = False
+    """--sequence-parallel: shard norms/dropout activations over TP (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """--use-distributed-optimizer: shard optimizer state over DP (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """--overlap-grad-reduce: overlap DP grad reduction with backward."""
+    overlap_param_gather: bool = False
+    """--overlap-param-gather (distributed optimizer only)."""
+    distributed_backend: str | None = None
+    """--distributed-backend: nccl or gloo; default nccl on CUDA, gloo on CPU."""
+    distributed_timeout_minutes: int = 10
+    """--distributed-timeout-minutes."""
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
+        _require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel needs --tensor-model-parallel-size > 1",
+        )
+        _require(
+            self.num_layers_per_virtual_pipeline_stage is None or self.pipeline_model_parallel_size > 1,
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
+        )
+        _require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather needs --use-distributed-optimizer",
+        )
+        _require(self.distributed_backend in (None, "nccl", "gloo"), "--distributed-backend must be nccl or gloo")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter and compute precision."""
+
+    bf16: bool = False
+    """--bf16: bf16 params with fp32 main weights and grads."""
+    fp16: bool = False
+    """--fp16: fp16 params with dynamic loss scaling."""
+    attention_softmax_in_fp32: bool = False
+    """--attention-softmax-in-fp32."""
+    initial_loss_scale: float = 2.0**32
+    """--initial-loss-scale (fp16)."""
+
+    def __post_init__(self) -> None:
+        _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
+
+    @property
+    def params_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, optimizer and learning-rate schedule."""
+
+    micro_batch_size: int = 1
+    """--micro-batch-size: samples per micro-batch per DP rank."""
+    global_batch_size: int | None = None
+    """--global-batch-size: samples per optimizer step; default micro x DP."""
+    train_iters: int | None = None
+    """--train-iters."""
+    lr: float = 1e-5
+    """--lr: peak learning rate."""
+    min_lr: float = 0.0
+    """--min-lr."""
+    lr_decay_style: str = "cosine"
+    """--lr-decay-style: constant, linear, cosine, inverse-square-root, WSD."""
+    lr_decay_iters: int | None = None
+    """--lr-decay-iters; default --train-iters."""
+    lr_warmup_fraction: float | None = None
+    """--lr-warmup-fraction of --lr-decay-iters (exclusive with --lr-warmup-iters)."""
+    lr_warmup_iters: int = 0
+    """--lr-warmup-iters."""
+    lr_warmup_init: float = 0.0
+    """--lr-warmup-init."""
+    weight_decay: float = 0.01
+    """--weight-decay."""
+    adam_beta1: float = 0.9
+    """--adam-beta1."""
+    adam_beta2: float = 0.999
+    """--adam-beta2."""
+    adam_eps: float = 1e-8
+    """--adam-eps."""
+    clip_grad: float = 1.0
+    """--clip-grad: global grad-norm clip (0 disables)."""
+    seed: int = 1234
+    """--seed."""
+
+    def __post_init__(self) -> None:
+        _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        _require(self.train_iters is None or self.train_iters >= 1, "--train-iters must be >= 1")
+        _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
+        _require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
+        _require(
+            self.lr_decay_style in ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+            "--lr-decay-style must be constant, linear, cosine, inverse-square-root or WSD",
+        )
+        _require(
+            self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+            "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive",
+        )
+        _require(
+            self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
+            "--lr-warmup-fraction must be in [0, 1]",
+        )
+        _require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/2 must be in [0, 1)")
+        _require(self.clip_grad >= 0, "--clip-grad must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where to load from and save to (Megatron-LM checkpoint layout)."""
+
+    load: str | None = None
+    """--load: checkpoint directory to start from."""
+    save: str | None = None
+    """--save: directory for new checkpoints."""
+    save_interval: int | None = None
+    """--save-interval: iterations between checkpoints (and one at the end)."""
+    finetune: bool = False
+    """--finetune: load weights only, start at iteration 0 with fresh optimizer and RNG."""
+    no_load_optim: bool = False
+    """--no-load-optim."""
+    no_load_rng: bool = False
+    """--no-load-rng."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval is None or self.save_interval >= 1, "--save-interval must be >= 1")
+        _require(self.save_interval is None or self.save is not None, "--save-interval needs --save")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and TensorBoard metrics."""
+
+    log_interval: int = 1
+    """--log-interval: iterations between metric lines."""
+    tensorboard_dir: str | None = None
+    """--tensorboard-dir."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval >= 1, "--log-interval must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """All sections of one run."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.parallel.model_parallel_size
+
+    @property
+    def virtual_pipeline_size(self) -> int | None:
+        """Model chunks per pipeline rank under the interleaved schedule (None without it)."""
+        per_vpp = self.parallel.num_layers_per_virtual_pipeline_stage
+        if per_vpp is None:
+            return None
+        return self.model.num_layers // self.parallel.pipeline_model_parallel_size // per_vpp
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.model.padded_vocab(self.parallel.tensor_model_parallel_size)
+
+
+def validate(config: EngineConfig, world_size: int) -> None:
+    """Rules that span sections; raises ConfigError naming the flags before any work is done."""
+    model, par, train = config.model, config.parallel, config.training
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _require(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+        f"--pipeline-model-parallel-size ({pp})",
+    )
+    dp = world_size // (tp * pp)
+    _require(
+        model.num_attention_heads % tp == 0,
+        f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
+        f"--tensor-model-parallel-size ({tp})",
+    )
+    _require(
+        model.num_query_groups % tp == 0,
+        f"--num-query-groups ({model.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})",
+    )
+    _require(
+        model.ffn_hidden_size % tp == 0,
+        f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})",
+    )
+    _require(
+        model.num_layers % pp == 0,
+        f"--num-layers ({model.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})",
+    )
+    if par.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = model.num_layers // pp
+        _require(
+            per_stage % par.num_layers_per_virtual_pipeline_stage == 0,
+            f"layers per pipeline stage ({per_stage} = --num-layers / --pipeline-model-parallel-size) must be "
+            f"divisible by --num-layers-per-virtual-pipeline-stage ({par.num_layers_per_virtual_pipeline_stage})",
+        )
+    if model.padded_vocab_size is not None:
+        _require(
+            model.padded_vocab_size % tp == 0,
+            f"--padded-vocab-size ({model.padded_vocab_size}) must be divisible by --tensor-model-parallel-size ({tp})",
+        )
+        _require(
+            model.vocab_size is None or model.padded_vocab_size >= model.vocab_size,
+            f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})",
+        )
+    if train.global_batch_size is None:
+        train.global_batch_size = train.micro_batch_size * dp
+    _require(
+        train.global_batch_size % (train.micro_batch_size * dp) == 0,
+        f"--global-batch-size ({train.global_batch_size}) must be divisible by --micro-batch-size "
+        f"({train.micro_batch_size}) x data-parallel size ({dp} = world {world_size} / (TP {tp} x PP {pp}))",
+    )
+    if par.num_layers_per_virtual_pipeline_stage is not None:
+        microbatches = train.global_batch_size // (train.micro_batch_size * dp)
+        _require(
+            microbatches % pp == 0,
+            f"the interleaved schedule needs the number of micro-batches ({microbatches}) to be a multiple of "
+            f"--pipeline-model-parallel-size ({pp}); adjust --global-batch-size",
+        )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope", "learned_absolute"])
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rope-scaling-type", choices=["llama3"])
+    g.add_argument("--use-rope-scaling", dest="rope_scaling_type", action="store_const", const="llama3",
+                   help="Megatron-LM spelling of --rope-scaling-type llama3")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0)
+    g.add_argument("--low-freq-factor", type=float, default=1.0)
+    g.add_argument("--high-freq-factor", type=float, default=4.0)
+    g.add_argument("--original-max-position-embeddings", type=int, default=8192)
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--padded-vocab-size", type=int)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--transformer-impl", default="auto", choices=["auto", "transformer_engine", "local"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"])
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallel")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def _add_precision_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoint")
+    g.add_argument("--load")
+    g.add_argument("--save")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The engine's parser; unknown flags are an error (argparse's default), never ignored."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
+    for add in (_add_model_args, _add_parallel_args, _add_precision_args, _add_training_args,
+                _add_checkpoint_args, _add_logging_args):
+        add(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=_from_namespace(ModelConfig, args),
+        parallel=_from_namespace(ParallelConfig, args),
+        precision=_from_namespace(PrecisionConfig, args),
+        training=_from_namespace(TrainingConfig, args),
+        checkpoint=_from_namespace(CheckpointConfig, args),
+        logging=_from_namespace(LoggingConfig, args),
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> EngineConfig:
+    """Parse, build the config sections and validate them against the world size.
+
+    A ConfigError becomes an argparse error (usage line + message, exit code 2).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = config_from_args(args)
+        validate(config, world_size)
+    except ConfigError as err:
+        parser.error(str(err))
+    return config

@@ -1,0 +1,162 @@
+"""Split a full (TP1 x PP1) megatron-core GPT state dict into per-rank shards, and merge them back.
+
+Used by the HF <-> megatron converters, by resharding, and by the layout-parity tests.
+The rules follow megatron-core's tensor-parallel layers: column-parallel weights
+(linear_qkv, linear_fc1, vocab embedding, output layer) split on dim 0, row-parallel
+weights (linear_proj, linear_fc2) on dim 1, everything else is replicated. linear_qkv
+is already stored per query group as [q heads | k | v], so a contiguous split keeps
+whole groups together. A gated linear_fc1 holds [gate; up], and each TP rank holds
+[gate_i; up_i], so the halves are split separately.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias")
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+_VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a model is split: TP and PP sizes, virtual stages, and the layers of each pipeline stage."""
+
+    num_layers: int
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_size: int | None = None
+    layers_per_stage: tuple[int, ...] | None = None
+    """Uneven PP (--num-layer-list); default an even split. Not combinable with virtual stages."""
+    swiglu: bool = True
+    tied_embeddings: bool = True
+    padded_vocab_size: int | None = None
+    """Vocab rows after padding for this layout; vocab tensors are zero-padded or cut to it."""
+
+    def __post_init__(self) -> None:
+        pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_size or 1
+        if self.layers_per_stage is not None:
+            if vpp != 1:
+                raise ValueError("an uneven layer list cannot be combined with virtual pipeline stages")
+            if len(self.layers_per_stage) != pp or sum(self.layers_per_stage) != self.num_layers:
+                raise ValueError(
+                    f"--num-layer-list {','.join(map(str, self.layers_per_stage))} must have "
+                    f"{pp} entries summing to --num-layers {self.num_layers}"
+                )
+        elif self.num_layers % (pp * vpp):
+            raise ValueError(f"{self.num_layers} layers cannot be split evenly over {pp} x {vpp} stages")
+
+    def stage_layers(self, pp_rank: int, vp_stage: int | None = None) -> range:
+        """Global layer indices held by one (pipeline rank, virtual stage)."""
+        if self.layers_per_stage is not None:
+            start = sum(self.layers_per_stage[:pp_rank])
+            return range(start, start + self.layers_per_stage[pp_rank])
+        vpp = self.virtual_pipeline_size or 1
+        per_chunk = self.num_layers // (self.pipeline_model_parallel_size * vpp)
+        start = (vp_stage or 0) * (self.num_layers // vpp) + pp_rank * per_chunk
+        return range(start, start + per_chunk)
+
+    def is_first(self, pp_rank: int, vp_stage: int | None) -> bool:
+        return pp_rank == 0 and (vp_stage or 0) == 0
+
+    def is_last(self, pp_rank: int, vp_stage: int | None) -> bool:
+        last_vp = (self.virtual_pipeline_size or 1) - 1
+        return pp_rank == self.pipeline_model_parallel_size - 1 and (vp_stage or 0) == last_vp
+
+
+def _split_dim(key: str) -> int | None:
+    if key.endswith(_COLUMN_PARALLEL) or key in _VOCAB_PARALLEL:
+        return 0
+    if key.endswith(_ROW_PARALLEL):
+        return 1
+    return None
+
+
+def _resize_vocab(tensor: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """Padding rows carry no meaning (the loss masks them), so they are cut or zero-filled freely."""
+    if rows is None or tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def _tp_slice(key: str, tensor: torch.Tensor, tp: int, rank: int, swiglu: bool) -> torch.Tensor:
+    dim = _split_dim(key)
+    if dim is None or tp == 1:
+        return tensor
+    if swiglu and "linear_fc1" in key:
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0).clone()
+    if tensor.shape[dim] % tp:
+        raise ValueError(f"{key} has {tensor.shape[dim]} rows on dim {dim}, not divisible by TP {tp}")
+    return tensor.chunk(tp, dim=dim)[rank].clone()
+
+
+def _tp_merge(key: str, pieces: list[torch.Tensor], swiglu: bool) -> torch.Tensor:
+    dim = _split_dim(key)
+    if dim is None or len(pieces) == 1:
+        return pieces[0]
+    if swiglu and "linear_fc1" in key:
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(pieces, dim=dim)
+
+
+def shard_state_dict(
+    full: dict[str, torch.Tensor], layout: ShardLayout, tp_rank: int, pp_rank: int, vp_stage: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict of one model chunk on one rank, with layers renumbered from 0 as megatron does."""
+    layers = layout.stage_layers(pp_rank, vp_stage)
+    first, last = layout.is_first(pp_rank, vp_stage), layout.is_last(pp_rank, vp_stage)
+    tp, swiglu = layout.tensor_model_parallel_size, layout.swiglu
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in full.items():
+        match = _LAYER_KEY.match(key)
+        if match:
+            index = int(match.group(1))
+            if index not in layers:
+                continue
+            key = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+        elif key.startswith("embedding."):
+            if not first:
+                continue
+        elif key.startswith(("decoder.final_layernorm", "output_layer")):
+            if not last:
+                continue
+        if key in _VOCAB_PARALLEL:
+            tensor = _resize_vocab(tensor, layout.padded_vocab_size)
+        out[key] = _tp_slice(key, tensor, tp, tp_rank, swiglu)
+    if last and layout.tied_embeddings and layout.pipeline_model_parallel_size > 1:
+        # The last stage keeps its own copy of the tied embedding as output_layer.weight.
+        embedding = _resize_vocab(full["embedding.word_embeddings.weight"], layout.padded_vocab_size)
+        out["output_layer.weight"] = _tp_slice("output_layer.weight", embedding, tp, tp_rank, swiglu)
+    return out
+
+
+def merge_state_dicts(
+    shards: dict[tuple[int, int, int | None], dict[str, torch.Tensor]], layout: ShardLayout
+) -> dict[str, torch.Tensor]:
+    """Inverse of shard_state_dict: `shards[(tp_rank, pp_rank, vp_stage)]` -> the full state dict."""
+    tp = layout.tensor_model_parallel_size
+    vp_stages = range(layout.virtual_pipeline_size) if layout.virtual_pipeline_size else [None]
+    full: dict[str, torch.Tensor] = {}
+    for pp_rank in range(layout.pipeline_model_parallel_size):
+        for vp_stage in vp_stages:
+            layers = layout.stage_layers(pp_rank, vp_stage)
+            ranks = [shards[(tp_rank, pp_rank, vp_stage)] for tp_rank in range(tp)]
+            for key in ranks[0]:
+                if key.endswith("_extra_state"):
+                    continue
+                if key == "output_layer.weight" and layout.tied_embeddings:
+                    continue
+                merged = _tp_merge(key, [r[key] for r in ranks], layout.swiglu)
+                match = _LAYER_KEY.match(key)
+                if match:
+                    key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
+                full[key] = merged
+    return full

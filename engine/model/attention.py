@@ -1,0 +1,71 @@
+"""Core attention through torch scaled_dot_product_attention.
+
+Without transformer-engine, megatron's local DotProductAttention materializes the
+full [b, heads, s, s] score matrix in Python-level ops. SDPA dispatches to flash /
+memory-efficient kernels on CUDA (and a fused kernel on CPU), with GQA handled
+natively, so GPUs without TE still get flash attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in core_attention for megatron's SelfAttention: [sq, b, np, hn] in, [sq, b, hp] out."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs transformer-engine attention")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes neither packed_seq_params nor attention_bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        # megatron masks are True where attention is NOT allowed; SDPA's bool masks are the opposite.
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        attn_mask = None if attention_mask is None else ~attention_mask
+        dropout_p = self.dropout_p if self.training else 0.0
+
+        def attend():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+            )
+
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)

@@ -1,0 +1,160 @@
+"""Builds megatron-core GPTModel chunks for this rank, and wraps them for training.
+
+One function maps the engine's config onto megatron's TransformerConfig (the
+`core_transformer_config_from_args` of this project); one builds the model chunks of
+this pipeline rank (several under the interleaved schedule); one wraps them in
+mixed precision and DDP. The frozen reference policy uses the same builder
+without the DDP wrap, so both run identical forward code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from engine.arguments import EngineConfig
+from engine.model.spec import decoder_block_spec, resolve_transformer_impl
+from engine.platform import Platform
+
+
+def transformer_config(config: EngineConfig, platform: Platform) -> TransformerConfig:
+    m, par, prec = config.model, config.parallel, config.precision
+    on_gpu = platform.is_cuda
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=config.virtual_pipeline_size,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=prec.params_dtype,
+        pipeline_dtype=prec.params_dtype,
+        bf16=prec.bf16,
+        fp16=prec.fp16,
+        attention_softmax_in_fp32=prec.attention_softmax_in_fp32,
+        # The fusions need CUDA kernels (apex / TE / jit); the unfused paths are exact.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # The loss function returns (sum, count); megatron then normalizes gradients by the
+        # global count over micro-batches and DP ranks, so a global batch's loss does not
+        # depend on how it is split.
+        calculate_per_token_loss=True,
+        # DPO micro-batches are padded to their own longest pair, so stage-to-stage
+        # activation shapes vary and must be communicated.
+        variable_seq_lengths=True,
+        # No MoE here; megatron rejects variable_seq_lengths with its default (allgather) dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        # CPU init draws the full weight from one generator, then splits it: the same seed
+        # gives the same model for any TP size. On GPU, per-rank init is much faster.
+        use_cpu_initialization=not on_gpu,
+    )
+
+
+def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
+    """megatron-core fixes low/high frequency factors and the original context; Llama 3.x sets them."""
+    m = config.model
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq,
+        factor=m.rope_scaling_factor,
+        low_freq_factor=m.low_freq_factor,
+        high_freq_factor=m.high_freq_factor,
+        original_max_position_embeddings=m.original_max_position_embeddings,
+    )
+
+
+def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
+    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype."""
+    tf_config = transformer_config(config, platform)
+    impl = resolve_transformer_impl(config.model.transformer_impl)
+    vpp = config.virtual_pipeline_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        model = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage),
+            vocab_size=config.padded_vocab_size,
+            max_sequence_length=config.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
+            position_embedding_type=config.model.position_embedding_type,
+            rotary_base=config.model.rotary_base,
+            vp_stage=vp_stage,
+        )
+        if config.model.rope_scaling_type == "llama3":
+            _apply_llama3_rope_scaling(model, config)
+        chunks.append(model.to(platform.device()))
+    return chunks
+
+
+def wrap_mixed_precision(chunks: list[GPTModel], config: EngineConfig) -> list[torch.nn.Module]:
+    """bf16/fp16 params behind megatron's Float16Module (fp32 logits out, fp32 main params in the optimizer)."""
+    if not (config.precision.bf16 or config.precision.fp16):
+        return list(chunks)
+    return [Float16Module(chunk.config, chunk) for chunk in chunks]
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], config: EngineConfig) -> list[DistributedDataParallel]:
+    """megatron DDP: contiguous grad buffers, DP reduce (reduce-scatter under the distributed optimizer)."""
+    par = config.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=config.precision.bf16 or config.precision.fp16,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config if hasattr(chunk, "config") else chunk.module.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk's buffer overlaps with backward; later ones are reduced at the end.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_trainable_model(config: EngineConfig, platform: Platform) -> list[DistributedDataParallel]:
+    return wrap_ddp(wrap_mixed_precision(build_model_chunks(config, platform), config), config)
+
+
+def build_frozen_model(config: EngineConfig, platform: Platform) -> list[torch.nn.Module]:
+    """Same structure as the policy, no grads, eval mode (the reference policy)."""
+    chunks = wrap_mixed_precision(build_model_chunks(config, platform), config)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return chunks
+
+
+def unwrap_model(chunk: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not isinstance(chunk, GPTModel):
+        chunk = chunk.module
+    return chunk

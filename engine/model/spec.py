@@ -1,0 +1,91 @@
+"""Layer specs: the model's structure declared as megatron ModuleSpecs, chosen in one function.
+
+Backends:
+- transformer_engine: megatron-core's TE spec (fused norm+linear, TE attention), when TE imports.
+- local: megatron-core's tensor-parallel linears with this project's Norm (HF-exact math,
+  sequence-parallel capable) and SDPA core attention (or megatron's unfused attention).
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from engine.model.attention import SDPAttention
+from engine.model.norm import Norm
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def resolve_transformer_impl(requested: str) -> str:
+    """'auto' means TE when importable; asking for TE without it is an error, not a fallback."""
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if requested == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("--transformer-impl transformer_engine, but transformer_engine does not import")
+    return requested
+
+
+def local_layer_spec(qk_layernorm: bool, attention_backend: str) -> ModuleSpec:
+    core_attention = DotProductAttention if attention_backend == "unfused" else SDPAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=Norm if qk_layernorm else IdentityOp,
+                    k_layernorm=Norm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_block_spec(
+    config: TransformerConfig, transformer_impl: str, attention_backend: str, vp_stage: int | None
+) -> ModuleSpec:
+    """The decoder of one pipeline (or virtual pipeline) stage."""
+    if transformer_impl == "transformer_engine":
+        return get_gpt_decoder_block_spec(
+            config, use_transformer_engine=True, normalization=config.normalization,
+            qk_layernorm=config.qk_layernorm, vp_stage=vp_stage,
+        )
+    layer = local_layer_spec(config.qk_layernorm, attention_backend)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm),
+    )

@@ -1,0 +1,163 @@
+"""Accelerator and process-group backend, and the CPU adaptor for megatron-core.
+
+On CUDA the engine uses NCCL and this module touches nothing. Without CUDA it uses
+gloo on CPU, and megatron-core 0.15/0.16 needs a bounded set of its CUDA
+assumptions bridged. This is the project's single sanctioned patch set: it is
+installed by an explicit call (from `engine.initialize`), never on import, and
+every bridged call site is listed in `CPU_ADAPTOR_SITES` and covered by
+`tests/unit/test_platform.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# megatron-core minor versions whose CUDA call sites were audited for the adaptor.
+CHECKED_MEGATRON_CORE = ("0.15", "0.16")
+
+# What the adaptor bridges, one line per call site family (documentation and tests).
+CPU_ADAPTOR_SITES = (
+    "torch.cuda.current_device() -> 0, mapped to cpu by the device mode (layers, rotary, p2p buffers)",
+    "torch.cuda.synchronize() -> no-op (p2p communication)",
+    "factory calls with device='cuda'/int and Tensor.cuda()/Tensor.to('cuda') -> cpu "
+    "(optimizer, grad scaler, clip_grads, param/grad buffers, schedules)",
+    "Tensor.type() -> 'torch.cuda.*Tensor' names (clip_grads and mixed-precision optimizer asserts)",
+    "torch.cuda.get_rng_state/set_rng_state/manual_seed -> CPU default generator",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state -> CPU generator",
+)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where tensors live and how ranks talk."""
+
+    device_type: str
+    """'cuda' or 'cpu'."""
+    backend: str
+    """torch.distributed backend: 'nccl' on CUDA, 'gloo' on CPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def device(self) -> torch.device:
+        """This rank's device (the current CUDA device, set by initialize from LOCAL_RANK)."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.is_cuda else torch.device("cpu")
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+    def peak_memory_bytes(self) -> int:
+        """Peak allocated accelerator memory; on CPU, the process's peak RSS."""
+        if self.is_cuda:
+            return torch.cuda.max_memory_allocated()
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def detect_platform(backend: str | None = None) -> Platform:
+    """CUDA + NCCL when a GPU is visible, else CPU + gloo. `backend` overrides the pairing."""
+    if torch.cuda.is_available():
+        return Platform("cuda", backend or "nccl")
+    if backend not in (None, "gloo"):
+        raise ValueError(
+            f"--distributed-backend {backend} needs CUDA, but no GPU is visible; use gloo on CPU"
+        )
+    return Platform("cpu", "gloo")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal for torch factories (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirects CUDA tensor placement to the CPU and reports CPU tensors with CUDA type names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name[len("torch.") :]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
+    torch.set_rng_state(new_state)
+
+
+class CpuAdaptor:
+    """Installs and removes the patches listed in CPU_ADAPTOR_SITES. Idempotent."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._mode: CudaToCpuMode | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._mode is not None
+
+    def _patch(self, owner: Any, name: str, value: Callable) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError("the CPU adaptor is for machines without CUDA; a GPU is visible")
+        import megatron.core
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        version = megatron.core.__version__
+        if not version.startswith(CHECKED_MEGATRON_CORE):
+            raise RuntimeError(
+                f"megatron-core {version} is not one the CPU adaptor was checked against "
+                f"({', '.join(CHECKED_MEGATRON_CORE)}); install megatron-core>=0.15,<0.17"
+            )
+        self._patch(torch.cuda, "current_device", lambda: 0)
+        self._patch(torch.cuda, "synchronize", lambda device=None: None)
+        self._patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+        self._patch(torch.cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
+        self._patch(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(seed))
+        self._patch(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state)
+        self._patch(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state)
+        self._mode = CudaToCpuMode()
+        self._mode.__enter__()
+        logger.info("megatron-core %s CPU adaptor installed (gloo backend)", version)
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            return
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+        for owner, name, value in reversed(self._saved):
+            setattr(owner, name, value)
+        self._saved.clear()
+
+
+CPU_ADAPTOR = CpuAdaptor()
+"""The process's one adaptor: patches are process-wide, so one object owns them."""

@@ -1,0 +1,96 @@
+"""One optimizer step over a global batch, through megatron's pipeline schedules.
+
+Training logic plugs in as a `forward_step(data_iterator, model) -> (output, loss_func)`
+pair, where `loss_func(output) -> (loss_sum, count, metrics)`. With
+`calculate_per_token_loss`, megatron sums `count` over micro-batches and DP ranks and
+divides the gradients by it, so the update of a global batch does not depend on how
+it is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepResult:
+    """What one step produced; metrics are global means over the batch (valid on every rank)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    update_successful: bool = True
+    num_zeros_in_grad: int | None = None
+
+
+def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> None:
+    """Hooks megatron's schedules need: loss scaling, grad finalization, DDP no-sync."""
+    config = model[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    if optimizer is not None:
+        config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in model if hasattr(chunk, "no_sync")]
+    if no_sync:
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+
+def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum each metric's (numerator, denominator) pairs over micro-batches, then over DP and
+    pipeline ranks (only the last stage has them), and return numerator / denominator."""
+    if collected:
+        names = sorted(collected[0])
+        totals = torch.stack([sum(mb[n] for mb in collected) for n in names]).double()
+    else:
+        names, totals = [], torch.zeros(0, 2, dtype=torch.float64)
+    # Every rank joins both collectives; ranks before the last stage contribute zeros.
+    names_box = [names]
+    torch.distributed.broadcast_object_list(
+        names_box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    names = names_box[0]
+    if totals.numel() == 0:
+        totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
+
+
+def train_step(
+    forward_step: Callable,
+    data_iterator: Iterator | list[Iterator],
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler | None,
+    num_microbatches: int,
+    micro_batch_size: int,
+    seq_length: int,
+) -> StepResult:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    collected = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    if update_successful and scheduler is not None:
+        scheduler.step(increment=1)
+    return StepResult(
+        metrics=reduce_metrics(collected),
+        grad_norm=grad_norm,
+        update_successful=update_successful,
+        num_zeros_in_grad=num_zeros,
+    )
