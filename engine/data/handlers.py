@@ -1,0 +1,233 @@
+"""Handlers: turn one input record (a dict) into a prompt and two answers.
+
+Each handler knows the logical fields of one data shape and reads them from
+the columns named by ``--map-keys``. Errors are ``RecordError``s naming the
+logical field and its column; the caller adds the file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from engine.data.templates import Conversation
+
+
+class RecordError(ValueError):
+    """A record that cannot be turned into a pair; ``field`` is the column at fault, if any."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class PairwiseSample:
+    """A prompt with its preferred and dispreferred answers."""
+
+    conversation: Conversation
+    chosen: str
+    rejected: str
+
+
+class PairwiseHandler:
+    """Base: column mapping (``--map-keys``) and typed field access."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, str]]
+    """Logical field -> default column (or tag value for ``*_tag`` entries)."""
+    tag_keys: ClassVar[frozenset[str]] = frozenset()
+    """Logical entries that are tag values, not columns."""
+
+    def __init__(self, map_keys: dict[str, str] | None = None) -> None:
+        map_keys = dict(map_keys or {})
+        unknown = sorted(set(map_keys) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(self.defaults)}"
+            )
+        self.keys = {**self.defaults, **map_keys}
+        self.explicit_columns = {k: v for k, v in map_keys.items() if k not in self.tag_keys and v}
+        """Columns the user named: each must exist in the data, checked before any work."""
+
+    def _get(self, record: dict, logical: str, required: bool = False) -> Any:
+        column = self.keys[logical]
+        value = record.get(column) if column else None
+        if value is None and required:
+            raise RecordError(f"missing required key {column!r} ({logical})", column or logical)
+        return value
+
+    def _text(self, record: dict, logical: str, required: bool = False, allow_empty: bool = False) -> str | None:
+        value = self._get(record, logical, required)
+        if value is None:
+            return None
+        column = self.keys[logical]
+        if not isinstance(value, str):
+            raise RecordError(f"{column!r} ({logical}) must be a string, got {type(value).__name__}", column)
+        if required and not allow_empty and not value.strip():
+            raise RecordError(f"{column!r} ({logical}) is empty", column)
+        return value
+
+    def _history(self, record: dict) -> list[tuple[str, str]]:
+        value = self._get(record, "history")
+        if value is None:
+            return []
+        column = self.keys["history"]
+        if not isinstance(value, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)
+            for turn in value
+        ):
+            raise RecordError(f"{column!r} (history) must be a list of [query, answer] string pairs", column)
+        return [tuple(turn) for turn in value]
+
+    def __call__(self, record: dict) -> PairwiseSample:
+        raise NotImplementedError
+
+
+class AlpacaStylePairwiseHandler(PairwiseHandler):
+    """``{"instruction", "input", "system", "history": [[q, a], ...], "chosen", "rejected"}``."""
+
+    name = "AlpacaStylePairwiseHandler"
+    defaults = {"prompt": "instruction", "query": "input", "system": "system", "history": "history",
+                "chosen": "chosen", "rejected": "rejected"}
+
+    def __call__(self, record: dict) -> PairwiseSample:
+        prompt = self._text(record, "prompt", required=True)
+        query = self._text(record, "query")
+        if query:
+            prompt = f"{prompt}\n{query}"
+        conv = Conversation(prompt=prompt, system=self._text(record, "system"), history=self._history(record))
+        return PairwiseSample(conv, self._text(record, "chosen", required=True),
+                              self._text(record, "rejected", required=True))
+
+
+class _MessagesMixin:
+    """Splits a role/content message list into system, history and final user turn."""
+
+    def _conversation(self, messages: Any, column: str, role_key: str, content_key: str,
+                      user: str, assistant: str, system_role: str, system: str | None) -> Conversation:
+        if not isinstance(messages, list) or not messages:
+            raise RecordError(f"{column!r} must be a non-empty list of messages", column)
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(content_key), str):
+                raise RecordError(
+                    f"{column!r}[{i}] must be an object with string {role_key!r} and {content_key!r}", column
+                )
+            turns.append((m[role_key], m[content_key]))
+        if turns[0][0] == system_role:
+            system = turns.pop(0)[1]
+        roles = [r for r, _ in turns]
+        expected = [user if i % 2 == 0 else assistant for i in range(len(turns))]
+        if roles != expected or len(turns) % 2 == 0:
+            raise RecordError(
+                f"{column!r} roles must alternate {user!r}/{assistant!r} and end with {user!r}, got {roles}", column
+            )
+        history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+        return Conversation(prompt=turns[-1][1], system=system, history=history)
+
+
+class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
+    """``{"conversations": [{"from", "value"}, ...], "chosen": {...}, "rejected": {...}}``; tags via --map-keys."""
+
+    name = "SharegptStylePairwiseHandler"
+    defaults = {"messages": "conversations", "system": "system", "chosen": "chosen", "rejected": "rejected",
+                "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "system_tag": "system"}
+    tag_keys = frozenset({"role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag"})
+
+    def _answer(self, record: dict, logical: str) -> str:
+        value = self._get(record, logical, required=True)
+        column = self.keys[logical]
+        if isinstance(value, dict):
+            role, content = value.get(self.keys["role_tag"]), value.get(self.keys["content_tag"])
+            if role is not None and role != self.keys["assistant_tag"]:
+                raise RecordError(f"{column!r} must be an {self.keys['assistant_tag']!r} message, got {role!r}",
+                                  column)
+            value = content
+        if not isinstance(value, str):
+            raise RecordError(f"{column!r} ({logical}) must be a message with string "
+                              f"{self.keys['content_tag']!r} or a string, got {type(value).__name__}", column)
+        if not value.strip():
+            raise RecordError(f"{column!r} ({logical}) is empty", column)
+        return value
+
+    def __call__(self, record: dict) -> PairwiseSample:
+        k = self.keys
+        conv = self._conversation(self._get(record, "messages", required=True), k["messages"], k["role_tag"],
+                                  k["content_tag"], k["user_tag"], k["assistant_tag"], k["system_tag"],
+                                  self._text(record, "system"))
+        return PairwiseSample(conv, self._answer(record, "chosen"), self._answer(record, "rejected"))
+
+
+class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
+    """TRL and ms-swift preference shapes, recognised per record.
+
+    - TRL: ``prompt``/``chosen``/``rejected`` as strings or message lists; without
+      ``prompt``, chosen and rejected are whole conversations sharing all but the last message.
+    - ms-swift: ``messages`` (ending with the chosen assistant turn) + ``rejected_response``, or
+      ``system``/``history``/``query``/``response``/``rejected_response``.
+    Messages use ``role``/``content`` with roles system/user/assistant.
+    """
+
+    name = "TrlStylePairwiseHandler"
+    defaults = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
+                "query": "query", "response": "response", "rejected_response": "rejected_response",
+                "history": "history", "system": "system"}
+
+    def _conv(self, messages: Any, logical: str, system: str | None) -> Conversation:
+        return self._conversation(messages, self.keys[logical], "role", "content", "user", "assistant", "system",
+                                  system)
+
+    def _answer(self, value: Any, logical: str) -> str:
+        column = self.keys[logical]
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+            if value[0].get("role") != "assistant":
+                raise RecordError(f"{column!r} must hold one assistant message", column)
+            value = value[0].get("content")
+        if not isinstance(value, str):
+            raise RecordError(f"{column!r} ({logical}) must be a string or one assistant message, "
+                              f"got {type(value).__name__}", column)
+        if not value.strip():
+            raise RecordError(f"{column!r} ({logical}) is empty", column)
+        return value
+
+    def __call__(self, record: dict) -> PairwiseSample:
+        system = self._text(record, "system")
+        if self._get(record, "rejected_response") is not None:
+            rejected = self._answer(self._get(record, "rejected_response"), "rejected_response")
+            messages = self._get(record, "messages")
+            if messages is not None:
+                if not isinstance(messages, list) or len(messages) < 2:
+                    raise RecordError(f"{self.keys['messages']!r} must end with the chosen assistant message",
+                                      self.keys["messages"])
+                return PairwiseSample(self._conv(messages[:-1], "messages", system),
+                                      self._answer(messages[-1:], "messages"), rejected)
+            conv = Conversation(prompt=self._text(record, "query", required=True), system=system,
+                                history=self._history(record))
+            return PairwiseSample(conv, self._answer(self._get(record, "response", required=True), "response"),
+                                  rejected)
+        chosen = self._get(record, "chosen", required=True)
+        rejected = self._get(record, "rejected", required=True)
+        prompt = self._get(record, "prompt")
+        if prompt is None:  # implicit prompt: shared conversation prefix
+            if not (isinstance(chosen, list) and isinstance(rejected, list)) or chosen[:-1] != rejected[:-1]:
+                raise RecordError(f"missing {self.keys['prompt']!r}: chosen and rejected must then be message "
+                                  "lists that differ only in the last message", self.keys["prompt"])
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise RecordError(f"{self.keys['prompt']!r} (prompt) is empty", self.keys["prompt"])
+            conv = Conversation(prompt=prompt, system=system, history=self._history(record))
+        else:
+            conv = self._conv(prompt, "prompt", system)
+        return PairwiseSample(conv, self._answer(chosen, "chosen"), self._answer(rejected, "rejected"))
+
+
+HANDLERS = {h.name: h for h in (AlpacaStylePairwiseHandler, SharegptStylePairwiseHandler, TrlStylePairwiseHandler)}
+
+
+def build_handler(name: str, map_keys: dict[str, str] | None = None) -> PairwiseHandler:
+    if name not in HANDLERS:
+        raise ValueError(f"--handler-name {name!r} is not known; known: {sorted(HANDLERS)}")
+    return HANDLERS[name](map_keys)
