@@ -34,8 +34,9 @@ def build_optimizer(config: EngineConfig, model_chunks: list[torch.nn.Module]) -
 def build_scheduler(config: EngineConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
     """Warm-up then decay, counted in optimizer steps (Megatron-LM counts samples; same shape)."""
     train = config.training
-    total = train.train_iters or 1
-    decay_steps = train.lr_decay_iters or total
+    if train.train_iters is None:
+        raise ValueError("training needs --train-iters (the learning-rate schedule is laid out over it)")
+    decay_steps = train.lr_decay_iters or train.train_iters
     if train.lr_warmup_fraction is not None:
         warmup_steps = int(train.lr_warmup_fraction * decay_steps)
     else:
