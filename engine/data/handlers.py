@@ -47,8 +47,11 @@ class PairwiseHandler:
                 f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(self.defaults)}"
             )
         self.keys = {**self.defaults, **map_keys}
-        self.explicit_columns = {k: v for k, v in map_keys.items() if k not in self.tag_keys and v}
-        """Columns the user named: each must exist in the data, checked before any work."""
+        self.explicit_columns = {
+            k: v for k, v in map_keys.items() if k not in self.tag_keys and v and v != self.defaults[k]
+        }
+        """Columns the user renamed: each must exist in the data, checked before any work. (Mapping a
+        field to its default name, as in ``{"system": "system"}``, renames nothing and may be absent.)"""
 
     def _get(self, record: dict, logical: str, required: bool = False) -> Any:
         column = self.keys[logical]

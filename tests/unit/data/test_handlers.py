@@ -86,7 +86,8 @@ def test_bad_records_name_the_field(name, record, field, message):
 def test_unknown_map_keys_are_rejected_and_tags_are_not_columns():
     with pytest.raises(ValueError, match="--map-keys: \\['question'\\] are not fields"):
         build_handler("AlpacaStylePairwiseHandler", {"question": "q"})
-    handler = build_handler("SharegptStylePairwiseHandler", {"user_tag": "user", "messages": "msgs", "system": ""})
+    handler = build_handler("SharegptStylePairwiseHandler",
+                            {"user_tag": "user", "messages": "msgs", "system": "", "chosen": "chosen"})
     assert handler.explicit_columns == {"messages": "msgs"}
 
 

