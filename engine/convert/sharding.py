@@ -138,6 +138,28 @@ def shard_state_dict(
     return out
 
 
+def merge_chunk(
+    ranks: list[dict[str, torch.Tensor]], layout: ShardLayout, pp_rank: int, vp_stage: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The TP shards of one model chunk (all its keys, or any subset such as one layer) -> full tensors.
+
+    Layers are renumbered to global indices; `_extra_state` and the tied output-layer copy are dropped.
+    """
+    layers = layout.stage_layers(pp_rank, vp_stage)
+    full: dict[str, torch.Tensor] = {}
+    for key in ranks[0]:
+        if key.endswith("_extra_state"):
+            continue
+        if key == "output_layer.weight" and layout.tied_embeddings:
+            continue
+        merged = _tp_merge(key, [r[key] for r in ranks], layout.swiglu)
+        match = _LAYER_KEY.match(key)
+        if match:
+            key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
+        full[key] = merged
+    return full
+
+
 def merge_state_dicts(
     shards: dict[tuple[int, int, int | None], dict[str, torch.Tensor]], layout: ShardLayout
 ) -> dict[str, torch.Tensor]:
@@ -147,16 +169,6 @@ def merge_state_dicts(
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(layout.pipeline_model_parallel_size):
         for vp_stage in vp_stages:
-            layers = layout.stage_layers(pp_rank, vp_stage)
             ranks = [shards[(tp_rank, pp_rank, vp_stage)] for tp_rank in range(tp)]
-            for key in ranks[0]:
-                if key.endswith("_extra_state"):
-                    continue
-                if key == "output_layer.weight" and layout.tied_embeddings:
-                    continue
-                merged = _tp_merge(key, [r[key] for r in ranks], layout.swiglu)
-                match = _LAYER_KEY.match(key)
-                if match:
-                    key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
-                full[key] = merged
+            full.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     return full

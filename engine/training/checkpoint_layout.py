@@ -97,3 +97,24 @@ def load_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int
             f"(rank dir {rank_dir_name(tp_rank, pp_rank, pp_size)})?"
         )
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def discover_parallel_layout(root: str | Path, iteration: int) -> tuple[int, int]:
+    """(TP, PP) sizes of a saved iteration, read from its mp_rank_* directory names."""
+    base = Path(root) / iteration_dir_name(iteration)
+    if not base.is_dir():
+        raise CheckpointError(f"{base} does not exist: iteration {iteration} is not saved in {root}")
+    ranks = set()
+    for entry in base.iterdir():
+        parts = entry.name.split("_")
+        if entry.is_dir() and parts[:2] == ["mp", "rank"] and len(parts) in (3, 4):
+            ranks.add((int(parts[2]), int(parts[3]) if len(parts) == 4 else 0))
+    if not ranks:
+        raise CheckpointError(f"{base} holds no mp_rank_* directories")
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(p for _, p in ranks)
+    expected = {(t, p) for t in range(tp) for p in range(pp)}
+    if ranks != expected:
+        missing = sorted(rank_dir_name(t, p, pp) for t, p in expected - ranks)
+        raise CheckpointError(f"{base} is incomplete: missing {', '.join(missing)}")
+    return tp, pp

@@ -1,0 +1,103 @@
+"""HF folder -> Megatron-LM checkpoint (iteration 1) for the requested TP/PP layout.
+
+Memory: HF tensors are read lazily, one unit (one layer) at a time, and sliced per TP
+rank at once; a pipeline stage's rank files are written as soon as the stream leaves the
+stage. Peak resident memory is therefore about one pipeline stage's weights (the whole
+model at PP1) plus one full layer; the model is never held twice. benchmarks/RESULTS.md
+has the measured figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine.convert.common import ConvertConfig, ConversionError, staged_output
+from engine.convert.hf_io import HFCheckpoint, has_tokenizer
+from engine.convert.mapping import hf_to_mcore_units
+from engine.convert.mg_io import MegatronWriter, padded_vocab
+from engine.convert.sharding import ShardLayout
+from engine.model.families import UnsupportedModelError, detect_family, get_family, model_args, pretrain_flags
+
+log = logging.getLogger(__name__)
+
+
+def _check_divisible(args: dict[str, Any], config: ConvertConfig) -> None:
+    tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
+    for key, value in (("num_attention_heads", args["num_attention_heads"]),
+                       ("num_key_value_heads", args["num_query_groups"]),
+                       ("intermediate_size", args["ffn_hidden_size"])):
+        if value % tp:
+            raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {key} ({value})")
+    if config.num_layer_list is None and args["num_layers"] % pp:
+        raise ConversionError(f"--target-pipeline-parallel-size {pp} does not divide the {args['num_layers']} "
+                              "layers; pass --num-layer-list")
+    if config.num_layer_list is not None and sum(config.num_layer_list) != args["num_layers"]:
+        raise ConversionError(f"--num-layer-list sums to {sum(config.num_layer_list)}, "
+                              f"the model has {args['num_layers']} layers")
+
+
+def target_layout(args: dict[str, Any], config: ConvertConfig) -> ShardLayout:
+    """The output layout; also records it (and the padded vocab) in `args`."""
+    _check_divisible(args, config)
+    tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
+    args["make_vocab_size_divisible_by"] = config.make_vocab_size_divisible_by
+    args["padded_vocab_size"] = config.padded_vocab_size
+    padded = padded_vocab(args["vocab_size"], config.make_vocab_size_divisible_by, tp, config.padded_vocab_size)
+    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                num_layer_list=list(config.num_layer_list) if config.num_layer_list else None)
+    return ShardLayout(
+        num_layers=args["num_layers"], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        layers_per_stage=config.num_layer_list, swiglu=True,
+        tied_embeddings=not args["untie_embeddings_and_output_weights"], padded_vocab_size=padded,
+    )
+
+
+def layout_flags(args: dict[str, Any]) -> list[str]:
+    """pretrain_dpo.py flags for the architecture, the layout and the dtype recorded in `args`."""
+    flags = pretrain_flags(args)
+    flags += ["--tensor-model-parallel-size", str(args["tensor_model_parallel_size"]),
+              "--pipeline-model-parallel-size", str(args["pipeline_model_parallel_size"])]
+    if args.get("params_dtype") in ("bf16", "fp16"):
+        flags.append(f"--{args['params_dtype']}")
+    return flags
+
+
+def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
+    """Converts and returns the pretrain_dpo.py flags that build the converted model."""
+    hf = HFCheckpoint(config.load_dir)
+    detected = detect_family(hf.config)
+    family = get_family(config.model_type_hf) if config.model_type_hf else detected
+    if family.model_type != detected.model_type:
+        raise ConversionError(f"--model-type-hf {family.name} expects model_type {family.model_type!r}, "
+                              f"{config.load_dir}/config.json has {hf.config.get('model_type')!r}")
+    try:
+        args = model_args(family, hf.config)
+    except UnsupportedModelError as err:
+        raise ConversionError(f"{config.load_dir}/config.json: {err}") from None
+    if config.add_qkv_bias and not args["add_qkv_bias"]:
+        raise ConversionError(f"--add-qkv-bias, but family {family.name} has no q/k/v biases")
+    window = hf.config.get("sliding_window")
+    if window and hf.config.get("use_sliding_window", True) and window < args["max_position_embeddings"]:
+        log.warning("sliding_window %d is ignored: megatron-core attends over the whole sequence", window)
+    layout = target_layout(args, config)
+    tokenizer = config.tokenizer_model or (config.load_dir if has_tokenizer(config.load_dir) else None)
+    args.update(
+        family=family.name,
+        tokenizer=str(Path(tokenizer).resolve()) if tokenizer else None,
+        params_dtype=config.params_dtype or hf.dtype_name(family.names.embedding),
+        hf_config=hf.config,
+    )
+    with staged_output(config.save_dir) as staging:
+        writer = MegatronWriter(staging, layout, args, config.dtype)
+        for unit in hf_to_mcore_units(hf.read, family, args):
+            writer.add(unit)
+        if not args["untie_embeddings_and_output_weights"] and hf.has(family.names.output):
+            hf.skip(family.names.output)
+        hf.check_all_read()
+        writer.close()
+    flags = layout_flags(args)
+    log.info("converted %s (%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
+             config.save_dir, " ".join(flags))
+    return flags

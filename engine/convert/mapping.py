@@ -1,0 +1,122 @@
+"""HF <-> megatron-core tensor mapping for the Llama-style families of engine/model/families.py.
+
+Works on *full* (TP1 x PP1) megatron tensors, one unit at a time: the embedding, one
+decoder layer, or the final norm with the output layer. Sharding over TP/PP is
+engine/convert/sharding.py's job. Two layouts differ from HF:
+- linear_qkv stacks, per query group g, [q heads of g ; k_g ; v_g] (weight rows and bias);
+- linear_fc1 is [gate ; up].
+HF's rotary embedding and megatron-core's default rope share the rotate-half
+convention, so q/k rows need no permutation (the logits-parity test checks this).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from engine.model.families import ModelFamily
+
+Reader = Callable[[str, tuple[int, ...]], torch.Tensor]
+"""Reads one HF tensor by name, checking it has the given shape."""
+
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT = "output_layer.weight"
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF q/k/v (weights [n*d, hidden] or biases [n*d]) -> megatron's per-group [q heads | k | v] rows."""
+    tail = q.shape[1:]
+    q, k, v = (t.reshape(groups, -1, *tail) for t in (q, k, v))
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def unpack_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of pack_qkv: megatron's linear_qkv -> contiguous HF q, k, v."""
+    tail = qkv.shape[1:]
+    per_group = heads // groups * head_dim
+    grouped = qkv.reshape(groups, per_group + 2 * head_dim, *tail)
+    q, k, v = grouped.split([per_group, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *tail).clone() for t in (q, k, v))
+
+
+def _layer(index: int, name: str) -> str:
+    return f"decoder.layers.{index}.{name}"
+
+
+def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer)."""
+    names = family.names
+    hidden, vocab, ffn = args["hidden_size"], args["vocab_size"], args["ffn_hidden_size"]
+    heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
+    yield {EMBEDDING: read(names.embedding, (vocab, hidden))}
+    for i in range(args["num_layers"]):
+        hf = lambda name, shape: read(names.layer(i, name), shape)  # noqa: E731 - binds layer i
+        unit = {
+            _layer(i, "input_layernorm.weight"): hf(names.input_norm, (hidden,)),
+            _layer(i, "self_attention.linear_qkv.weight"): pack_qkv(
+                hf(f"{names.q}.weight", (heads * head_dim, hidden)),
+                hf(f"{names.k}.weight", (groups * head_dim, hidden)),
+                hf(f"{names.v}.weight", (groups * head_dim, hidden)),
+                groups,
+            ),
+            _layer(i, "self_attention.linear_proj.weight"): hf(names.o, (hidden, heads * head_dim)),
+            _layer(i, "pre_mlp_layernorm.weight"): hf(names.post_norm, (hidden,)),
+            _layer(i, "mlp.linear_fc1.weight"): torch.cat(
+                [hf(names.gate, (ffn, hidden)), hf(names.up, (ffn, hidden))]
+            ),
+            _layer(i, "mlp.linear_fc2.weight"): hf(names.down, (hidden, ffn)),
+        }
+        if args["add_qkv_bias"]:
+            unit[_layer(i, "self_attention.linear_qkv.bias")] = pack_qkv(
+                hf(f"{names.q}.bias", (heads * head_dim,)),
+                hf(f"{names.k}.bias", (groups * head_dim,)),
+                hf(f"{names.v}.bias", (groups * head_dim,)),
+                groups,
+            )
+        if args["qk_layernorm"]:
+            unit[_layer(i, "self_attention.q_layernorm.weight")] = hf(names.q_norm, (head_dim,))
+            unit[_layer(i, "self_attention.k_layernorm.weight")] = hf(names.k_norm, (head_dim,))
+        yield unit
+    final = {FINAL_NORM: read(names.final_norm, (hidden,))}
+    if args["untie_embeddings_and_output_weights"]:
+        final[OUTPUT] = read(names.output, (vocab, hidden))
+    yield final
+
+
+def mcore_to_hf_unit(unit: dict[str, torch.Tensor], family: ModelFamily, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One stream unit of full megatron tensors -> HF tensors (contiguous, not sharing storage)."""
+    names = family.names
+    heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in unit.items():
+        if key == EMBEDDING:
+            out[names.embedding] = tensor
+        elif key == FINAL_NORM:
+            out[names.final_norm] = tensor
+        elif key == OUTPUT:
+            out[names.output] = tensor
+        else:
+            _, _, index, name = key.split(".", 3)
+            hf = lambda n: names.layer(int(index), n)  # noqa: E731 - binds this layer
+            if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                suffix = name.rsplit(".", 1)[1]
+                q, k, v = unpack_qkv(tensor, heads, groups, head_dim)
+                out.update({hf(f"{names.q}.{suffix}"): q, hf(f"{names.k}.{suffix}"): k, hf(f"{names.v}.{suffix}"): v})
+            elif name == "mlp.linear_fc1.weight":
+                gate, up = tensor.chunk(2, dim=0)
+                out.update({hf(names.gate): gate.clone(), hf(names.up): up.clone()})
+            else:
+                hf_name = {
+                    "input_layernorm.weight": names.input_norm,
+                    "self_attention.linear_proj.weight": names.o,
+                    "pre_mlp_layernorm.weight": names.post_norm,
+                    "mlp.linear_fc2.weight": names.down,
+                    "self_attention.q_layernorm.weight": names.q_norm,
+                    "self_attention.k_layernorm.weight": names.k_norm,
+                }.get(name)
+                if hf_name is None:
+                    raise KeyError(f"no HF name for megatron tensor {key}")
+                out[hf(hf_name)] = tensor
+    return {k: v.contiguous() for k, v in out.items()}
