@@ -37,6 +37,7 @@ OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejec
 CHUNK_SIZE = 32
 """Records per worker task: large enough to amortise IPC, small enough to keep workers busy."""
 MAX_LISTED_BAD = 10
+WRITE_BUFFER = 1 << 20
 
 
 def output_path_prefix(output_prefix: str, key: str) -> str:
@@ -294,7 +295,13 @@ class PairShardWriter:
         self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in OUTPUT_KEYS}
         temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
         self.temp = {k: output_path_prefix(temp, k) for k in OUTPUT_KEYS}
-        self.builders = {k: IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32) for k in OUTPUT_KEYS}
+        self.builders = {}
+        for k in OUTPUT_KEYS:
+            builder = IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32)
+            # megatron opens the .bin with Python's 8 KiB buffer: a 1 MiB one makes writes ~4x cheaper
+            builder.data_file.close()
+            builder.data_file = open(self.temp[k] + ".bin", "wb", buffering=WRITE_BUFFER)
+            self.builders[k] = builder
 
     def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
         for side, ids in (("chosen", chosen), ("rejected", rejected)):

@@ -1,0 +1,1 @@
+"""Pairwise preference data: readers, handlers, prompt-type templates, preprocessing to indexed shards."""
