@@ -24,9 +24,9 @@ CHECKED_MEGATRON_CORE = ("0.15", "0.16")
 
 # What the adaptor bridges, one line per call site family (documentation and tests).
 CPU_ADAPTOR_SITES = (
-    "torch.cuda.current_device() -> 0, mapped to cpu by the device mode (layers, rotary, p2p buffers)",
+    "torch.cuda.current_device() -> cpu device (layers incl. their backward, rotary, p2p buffers)",
     "torch.cuda.synchronize() -> no-op (p2p communication)",
-    "factory calls with device='cuda'/int and Tensor.cuda()/Tensor.to('cuda') -> cpu "
+    "factory calls with device='cuda' and Tensor.cuda()/Tensor.to('cuda') -> cpu "
     "(optimizer, grad scaler, clip_grads, param/grad buffers, schedules)",
     "Tensor.type() -> 'torch.cuda.*Tensor' names (clip_grads and mixed-precision optimizer asserts)",
     "torch.cuda.get_rng_state/set_rng_state/manual_seed -> CPU default generator",
@@ -78,10 +78,7 @@ def detect_platform(backend: str | None = None) -> Platform:
 def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    # A bare int is a CUDA ordinal for torch factories (torch.cuda.current_device() returns one).
-    return isinstance(device, int) and not isinstance(device, bool)
+    return isinstance(device, str) and device.startswith("cuda")
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -138,7 +135,9 @@ class CpuAdaptor:
                 f"megatron-core {version} is not one the CPU adaptor was checked against "
                 f"({', '.join(CHECKED_MEGATRON_CORE)}); install megatron-core>=0.15,<0.17"
             )
-        self._patch(torch.cuda, "current_device", lambda: 0)
+        # A device object rather than an ordinal: megatron's autograd Functions allocate with
+        # device=torch.cuda.current_device() in backward, where the function mode is not active.
+        self._patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
         self._patch(torch.cuda, "synchronize", lambda device=None: None)
         self._patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
         self._patch(torch.cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))

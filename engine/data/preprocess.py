@@ -220,9 +220,10 @@ _worker_encoder: PairEncoder | None = None
 """The pool worker's own encoder, set once by ``_init_worker`` (never used in the parent)."""
 
 
-def _init_worker(config: PreprocessConfig) -> None:
+def _init_worker(encoder: PairEncoder | PreprocessConfig) -> None:
+    """Forked workers inherit the parent's encoder (no tokenizer reload); spawned ones build their own."""
     global _worker_encoder
-    _worker_encoder = PairEncoder(config)
+    _worker_encoder = encoder if isinstance(encoder, PairEncoder) else PairEncoder(encoder)
 
 
 def _encode_in_worker(item):
@@ -382,8 +383,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if config.workers == 1:
         results = map(encoder, track(items))
     else:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,))
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if fork else "spawn")
+        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
         results = pool.imap(_encode_in_worker, track(items), chunksize=CHUNK_SIZE)
     writer = PairShardWriter(config.output_prefix)
     try:

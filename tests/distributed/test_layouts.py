@@ -26,6 +26,7 @@ LLAMA_LIKE = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-q
 
 FORWARD_LAYOUTS = [  # (name, world size, flags)
     ("tp2", 2, "--tensor-model-parallel-size 2"),
+    ("tp2sp", 2, "--tensor-model-parallel-size 2 --sequence-parallel"),
     ("pp2", 2, "--pipeline-model-parallel-size 2"),
     ("tp2pp2", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"),
     ("pp2vpp2", 2, "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1"),
@@ -51,14 +52,14 @@ def test_forward_logits_agree_across_layouts(qwen_state):
         assert diff <= 1e-5, f"{name}: max abs logit diff {diff:.2e}"
 
 
-def test_train_step_agrees_between_tp1pp1dp1_and_tp2pp2dp2(tmp_path):
+def test_train_step_agrees_between_tp1pp1dp1_and_tp2pp2dp2_sp(tmp_path):
     path = str(tmp_path / "llama_like.pt")
     run_ranks(save_initial_state, 1, LLAMA_LIKE, path)
     samples = torch.randint(0, 120, (8, 13), generator=torch.Generator().manual_seed(1))
     common = LLAMA_LIKE + ("--micro-batch-size 2 --global-batch-size 8 --train-iters 10 --lr 1e-3 "
                            "--lr-decay-style constant --clip-grad 1.0 --use-distributed-optimizer").split()
     single = [o for o in run_ranks(lm_train_steps, 1, common, path, samples, 3) if o][0]
-    layout = "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2".split()
+    layout = "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel".split()
     sharded = [o for o in run_ranks(lm_train_steps, 8, common + layout, path, samples, 3) if o]
     assert len(sharded) == 1
     (loss1, norm1), (loss8, norm8) = single, sharded[0]

@@ -1,0 +1,88 @@
+"""The HF <-> megatron tensor layouts and the family registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.arguments import parse_args
+from engine.convert.mapping import pack_qkv, unpack_qkv
+from engine.model.families import (
+    FAMILIES,
+    UnsupportedModelError,
+    detect_family,
+    hf_config_kwargs,
+    model_args,
+    pretrain_flags,
+)
+
+
+def _rows(prefix: str, heads: int, head_dim: int) -> torch.Tensor:
+    """Rows labelled head * 10 + row, offset by prefix, so their order is readable."""
+    offset = {"q": 100, "k": 200, "v": 300}[prefix]
+    return torch.tensor([[offset + h * 10 + r] for h in range(heads) for r in range(head_dim)], dtype=torch.float32)
+
+
+def test_pack_qkv_stacks_q_heads_then_k_then_v_per_group():
+    q, k, v = _rows("q", 4, 2), _rows("k", 2, 2), _rows("v", 2, 2)
+    packed = pack_qkv(q, k, v, groups=2).flatten().tolist()
+    assert packed == [100, 101, 110, 111, 200, 201, 300, 301,   # group 0: q heads 0-1, k0, v0
+                      120, 121, 130, 131, 210, 211, 310, 311]   # group 1: q heads 2-3, k1, v1
+    assert all(torch.equal(a, b) for a, b in zip(unpack_qkv(pack_qkv(q, k, v, 2), 4, 2, 2), (q, k, v)))
+
+
+def test_pack_qkv_handles_biases_and_multi_head_attention():
+    q, k, v = torch.randn(12), torch.randn(12), torch.randn(12)
+    packed = pack_qkv(q, k, v, groups=4)
+    assert torch.equal(packed[:9], torch.cat([q[:3], k[:3], v[:3]]))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_qkv(packed, 4, 4, 3), (q, k, v)))
+
+
+@pytest.mark.parametrize(("config", "family"), [
+    ({"model_type": "llama"}, "llama2"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+    ({"model_type": "mistral"}, "mistral"),
+    ({"model_type": "qwen2"}, "qwen2"),
+    ({"model_type": "qwen3"}, "qwen3"),
+])
+def test_family_is_detected_from_config(config, family):
+    assert detect_family(config).name == family
+
+
+def test_unsupported_model_type_lists_the_supported_families():
+    with pytest.raises(UnsupportedModelError, match="gpt2") as err:
+        detect_family({"model_type": "gpt2"})
+    assert all(name in str(err.value) for name in FAMILIES)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_hf_config_and_model_args_round_trip_and_flags_parse(name):
+    import transformers
+
+    family = FAMILIES[name]
+    args = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
+            "group_query_attention": True, "num_query_groups": 2, "kv_channels": 32, "max_position_embeddings": 128,
+            "rotary_base": 1000000, "rope_scaling_type": None, "normalization": "RMSNorm", "norm_epsilon": 1e-6,
+            "swiglu": True, "disable_bias_linear": True, "add_qkv_bias": family.qkv_bias,
+            "qk_layernorm": family.qk_norm, "untie_embeddings_and_output_weights": True, "vocab_size": 300}
+    if name == "llama3":
+        args.update(rope_scaling_type="llama3", rope_scaling_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64)
+    hf = getattr(transformers, family.config_class)(**hf_config_kwargs(family, args)).to_dict()
+    assert model_args(family, hf) == args
+    config = parse_args(pretrain_flags(args) + ["--seq-length", "64"], world_size=1)
+    assert config.model.num_query_groups == 2 and config.model.kv_channels == 32
+    assert config.model.add_qkv_bias == family.qkv_bias and config.model.qk_layernorm == family.qk_norm
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "llama3 scaling"),
+])
+def test_unsupported_architecture_features_are_named(extra, message):
+    hf = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+          "num_attention_heads": 4, "max_position_embeddings": 64, "vocab_size": 100, **extra}
+    with pytest.raises(UnsupportedModelError, match=message):
+        model_args(FAMILIES["llama2"], hf)

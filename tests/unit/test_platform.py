@@ -1,0 +1,128 @@
+"""The CPU adaptor: one test per bridged megatron-core call site (engine.platform.CPU_ADAPTOR_SITES)."""
+
+from __future__ import annotations
+
+import megatron.core
+import pytest
+import torch
+
+from engine.platform import CPU_ADAPTOR, detect_platform
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptor is for machines without CUDA")
+
+
+@pytest.fixture
+def adaptor():
+    CPU_ADAPTOR.install()
+    yield CPU_ADAPTOR
+    CPU_ADAPTOR.uninstall()
+
+
+def test_detect_platform_picks_cpu_gloo_and_rejects_nccl_without_gpu():
+    platform = detect_platform()
+    assert (platform.device_type, platform.backend) == ("cpu", "gloo")
+    assert platform.device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="--distributed-backend nccl needs CUDA"):
+        detect_platform("nccl")
+
+
+def test_current_device_and_synchronize(adaptor):
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.cuda.synchronize() is None
+
+
+def test_cuda_factories_and_moves_land_on_cpu(adaptor):
+    assert torch.tensor([1.0], device="cuda").device.type == "cpu"
+    assert torch.empty(3, device=torch.device("cuda", 0)).device.type == "cpu"
+    x = torch.ones(2)
+    assert x.cuda().device.type == "cpu"
+    assert x.to("cuda").device.type == "cpu"
+    assert x.to(device="cuda").device.type == "cpu"
+    assert x.to(torch.float64).dtype == torch.float64  # non-device .to untouched
+
+
+def test_tensor_type_reports_cuda_names(adaptor):
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64
+
+
+def test_cuda_rng_calls_drive_the_cpu_generator(adaptor):
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    first = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
+    assert torch.equal(first, torch.rand(3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_megatron_rng_tracker_forks_a_separate_cpu_stream(adaptor):
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    tracker = CudaRNGStatesTracker()
+    tracker.add("model-parallel-rng", 7)
+    torch.manual_seed(1)
+    expected_outside = torch.rand(4, generator=torch.Generator().manual_seed(1))
+    with tracker.fork("model-parallel-rng"):
+        inside = torch.rand(4)
+    assert torch.equal(inside, torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.rand(4), expected_outside)  # the default stream did not advance
+    with tracker.fork("model-parallel-rng"):
+        assert not torch.equal(torch.rand(4), inside)  # the forked stream continues
+
+
+def test_grad_scaler_and_clip_grads_run_on_cpu(adaptor):
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    scaler = DynamicGradScaler(initial_scale=2.0**8, min_scale=1.0, growth_factor=2.0, backoff_factor=0.5,
+                               growth_interval=1, hysteresis=1)
+    assert scaler.scale.device.type == "cpu"
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.grad = torch.full((4,), 2.0)
+    clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
+    assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-5)
+
+
+def test_rotary_embedding_builds_on_cpu(adaptor):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0)
+    assert rope.inv_freq.device.type == "cpu"
+    assert rope(6).shape == (6, 1, 1, 8)
+
+
+def test_install_is_idempotent_and_uninstall_restores():
+    original = torch.cuda.current_device
+    CPU_ADAPTOR.install()
+    CPU_ADAPTOR.install()
+    assert CPU_ADAPTOR.installed and torch.cuda.current_device is not original
+    CPU_ADAPTOR.uninstall()
+    assert not CPU_ADAPTOR.installed and torch.cuda.current_device is original
+    assert torch.ones(1).type() == "torch.FloatTensor"
+
+
+def test_install_refuses_unchecked_megatron_versions(monkeypatch):
+    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match="not one the CPU adaptor was checked against"):
+        CPU_ADAPTOR.install()
+    assert not CPU_ADAPTOR.installed
+
+
+
+def test_allocation_with_current_device_inside_autograd_backward(adaptor):
+    # megatron's sequence-parallel linear allocates like this in backward, outside the function mode.
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = torch.empty(grad.shape, dtype=grad.dtype, device=torch.cuda.current_device())
+            return out.copy_(2 * grad)
+
+    x = torch.ones(3, requires_grad=True)
+    Double.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
