@@ -67,12 +67,11 @@ def layout_flags(args: dict[str, Any]) -> list[str]:
 def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     """Converts and returns the pretrain_dpo.py flags that build the converted model."""
     hf = HFCheckpoint(config.load_dir)
-    detected = detect_family(hf.config)
-    family = get_family(config.model_type_hf) if config.model_type_hf else detected
-    if family.model_type != detected.model_type:
-        raise ConversionError(f"--model-type-hf {family.name} expects model_type {family.model_type!r}, "
-                              f"{config.load_dir}/config.json has {hf.config.get('model_type')!r}")
     try:
+        detected = detect_family(hf.config)
+        family = get_family(config.model_type_hf) if config.model_type_hf else detected
+        if family.model_type != detected.model_type:
+            raise UnsupportedModelError(f"--model-type-hf {family.name} expects model_type {family.model_type!r}")
         args = model_args(family, hf.config)
     except UnsupportedModelError as err:
         raise ConversionError(f"{config.load_dir}/config.json: {err}") from None
