@@ -1,0 +1,292 @@
+"""Pairwise training data: the preprocessed shards as pairs, split and blended.
+
+``PairwiseDataset`` reads the four indexed datasets that ``preprocess_data.py``
+writes and checks them once, vectorized over the memmapped tokens, so that a
+bad or mismatched file set fails before training starts rather than at some
+step hours in. ``build_pairwise_datasets`` turns Megatron's ``--data-path`` and
+``--split`` into train/valid/test data sets: each prefix is split into
+contiguous document ranges, then the prefixes are blended by weight.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from torch.utils.data import Dataset
+
+from engine.data.preprocess import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix, truncate_lengths
+from engine.data.readers import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "valid", "test")
+CHECK_CHUNK = 1 << 24
+"""Tokens per vectorized check step: bounds the temporary arrays to a few hundred MB."""
+
+
+def _missing_files_error(prefix: str) -> DataError:
+    """Say which of the eight files are missing, or that the prefix is not a preprocessing prefix at all."""
+    paths = [output_path_prefix(prefix, k) + ext for k in OUTPUT_KEYS for ext in (".bin", ".idx")]
+    present = [p for p in paths if os.path.exists(p)]
+    if present:
+        missing = [p for p in paths if p not in present]
+        return DataError(f"--data-path {prefix!r}: incomplete preprocessed data set; missing {missing}, "
+                         f"present {present}")
+    hint = ""
+    match = re.fullmatch(r"(.*)_packed_\w+?_document(\.bin|\.idx)?", prefix)
+    if match:
+        hint = f" (did you mean {match.group(1)!r}?)"
+    elif os.path.isdir(prefix):
+        found = sorted(glob.glob(os.path.join(glob.escape(prefix), "*_packed_chosen_input_ids_document.idx")))
+        if found:
+            hint = f" (the directory holds {[f[:-len('_packed_chosen_input_ids_document.idx')] for f in found]})"
+    return DataError(f"--data-path {prefix!r}: no preprocessed pairwise files (expected {paths[0]} and seven "
+                     f"more); pass the prefix given to preprocess_data.py --output-prefix{hint}")
+
+
+def _check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
+    """Every id in ``path`` lies in [0, vocab_size) (labels may also be IGNORE_INDEX)."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    high = np.iinfo(np.int64).max if vocab_size is None else vocab_size
+    for start in range(0, tokens.size, CHECK_CHUNK):
+        chunk = tokens[start:start + CHECK_CHUNK]
+        if labels:
+            chunk = chunk[chunk != IGNORE_INDEX]
+        if chunk.size and (chunk.min() < 0 or chunk.max() >= high):
+            bad = chunk[(chunk < 0) | (chunk >= high)][0]
+            what = "label" if labels else "token"
+            allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            extra = f" or {IGNORE_INDEX}" if labels else ""
+            raise DataError(f"{path}: {what} id {int(bad)} is outside the vocabulary {allowed}{extra} "
+                            f"(vocab size {vocab_size}); was the data preprocessed with another tokenizer?")
+
+
+def _check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: np.ndarray) -> None:
+    """Labels equal the input ids except where masked: catches files from two different runs."""
+    ids = np.memmap(ids_path, dtype=dtype, mode="r")
+    labels = np.memmap(labels_path, dtype=dtype, mode="r")
+    for start in range(0, ids.size, CHECK_CHUNK):
+        a, b = ids[start:start + CHECK_CHUNK], labels[start:start + CHECK_CHUNK]
+        bad = np.flatnonzero((a != b) & (b != IGNORE_INDEX))
+        if bad.size:
+            pair = int(np.searchsorted(pointers, start + bad[0], side="right") - 1)
+            raise DataError(f"{labels_path}: pair {pair}: labels differ from the input ids in {ids_path} "
+                            f"(labels must be the input ids with prompt positions {IGNORE_INDEX})")
+
+
+class PairwiseDataset(Dataset):
+    """Preference pairs of one preprocessed data set, each truncated to ``seq_length``.
+
+    Item ``i`` is a dict of int64 arrays ``chosen_input_ids``, ``chosen_labels``,
+    ``rejected_input_ids``, ``rejected_labels`` (labels aligned with the ids,
+    prompt positions ``IGNORE_INDEX``; the collate function shifts them).
+    """
+
+    def __init__(self, prefix: str, seq_length: int, vocab_size: int | None = None) -> None:
+        if seq_length < 2:
+            raise ValueError(f"--seq-length must be at least 2, got {seq_length}")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab size must be positive, got {vocab_size}")
+        self.prefix = prefix
+        self.seq_length = seq_length
+        paths = {k: output_path_prefix(prefix, k) for k in OUTPUT_KEYS}
+        if not all(IndexedDataset.exists(p) for p in paths.values()):
+            raise _missing_files_error(prefix)
+        empty = [p + ".bin" for p in paths.values() if not os.path.getsize(p + ".bin")]
+        if empty:  # megatron cannot memory-map an empty file
+            raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
+        self.datasets = {k: IndexedDataset(p) for k, p in paths.items()}
+        self._validate(paths, vocab_size)
+        lengths = np.maximum(self.datasets["chosen_input_ids"].sequence_lengths,
+                             self.datasets["rejected_input_ids"].sequence_lengths)
+        long = int(np.count_nonzero(lengths > seq_length))
+        logger.info("%s: %d pairs, %d longer than --seq-length %d will be truncated (longest %d tokens)",
+                    prefix, len(self), long, seq_length, int(lengths.max()))
+
+    def _validate(self, paths: dict[str, str], vocab_size: int | None) -> None:
+        counts = {k: len(d) for k, d in self.datasets.items()}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{paths[k]}.idx: {n}" for k, n in counts.items())
+            raise DataError(f"--data-path {self.prefix!r}: the four files disagree on the number of pairs ({listed})")
+        for side in ("chosen", "rejected"):
+            ids, labels = self.datasets[f"{side}_input_ids"], self.datasets[f"{side}_labels"]
+            bad = np.flatnonzero(ids.sequence_lengths != labels.sequence_lengths)
+            if bad.size:
+                i = int(bad[0])
+                raise DataError(f"--data-path {self.prefix!r}: pair {i}: {side} input ids have "
+                                f"{ids.sequence_lengths[i]} tokens in {paths[f'{side}_input_ids']}.bin but "
+                                f"{labels.sequence_lengths[i]} labels in {paths[f'{side}_labels']}.bin "
+                                f"({bad.size} such pairs)")
+            ids_bin, labels_bin = paths[f"{side}_input_ids"] + ".bin", paths[f"{side}_labels"] + ".bin"
+            _check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
+            _check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
+            if ids.index.dtype == labels.index.dtype:
+                offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
+                _check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
+
+    def __len__(self) -> int:
+        return len(self.datasets["chosen_input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        seqs = {k: d.get(int(i)).astype(np.int64) for k, d in self.datasets.items()}
+        prompt = {side: _prompt_length(seqs[f"{side}_labels"]) for side in ("chosen", "rejected")}
+        if prompt["chosen"] != prompt["rejected"]:
+            raise DataError(f"--data-path {self.prefix!r}: pair {i}: chosen and rejected prompts differ in length "
+                            f"({prompt['chosen']} vs {prompt['rejected']} masked tokens)")
+        p = prompt["chosen"]
+        response = max(seqs["chosen_input_ids"].size, seqs["rejected_input_ids"].size) - p
+        keep_prompt, keep_response = truncate_lengths(p, response, self.seq_length)
+        if keep_prompt == p and keep_response == response:
+            return seqs
+        return {k: np.concatenate([s[p - keep_prompt:p], s[p:p + keep_response]]) for k, s in seqs.items()}
+
+
+def _prompt_length(labels: np.ndarray) -> int:
+    """The prompt is the leading run of masked labels (the same in both halves of a pair)."""
+    unmasked = np.flatnonzero(labels != IGNORE_INDEX)
+    return int(unmasked[0]) if unmasked.size else labels.size
+
+
+class BlendedPairwiseDataset(Dataset):
+    """Several data sets interleaved in proportion to their weights, exactly and reproducibly.
+
+    The blend has as many samples as its sources together; source ``j`` gets
+    ``weights[j]`` of them (largest remainder rounding), its k-th sample placed
+    at fraction ``(k + 1/2) / count_j`` of the blend, so every prefix of the
+    blend holds each source in proportion to within about one sample. A source
+    drawn more (or less) often than its size repeats (or subsamples) its pairs
+    in an order shuffled by ``(seed, source, cycle)``, so no pair is favoured.
+    """
+
+    def __init__(self, datasets: list[Dataset], weights: list[float], seed: int) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("need one weight per data set")
+        self.datasets = datasets
+        total = sum(len(d) for d in datasets)
+        share = np.asarray(weights, dtype=np.float64) / sum(weights) * total
+        counts = np.floor(share).astype(np.int64)
+        # largest remainders get the samples left over; ties go to the earlier source
+        counts[np.argsort(-(share - counts), kind="stable")[:total - counts.sum()]] += 1
+        keys, source, sample = [], [], []
+        for j, (dataset, count) in enumerate(zip(datasets, counts)):
+            cycles = -(-count // len(dataset))
+            order = np.concatenate([np.random.default_rng((seed, j, c)).permutation(len(dataset))
+                                    for c in range(cycles)] or [np.empty(0, np.int64)])
+            keys.append((np.arange(count) + 0.5) / count)
+            source.append(np.full(count, j, dtype=np.int64))
+            sample.append(order[:count])
+        keys, source, sample = np.concatenate(keys), np.concatenate(source), np.concatenate(sample)
+        position = np.lexsort((source, keys))
+        self.source, self.sample = source[position], sample[position]
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return self.source.size
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.datasets[self.source[i]][int(self.sample[i])]
+
+
+class _Range(Dataset):
+    """Documents ``[start, stop)`` of a data set: one split of it."""
+
+    def __init__(self, dataset: Dataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} pairs")
+        return self.dataset[self.start + i]
+
+
+def parse_split(split: str) -> list[float]:
+    """``--split`` "98,2,0" -> normalized train/valid/test weights."""
+    parts = [p.strip() for p in re.split(r"[,/]", split)]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--split {split!r} must be up to three comma-separated numbers, e.g. 98,2,0") from None
+    if not 1 <= len(weights) <= 3 or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split {split!r} must be one to three non-negative numbers with a positive sum")
+    weights += [0.0] * (3 - len(weights))
+    return [w / sum(weights) for w in weights]
+
+
+def split_ranges(num_documents: int, split: list[float]) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) per split, rounded as Megatron does (``round(cumulative * n)``)."""
+    bounds = np.rint(np.cumsum([0.0] + split) * num_documents).astype(np.int64)
+    bounds[-1] = num_documents
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """``--data-path``: prefixes, or weight/prefix pairs; returns (prefixes, weights or None)."""
+    if not data_path:
+        raise ValueError("--data-path is empty")
+    if len(data_path) == 1:
+        return [data_path[0]], None
+    weights = []
+    for w in data_path[0::2]:
+        try:
+            weights.append(float(w))
+        except ValueError:
+            weights = None
+            break
+    if weights is None or len(data_path) % 2:
+        if any(_is_number(p) for p in data_path):
+            raise ValueError(f"--data-path {data_path}: give either prefixes only or weight/prefix pairs "
+                             f"('0.3 A 0.7 B')")
+        return list(data_path), None
+    prefixes = list(data_path[1::2])
+    if any(_is_number(p) for p in prefixes):
+        raise ValueError(f"--data-path {data_path}: expected weight/prefix pairs, found a number in a prefix slot")
+    if any(not np.isfinite(w) or w <= 0 for w in weights):
+        raise ValueError(f"--data-path {data_path}: blend weights must be positive numbers, got {weights}")
+    return prefixes, weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_pairwise_datasets(data_path: list[str], split: str, seq_length: int, vocab_size: int | None,
+                            seed: int) -> dict[str, Dataset | None]:
+    """train/valid/test pair data sets from ``--data-path`` and ``--split``.
+
+    Each prefix is split into contiguous document ranges (train first), then
+    the prefixes' ranges of one split are blended by weight (unweighted
+    prefixes: by size, i.e. each pair once). A split with no pairs is None.
+    """
+    prefixes, weights = parse_data_path(data_path)
+    fractions = parse_split(split)
+    datasets = [PairwiseDataset(p, seq_length, vocab_size) for p in prefixes]
+    out: dict[str, Dataset | None] = {}
+    for s, name in enumerate(SPLIT_NAMES):
+        parts = []
+        for j, dataset in enumerate(datasets):
+            start, stop = split_ranges(len(dataset), fractions)[s]
+            if stop > start:
+                parts.append((_Range(dataset, start, stop), weights[j] if weights else stop - start))
+            elif fractions[s] > 0:
+                logger.warning("--split %s leaves no %s pairs of %s (%d pairs)", split, name, prefixes[j], len(dataset))
+        if not parts:
+            out[name] = None
+        elif len(parts) == 1:
+            out[name] = parts[0][0]
+        else:
+            out[name] = BlendedPairwiseDataset([d for d, _ in parts], [w for _, w in parts], seed)
+        if out[name] is not None:
+            logger.info("%s: %d pairs from %d data set(s)", name, len(out[name]), len(parts))
+    return out
