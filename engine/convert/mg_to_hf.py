@@ -1,9 +1,9 @@
 """Megatron-LM checkpoint -> a complete HF folder that loads in transformers on its own.
 
 Memory: rank files are memory-mapped and merged over TP one layer at a time; HF tensors
-are buffered into one safetensors shard at a time. Resident memory is about one layer
-plus one output shard, plus the pages of the current stage's mapped rank files that the
-kernel has not yet dropped (clean, file-backed, reclaimable).
+are buffered into one safetensors shard at a time (--max-shard-size). The converter holds
+about one layer plus one output shard; resident memory also counts the pages of the
+current stage's mapped rank files (clean, file-backed, reclaimable).
 """
 
 from __future__ import annotations
