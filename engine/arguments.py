@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
+from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
+
 
 class ConfigError(ValueError):
     """A flag combination that cannot run; the message names the flags and the rule."""
@@ -145,7 +147,7 @@ class ModelConfig:
         )
         _require(
             self.vocab_size is not None or self.padded_vocab_size is not None,
-            "the model needs --vocab-size (tokenizer size) or --padded-vocab-size",
+            "the model needs --vocab-size (tokenizer size), --padded-vocab-size, or tokenizer flags to read it from",
         )
 
     def padded_vocab(self, tensor_model_parallel_size: int) -> int:
@@ -260,9 +262,15 @@ class TrainingConfig:
     """--clip-grad: global grad-norm clip (0 disables)."""
     seed: int = 1234
     """--seed."""
+    eval_interval: int | None = None
+    """--eval-interval: iterations between evaluations on the valid split (None: never)."""
+    eval_iters: int = 10
+    """--eval-iters: global batches per evaluation."""
 
     def __post_init__(self) -> None:
         _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        _require(self.eval_interval is None or self.eval_interval >= 1, "--eval-interval must be >= 1")
+        _require(self.eval_iters >= 1, "--eval-iters must be >= 1")
         _require(self.train_iters is None or self.train_iters >= 1, "--train-iters must be >= 1")
         _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
@@ -305,6 +313,50 @@ class CheckpointConfig:
 
 
 @dataclass
+class DataConfig:
+    """Preprocessed pairwise shards and their train/valid/test split."""
+
+    data_path: list[str] | None = None
+    """--data-path: a preprocess_data.py --output-prefix, or weighted prefixes 'W1 P1 W2 P2' to blend."""
+    split: str = "98,2,0"
+    """--split: train,valid,test weights over each data set's pairs."""
+    is_pairwise_dataset: bool = False
+    """--is-pairwise-dataset: accepted for MindSpeed-LLM scripts; pairwise data is the only kind."""
+
+
+@dataclass
+class PreferenceConfig:
+    """The preference objective and where its reference policy comes from."""
+
+    stage: str = "dpo"
+    """--stage: the training objective."""
+    dpo_loss_type: str = "sigmoid"
+    """--dpo-loss-type: sigmoid (DPO / cDPO), hinge (SLiC) or ipo."""
+    dpo_beta: float = 0.1
+    """--dpo-beta: KL strength (temperature of the implicit reward)."""
+    dpo_label_smoothing: float = 0.0
+    """--dpo-label-smoothing: cDPO label noise, in [0, 0.5)."""
+    pref_ftx: float = 0.0
+    """--pref-ftx: weight of the chosen answers' NLL (token mean) added to the loss."""
+    ref_model: str | None = None
+    """--ref-model: checkpoint directory of the reference policy (default: --load's)."""
+    refer_model_iter: int = 1
+    """--refer-model-iter: iteration of the reference checkpoint used when resuming."""
+
+    def __post_init__(self) -> None:
+        _require(self.stage == "dpo", f"--stage {self.stage!r}: supported stages are: dpo")
+        _require(self.dpo_loss_type in ("sigmoid", "hinge", "ipo"), "--dpo-loss-type must be sigmoid, hinge or ipo")
+        _require(self.dpo_beta > 0, "--dpo-beta must be > 0")
+        _require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
+        _require(
+            self.dpo_label_smoothing == 0.0 or self.dpo_loss_type == "sigmoid",
+            "--dpo-label-smoothing applies to --dpo-loss-type sigmoid only",
+        )
+        _require(self.pref_ftx >= 0, "--pref-ftx must be >= 0")
+        _require(self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
+
+
+@dataclass
 class LoggingConfig:
     """Console, JSONL and TensorBoard metrics."""
 
@@ -312,9 +364,12 @@ class LoggingConfig:
     """--log-interval: iterations between metric lines."""
     tensorboard_dir: str | None = None
     """--tensorboard-dir."""
+    peak_tflops: float | None = None
+    """--peak-tflops: per-device peak for MFU; default a table of known GPUs, none on CPU."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "--log-interval must be >= 1")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be > 0")
 
 
 @dataclass
@@ -327,6 +382,9 @@ class EngineConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    tokenizer: TokenizerConfig | None = None
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel_size
@@ -480,6 +538,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int, default=10)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -496,18 +556,46 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir")
+    g.add_argument("--peak-tflops", type=float)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--is-pairwise-dataset", action="store_true")
+
+
+def _add_preference_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("preference optimization")
+    g.add_argument("--stage", default="dpo", choices=["dpo"])
+    g.add_argument("--dpo-loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0)
+    g.add_argument("--pref-ftx", type=float, default=0.0)
+    g.add_argument("--ref-model")
+    g.add_argument("--refer-model-iter", type=int, default=1)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The engine's parser; unknown flags are an error (argparse's default), never ignored."""
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     for add in (_add_model_args, _add_parallel_args, _add_precision_args, _add_training_args,
-                _add_checkpoint_args, _add_logging_args):
+                _add_checkpoint_args, _add_logging_args, _add_data_args, _add_preference_args,
+                add_tokenizer_args):
         add(parser)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    tokenizer = None
+    if args.tokenizer_type or args.tokenizer_name_or_path or args.tokenizer_model:
+        try:
+            tokenizer = TokenizerConfig.from_args(args)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if args.vocab_size is None and args.padded_vocab_size is None:
+            args.vocab_size = build_tokenizer(tokenizer).vocab_size
     return EngineConfig(
         model=_from_namespace(ModelConfig, args),
         parallel=_from_namespace(ParallelConfig, args),
@@ -515,6 +603,9 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         training=_from_namespace(TrainingConfig, args),
         checkpoint=_from_namespace(CheckpointConfig, args),
         logging=_from_namespace(LoggingConfig, args),
+        data=_from_namespace(DataConfig, args),
+        preference=_from_namespace(PreferenceConfig, args),
+        tokenizer=tokenizer,
     )
 
 

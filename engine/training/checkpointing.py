@@ -1,0 +1,214 @@
+"""Saving and loading training state in the Megatron-LM layout (see checkpoint_layout.py).
+
+Each (TP, PP) rank's file is written by its data-parallel rank 0 and holds the model
+chunk(s), the optimizer (its non-sharded part; the distributed optimizer's sharded
+state goes to `distrib_optim.pt` beside it, gathered over DP as Megatron-LM does),
+the scheduler, the RNG states of every DP rank, the iteration, the consumed samples
+and the run's arguments. Publishing is atomic and done by global rank 0 after every
+rank has written.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from engine.arguments import EngineConfig, ModelConfig
+from engine.model.provider import unwrap_model
+from engine.training.checkpoint_layout import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    iteration_dir_name,
+    load_rank_state,
+    publish,
+    rank_file,
+    read_tracker,
+    staging_dir,
+    write_rank_state,
+)
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTED_OPTIMIZER_FILE = "distrib_optim.pt"
+# Model fields a checkpoint must agree on with the run's flags (shape-defining or numerics-defining).
+CHECKED_MODEL_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "swiglu", "add_qkv_bias", "qk_layernorm",
+    "untie_embeddings_and_output_weights", "vocab_size", "rotary_base",
+)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the next iteration is `iteration + 1`."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def _rank_coordinates() -> tuple[int, int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _rng_state() -> dict:
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int, config: EngineConfig) -> dict:
+    """Loads iteration `iteration` of `root` into this rank's chunks; returns the rank file's contents."""
+    tp_rank, pp_rank, pp_size = _rank_coordinates()
+    state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size)
+    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
+    check_model_args(state.get("args"), config.model, path)
+    keys = _model_keys(len(chunks))
+    for key, chunk in zip(keys, chunks):
+        if key not in state:
+            raise CheckpointError(
+                f"{path} has no '{key}' entry (found {sorted(k for k in state if k.startswith('model'))}); "
+                "was it saved with the same --num-layers-per-virtual-pipeline-stage?"
+            )
+        try:
+            result = unwrap_model(chunk).load_state_dict(state[key], strict=False)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
+            )
+    return state
+
+
+def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None:
+    """The architecture recorded in the checkpoint must match the flags, or the error says which flag differs."""
+    if not saved:
+        return
+    saved_model = saved.get("model", saved)
+    mismatches = [
+        f"--{name.replace('_', '-')}: checkpoint {saved_model[name]!r}, flags {getattr(model, name)!r}"
+        for name in CHECKED_MODEL_FIELDS
+        if name in saved_model and saved_model[name] is not None and saved_model[name] != getattr(model, name)
+    ]
+    if mismatches:
+        raise CheckpointError(f"{path} was saved for a different model: " + "; ".join(mismatches))
+
+
+class Checkpointer:
+    """Saves and restores the policy's training state."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.checkpoint = config.checkpoint
+
+    def save(self, iteration: int, model: list, optimizer, scheduler, state: TrainState,
+             extra: dict | None = None) -> Path | None:
+        """Collective over all ranks; `extra` entries are stored in every rank file."""
+        root = self.checkpoint.save
+        if root is None:
+            return None
+        tp_rank, pp_rank, pp_size = _rank_coordinates()
+        dp_group = parallel_state.get_data_parallel_group()
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging_dir(root, iteration), ignore_errors=True)
+        dist.barrier()
+        rng_states = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(rng_states, _rng_state(), group=dp_group)
+        rank_state = {
+            "iteration": iteration,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "args": _plain(self.config),
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "rng_state": rng_states,
+            "train_state": asdict(state),
+            **(extra or {}),
+        }
+        for key, chunk in zip(_model_keys(len(model)), model):
+            rank_state[key] = unwrap_model(chunk).state_dict()
+        if parallel_state.get_data_parallel_rank() == 0:
+            path = write_rank_state(root, iteration, tp_rank, pp_rank, pp_size, rank_state)
+        else:
+            path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
+        if self.config.parallel.use_distributed_optimizer:
+            dist.barrier(group=dp_group)  # the directory exists before DP rank 0 writes into it
+            optimizer.save_parameter_state(str(path.parent / DISTRIBUTED_OPTIMIZER_FILE))
+        dist.barrier()
+        final = Path(root) / iteration_dir_name(iteration)
+        if dist.get_rank() == 0:
+            publish(root, iteration)
+            logger.info("saved checkpoint %s", final)
+        dist.barrier()
+        return final
+
+    def load_policy(self, model: list) -> tuple[int, dict]:
+        """Loads the policy weights from the latest iteration of --load; returns (iteration, rank file).
+
+        A rank file written by training (it has scheduler state) means a resume unless --finetune;
+        a converted checkpoint (iteration 1, weights only) starts a fresh run.
+        """
+        root = self.checkpoint.load
+        latest = read_tracker(root)
+        if latest is None:
+            raise CheckpointError(f"--load {root}: no latest_checkpointed_iteration.txt there")
+        return latest, load_model_weights(model, root, latest, self.config)
+
+    def restore_training_state(self, iteration: int, rank_state: dict, optimizer, scheduler) -> TrainState:
+        """Optimizer, scheduler and RNG of a resumed run (each skippable as in Megatron-LM)."""
+        if not self.checkpoint.no_load_optim:
+            optimizer.load_state_dict(rank_state["optimizer"])
+            if self.config.parallel.use_distributed_optimizer:
+                tp_rank, pp_rank, pp_size = _rank_coordinates()
+                directory = Path(self.checkpoint.load) / iteration_dir_name(iteration)
+                optimizer.load_parameter_state(
+                    str(rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE)
+                )
+            scheduler.load_state_dict(rank_state["opt_param_scheduler"])
+        if not self.checkpoint.no_load_rng:
+            states = rank_state["rng_state"]
+            dp_rank = parallel_state.get_data_parallel_rank()
+            if len(states) != parallel_state.get_data_parallel_world_size():
+                raise CheckpointError(
+                    f"the checkpoint holds RNG states for {len(states)} data-parallel ranks, this run has "
+                    f"{parallel_state.get_data_parallel_world_size()}; pass --no-load-rng to continue anyway"
+                )
+            _set_rng_state(states[dp_rank])
+        return TrainState(**rank_state["train_state"])
+
+
+def _plain(config: EngineConfig) -> dict:
+    """The run's config as plain Python values (torch.load-safe, readable by the converters)."""
+    return {name: asdict(section) for name, section in vars(config).items() if hasattr(section, "__dataclass_fields__")}

@@ -1,0 +1,234 @@
+"""The DPO trainer: one class whose methods read as the training story.
+
+build (distributed, data, policy, reference, optimizer, checkpoint state) ->
+train (per global batch: collate micro-batches, reference log-probs, policy
+forward/backward through megatron's schedules, optimizer step, log, evaluate,
+save) -> close.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from engine.arguments import EngineConfig
+from engine.data.collate import collate_pairs
+from engine.data.dataset import build_pairwise_datasets
+from engine.data.sampler import PairwiseBatchSampler
+from engine.dpo.objective import DPOObjective
+from engine.dpo.reference import ReferencePolicy
+from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
+from engine.model.provider import build_frozen_model, build_trainable_model
+from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
+from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
+from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
+from engine.training.optimizer import build_optimizer, build_scheduler
+from engine.training.step import prepare_model_config, reduce_metrics, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """Which checkpoint the reference policy is loaded from (recorded in every saved checkpoint)."""
+
+    root: str
+    iteration: int
+
+
+class DPOTrainer:
+    config: EngineConfig
+    model: list[torch.nn.Module]
+    reference: ReferencePolicy
+    objective: DPOObjective
+    state: TrainState
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.data.data_path is None:
+            raise ValueError("pretrain_dpo.py needs --data-path (the --output-prefix given to preprocess_data.py)")
+        if config.checkpoint.load is None:
+            raise ValueError("pretrain_dpo.py needs --load: a checkpoint from tools/checkpoint/convert_ckpt.py "
+                             "or a previous run (the policy starts from it and the reference is a copy)")
+        if config.training.train_iters is None:
+            raise ValueError("pretrain_dpo.py needs --train-iters")
+        self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
+        set_random_seeds(config.training.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = config.training.global_batch_size // (config.training.micro_batch_size * self.dp_size)
+        self.datasets = build_pairwise_datasets(
+            config.data.data_path, config.data.split, config.model.seq_length, config.model.vocab_size,
+            config.training.seed,
+        )
+        if self.datasets["train"] is None:
+            raise ValueError(f"--split {config.data.split} leaves no training pairs")
+        pref = config.preference
+        self.objective = DPOObjective(pref.dpo_loss_type, pref.dpo_beta, pref.dpo_label_smoothing, pref.pref_ftx,
+                                      config.model.vocab_size or config.padded_vocab_size)
+        self.checkpointer = Checkpointer(config)
+        self.model = build_trainable_model(config, self.platform)
+        loaded_iteration, rank_state = self.checkpointer.load_policy(self.model)
+        resuming = not config.checkpoint.finetune and "opt_param_scheduler" in rank_state
+        self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
+        reference_chunks = build_frozen_model(config, self.platform)
+        load_model_weights(reference_chunks, self.reference_source.root, self.reference_source.iteration, config)
+        self.reference = ReferencePolicy(reference_chunks, self.objective, config.virtual_pipeline_size)
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = build_scheduler(config, self.optimizer)
+        prepare_model_config(self.model, self.optimizer)
+        self.state = TrainState()
+        if resuming:
+            self.state = self.checkpointer.restore_training_state(
+                loaded_iteration, rank_state, self.optimizer, self.scheduler
+            )
+        self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0)
+        self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
+        self._log_start(loaded_iteration, resuming)
+
+    def _reference_source(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferenceSource:
+        """The initial policy on a fresh start; on resume iteration --refer-model-iter of --ref-model or
+        of --load, or else the reference the checkpoint records: never the trained weights."""
+        pref, load = self.config.preference, self.config.checkpoint.load
+        if not resuming:
+            if pref.ref_model is not None:
+                return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter)
+            return ReferenceSource(load, loaded_iteration)
+        root = pref.ref_model or load
+        if (Path(root) / iteration_dir_name(pref.refer_model_iter)).is_dir():
+            return ReferenceSource(root, pref.refer_model_iter)
+        recorded = rank_state.get("reference")
+        if pref.ref_model is None and recorded is not None:
+            return ReferenceSource(recorded["root"], recorded["iteration"])
+        raise CheckpointError(
+            f"the reference checkpoint {Path(root) / iteration_dir_name(pref.refer_model_iter)} does not exist; "
+            "set --ref-model to the initial checkpoint or --refer-model-iter to a saved iteration"
+        )
+
+    def _log_start(self, loaded_iteration: int, resuming: bool) -> None:
+        if dist.get_rank() != 0:
+            return
+        pref, train = self.config.preference, self.config.training
+        logger.info(
+            "DPO: loss %s, beta %g, label smoothing %g, pref-ftx %g | policy %s iteration %d (%s) | reference %s "
+            "iteration %d | %d train pairs, global batch %d = %d micro-batches x %d x DP %d",
+            pref.dpo_loss_type, pref.dpo_beta, pref.dpo_label_smoothing, pref.pref_ftx,
+            self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
+            self.reference_source.root, self.reference_source.iteration, len(self.datasets["train"]),
+            train.global_batch_size, self.num_microbatches, train.micro_batch_size, self.dp_size,
+        )
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def _sampler(self, split: str, consumed: int) -> PairwiseBatchSampler:
+        train = self.config.training
+        return PairwiseBatchSampler(
+            len(self.datasets[split]), train.global_batch_size, train.micro_batch_size, self.dp_rank, self.dp_size,
+            train.seed, consumed_samples=consumed, shuffle=split == "train",
+        )
+
+    def _pad_multiple(self) -> int:
+        tp = self.config.parallel.tensor_model_parallel_size
+        return math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+
+    def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
+        """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""
+        dataset = self.datasets[split]
+        samples = [[dataset[i] for i in micro] for micro in indices]
+        lengths = [len(s[key]) for micro in samples for s in micro
+                   for key in ("chosen_input_ids", "rejected_input_ids")]
+        return [collate_pairs(micro, self._pad_multiple()) for micro in samples], lengths
+
+    def _with_reference(self, micro_batches: list) -> list:
+        return list(zip(micro_batches, self.reference.logps(micro_batches)))
+
+    def _iterators(self, items: list) -> list:
+        return [iter(items) for _ in range(self.config.virtual_pipeline_size or 1)]
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        train, ckpt = self.config.training, self.config.checkpoint
+        batches = iter(self._sampler("train", self.state.consumed_train_samples))
+        while self.state.iteration < train.train_iters:
+            start = time.perf_counter()
+            micro_batches, lengths = self._micro_batches("train", next(batches))
+            items = self._with_reference(micro_batches)
+            result = train_step(
+                self.objective.policy_forward_step, self._iterators(items), self.model, self.optimizer,
+                self.scheduler, self.num_microbatches, train.micro_batch_size,
+                max(b.tokens.shape[1] for b in micro_batches),
+            )
+            self.state.iteration += 1
+            self.state.consumed_train_samples += train.global_batch_size
+            elapsed = time.perf_counter() - start
+            if self.state.iteration % self.config.logging.log_interval == 0:
+                self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
+            if train.eval_interval and self.state.iteration % train.eval_interval == 0:
+                self.evaluate()
+            if ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0:
+                self.save()
+        if ckpt.save is not None and not (ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0):
+            self.save()
+        return self.state
+
+    def _step_scalars(self, result, lengths: list[int], elapsed: float) -> dict[str, float]:
+        tokens, flops = self._global_work(lengths)
+        world = dist.get_world_size()
+        scalars = {"consumed_pairs": self.state.consumed_train_samples, **result.metrics,
+                   "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                   "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                   "tflops_per_device": flops / elapsed / world / 1e12}
+        if self.peak_tflops is not None:
+            scalars["mfu"] = scalars["tflops_per_device"] / self.peak_tflops
+        if not result.update_successful:
+            scalars["skipped_update"] = 1
+        return scalars
+
+    def _global_work(self, lengths: list[int]) -> tuple[float, float]:
+        """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
+        passes = 4  # policy forward + backward (3) and the reference forward (1)
+        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
+        totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return totals[0].item(), totals[1].item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if self.datasets["valid"] is None:
+            return None
+        train = self.config.training
+        batches = iter(self._sampler("valid", 0))
+        for chunk in self.model:
+            chunk.eval()
+        collected = []
+        for _ in range(train.eval_iters):
+            items = self._with_reference(self._micro_batches("valid", next(batches))[0])
+            collected += get_forward_backward_func()(
+                forward_step_func=self.objective.policy_forward_step, data_iterator=self._iterators(items),
+                model=self.model, num_microbatches=self.num_microbatches,
+                seq_length=max(b.tokens.shape[1] for b, _ in items), micro_batch_size=train.micro_batch_size,
+                forward_only=True,
+            )
+        for chunk in self.model:
+            chunk.train()
+        scalars = reduce_metrics(collected)
+        self.metrics.log(self.state.iteration, scalars, split="valid")
+        return scalars
+
+    def save(self) -> None:
+        self.checkpointer.save(
+            self.state.iteration, self.model, self.optimizer, self.scheduler, self.state,
+            extra={"reference": {"root": str(Path(self.reference_source.root).resolve()),
+                                 "iteration": self.reference_source.iteration}},
+        )
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy_distributed()

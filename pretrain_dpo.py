@@ -1,0 +1,41 @@
+"""DPO training: `torchrun --nproc-per-node N pretrain_dpo.py --stage dpo <flags>`.
+
+Flags follow Megatron-LM / MindSpeed-LLM (see engine/arguments.py and the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from engine.arguments import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines list every parameter
+    config = parse_args(argv)
+
+    from engine.training.checkpoint_layout import CheckpointError
+    from engine.data.readers import DataError
+    from engine.training.trainer import DPOTrainer
+
+    try:
+        trainer = DPOTrainer(config)
+    except (ValueError, CheckpointError, DataError) as err:
+        print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
