@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -348,6 +349,39 @@ class _Progress:
                         self.records, self.records / elapsed, self.tokens / elapsed, elapsed, max(eta, 0.0))
 
 
+class _Feeder:
+    """Hands records to the workers at most ``limit`` ahead of the writer.
+
+    ``Pool.imap`` reads its input as fast as it can, which would hold a whole
+    large input in memory; each record takes a slot that the writer gives back.
+    Also remembers record sizes (bytes) for the progress ETA.
+    """
+
+    def __init__(self, records, limit: int) -> None:
+        self.records = records
+        self.slots = threading.Semaphore(limit)
+        self.sizes: dict[tuple[int, int], int] = {}
+        self.stopped = False
+
+    def __iter__(self):
+        for source, index, payload, nbytes in self.records:
+            self.slots.acquire()
+            if self.stopped:
+                return
+            self.sizes[source, index] = nbytes
+            yield source, index, payload
+
+    def done(self, source: int, index: int) -> int:
+        """Free the record's slot; returns its size in bytes."""
+        self.slots.release()
+        return self.sizes.pop((source, index))
+
+    def stop(self) -> None:
+        """Let a feeding thread blocked on a slot finish (on error, before the pool is terminated)."""
+        self.stopped = True
+        self.slots.release()
+
+
 def _check_columns(sources: list[Source], handler) -> None:
     """Report --map-keys columns missing from each file's first record before any work."""
     for source in sources:
@@ -371,26 +405,19 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
 
     summary = PreprocessSummary()
     progress = _Progress(config.log_interval, total_bytes(sources))
-    sizes = {}
-    items = read_records(sources)
-
-    def track(items):  # remembers each record's size for the progress ETA
-        for item in items:
-            sizes[item[0], item[1]] = item[3]
-            yield item[:3]
-
+    feeder = _Feeder(read_records(sources), limit=CHUNK_SIZE * config.workers * 8)
     pool = None
     if config.workers == 1:
-        results = map(encoder, track(items))
+        results = map(encoder, feeder)
     else:
         fork = "fork" in multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if fork else "spawn")
         pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
-        results = pool.imap(_encode_in_worker, track(items), chunksize=CHUNK_SIZE)
+        results = pool.imap(_encode_in_worker, feeder, chunksize=CHUNK_SIZE)
     writer = PairShardWriter(config.output_prefix)
     try:
         for result in results:
-            nbytes = sizes.pop((result.source, result.index))
+            nbytes = feeder.done(result.source, result.index)
             if isinstance(result, RecordFailure):
                 where = sources[result.source].where(result.index)
                 about = f" field {result.field!r}:" if result.field else ""
@@ -421,6 +448,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         writer.abort()
         raise
     finally:
+        feeder.stop()
         if pool is not None:
             pool.terminate()
             pool.join()

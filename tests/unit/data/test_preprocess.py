@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,8 +85,8 @@ def test_worker_count_does_not_change_a_byte(tmp_path, llama3_dir):
     run(tmp_path, llama3_dir, path, name="w4", workers=4)
     for k in OUTPUT_KEYS:
         for ext in (".bin", ".idx"):
-            one = open(output_path_prefix(str(tmp_path / "shards" / "w1"), k) + ext, "rb").read()
-            four = open(output_path_prefix(str(tmp_path / "shards" / "w4"), k) + ext, "rb").read()
+            one = Path(output_path_prefix(str(tmp_path / "shards" / "w1"), k) + ext).read_bytes()
+            four = Path(output_path_prefix(str(tmp_path / "shards" / "w4"), k) + ext).read_bytes()
             assert one == four and len(one) > 0
 
 
