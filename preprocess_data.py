@@ -7,9 +7,13 @@ python preprocess_data.py --input data.jsonl --tokenizer-type PretrainedFromHF -
 import argparse
 import logging
 import sys
+import warnings
 
-from engine.data.preprocess import PreprocessConfig, add_preprocess_args, preprocess
-from engine.data.readers import DataError
+# megatron-core warns on import that it falls back from TE/apex; preprocessing uses neither
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+from engine.data.preprocess import PreprocessConfig, add_preprocess_args, preprocess  # noqa: E402
+from engine.data.readers import DataError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -57,7 +57,7 @@ class PairwiseHandler:
         column = self.keys[logical]
         value = record.get(column) if column else None
         if value is None and required:
-            raise RecordError(f"missing required key {column!r} ({logical})", column or logical)
+            raise RecordError("missing required key", column or logical)
         return value
 
     def _text(self, record: dict, logical: str, required: bool = False, allow_empty: bool = False) -> str | None:
@@ -66,9 +66,9 @@ class PairwiseHandler:
             return None
         column = self.keys[logical]
         if not isinstance(value, str):
-            raise RecordError(f"{column!r} ({logical}) must be a string, got {type(value).__name__}", column)
+            raise RecordError(f"must be a string, got {type(value).__name__}", column)
         if required and not allow_empty and not value.strip():
-            raise RecordError(f"{column!r} ({logical}) is empty", column)
+            raise RecordError("is empty", column)
         return value
 
     def _history(self, record: dict) -> list[tuple[str, str]]:
@@ -80,7 +80,7 @@ class PairwiseHandler:
             isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)
             for turn in value
         ):
-            raise RecordError(f"{column!r} (history) must be a list of [query, answer] string pairs", column)
+            raise RecordError("must be a list of [query, answer] string pairs", column)
         return [tuple(turn) for turn in value]
 
     def __call__(self, record: dict) -> PairwiseSample:
@@ -110,22 +110,20 @@ class _MessagesMixin:
     def _conversation(self, messages: Any, column: str, role_key: str, content_key: str,
                       user: str, assistant: str, system_role: str, system: str | None) -> Conversation:
         if not isinstance(messages, list) or not messages:
-            raise RecordError(f"{column!r} must be a non-empty list of messages", column)
+            raise RecordError("must be a non-empty list of messages", column)
         turns = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(content_key), str):
-                raise RecordError(
-                    f"{column!r}[{i}] must be an object with string {role_key!r} and {content_key!r}", column
-                )
+            if not (isinstance(m, dict) and isinstance(m.get(role_key), str) and isinstance(m.get(content_key), str)):
+                raise RecordError(f"message {i} must be an object with string {role_key!r} and {content_key!r}",
+                                  column)
             turns.append((m[role_key], m[content_key]))
         if turns[0][0] == system_role:
             system = turns.pop(0)[1]
         roles = [r for r, _ in turns]
         expected = [user if i % 2 == 0 else assistant for i in range(len(turns))]
         if roles != expected or len(turns) % 2 == 0:
-            raise RecordError(
-                f"{column!r} roles must alternate {user!r}/{assistant!r} and end with {user!r}, got {roles}", column
-            )
+            raise RecordError(f"roles must alternate {user!r}/{assistant!r} and end with {user!r}, got {roles}",
+                              column)
         history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
         return Conversation(prompt=turns[-1][1], system=system, history=history)
 
@@ -145,14 +143,13 @@ class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         if isinstance(value, dict):
             role, content = value.get(self.keys["role_tag"]), value.get(self.keys["content_tag"])
             if role is not None and role != self.keys["assistant_tag"]:
-                raise RecordError(f"{column!r} must be an {self.keys['assistant_tag']!r} message, got {role!r}",
-                                  column)
+                raise RecordError(f"must be an {self.keys['assistant_tag']!r} message, got {role!r}", column)
             value = content
         if not isinstance(value, str):
-            raise RecordError(f"{column!r} ({logical}) must be a message with string "
-                              f"{self.keys['content_tag']!r} or a string, got {type(value).__name__}", column)
+            raise RecordError(f"must be a message with string {self.keys['content_tag']!r} or a string, "
+                              f"got {type(value).__name__}", column)
         if not value.strip():
-            raise RecordError(f"{column!r} ({logical}) is empty", column)
+            raise RecordError("is empty", column)
         return value
 
     def __call__(self, record: dict) -> PairwiseSample:
@@ -186,13 +183,12 @@ class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         column = self.keys[logical]
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
             if value[0].get("role") != "assistant":
-                raise RecordError(f"{column!r} must hold one assistant message", column)
+                raise RecordError("must hold one assistant message", column)
             value = value[0].get("content")
         if not isinstance(value, str):
-            raise RecordError(f"{column!r} ({logical}) must be a string or one assistant message, "
-                              f"got {type(value).__name__}", column)
+            raise RecordError(f"must be a string or one assistant message, got {type(value).__name__}", column)
         if not value.strip():
-            raise RecordError(f"{column!r} ({logical}) is empty", column)
+            raise RecordError("is empty", column)
         return value
 
     def __call__(self, record: dict) -> PairwiseSample:
@@ -202,8 +198,7 @@ class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
             messages = self._get(record, "messages")
             if messages is not None:
                 if not isinstance(messages, list) or len(messages) < 2:
-                    raise RecordError(f"{self.keys['messages']!r} must end with the chosen assistant message",
-                                      self.keys["messages"])
+                    raise RecordError("must end with the chosen assistant message", self.keys["messages"])
                 return PairwiseSample(self._conv(messages[:-1], "messages", system),
                                       self._answer(messages[-1:], "messages"), rejected)
             conv = Conversation(prompt=self._text(record, "query", required=True), system=system,
@@ -215,12 +210,12 @@ class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         prompt = self._get(record, "prompt")
         if prompt is None:  # implicit prompt: shared conversation prefix
             if not (isinstance(chosen, list) and isinstance(rejected, list)) or chosen[:-1] != rejected[:-1]:
-                raise RecordError(f"missing {self.keys['prompt']!r}: chosen and rejected must then be message "
-                                  "lists that differ only in the last message", self.keys["prompt"])
+                raise RecordError("missing: chosen and rejected must then be message lists that differ only "
+                                  "in the last message", self.keys["prompt"])
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise RecordError(f"{self.keys['prompt']!r} (prompt) is empty", self.keys["prompt"])
+                raise RecordError("is empty", self.keys["prompt"])
             conv = Conversation(prompt=prompt, system=system, history=self._history(record))
         else:
             conv = self._conv(prompt, "prompt", system)

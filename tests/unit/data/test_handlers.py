@@ -71,7 +71,7 @@ BAD = [
     ("SharegptStylePairwiseHandler", {"conversations": [{"from": "human", "value": "x"}],
                                       "chosen": {"from": "human", "value": "c"}, "rejected": "r"}, "chosen",
      "must be an 'gpt' message"),
-    ("TrlStylePairwiseHandler", {"chosen": "c", "rejected": "r"}, "prompt", "missing 'prompt'"),
+    ("TrlStylePairwiseHandler", {"chosen": "c", "rejected": "r"}, "prompt", "missing: chosen and rejected"),
     ("TrlStylePairwiseHandler", {"prompt": "p", "chosen": "c", "rejected": ""}, "rejected", "is empty"),
 ]
 

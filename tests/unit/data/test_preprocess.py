@@ -114,7 +114,7 @@ def _bad_line_cases():
     good = json.dumps(make_records(1)[0])
     return [
         ("{not json", None, "malformed JSON"),
-        (json.dumps({"instruction": "q", "rejected": "r"}), "chosen", "missing required key 'chosen'"),
+        (json.dumps({"instruction": "q", "rejected": "r"}), "chosen", "missing required key"),
         (json.dumps({"instruction": "q", "chosen": "", "rejected": "r"}), "chosen", "is empty"),
         (json.dumps({"instruction": "q", "chosen": "c", "rejected": ["r"]}), "rejected", "must be a string"),
         (json.dumps([1, 2]), None, "must be a JSON object"),
@@ -206,8 +206,9 @@ def test_seq_length_truncates_or_drops_and_counts(tmp_path, llama3_dir):
     full_rejected = full["rejected_input_ids"][5]
     n_prompt = int((data["rejected_labels"][5] == IGNORE_INDEX).sum())
     full_prompt = int((full["rejected_labels"][5] == IGNORE_INDEX).sum())
-    assert data["rejected_input_ids"][5][:n_prompt].tolist() == full_rejected[full_prompt - n_prompt:full_prompt].tolist()
-    assert data["rejected_input_ids"][5][n_prompt:].tolist() == full_rejected[full_prompt:full_prompt + 64 - n_prompt].tolist()
+    kept = data["rejected_input_ids"][5].tolist()
+    assert kept[:n_prompt] == full_rejected[full_prompt - n_prompt:full_prompt].tolist()  # prompt's end
+    assert kept[n_prompt:] == full_rejected[full_prompt:full_prompt + 64 - n_prompt].tolist()  # answer's start
 
     dropped, prefix = run(tmp_path, llama3_dir, path, name="drop", seq_length=64, drop_long=True)
     assert dropped.dropped == {"too_long": summary.truncated} and dropped.pairs_written == 20 - summary.truncated
@@ -256,3 +257,22 @@ def test_config_errors_name_the_flag():
                          (dict(seq_length=1), "--seq-length"), (dict(handler_name="X"), "--handler-name")]:
         with pytest.raises(ValueError, match=flag):
             PreprocessConfig(input="x", output_prefix="y", tokenizer=tok, **kwargs)
+
+
+def test_feeder_keeps_at_most_limit_records_in_flight():
+    import threading
+
+    from engine.data.preprocess import _Feeder
+
+    feeder = _Feeder(((0, i, b"{}", 7) for i in range(10)), limit=2)
+    items = iter(feeder)
+    got = [next(items), next(items)]
+    reader = threading.Thread(target=lambda: got.append(next(items)))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive() and len(got) == 2  # blocked: two records in flight
+    assert feeder.done(0, 0) == 7
+    reader.join(5)
+    assert not reader.is_alive() and got[-1] == (0, 2, b"{}")
+    feeder.stop()  # a stopped feeder ends instead of blocking
+    assert list(items) == []
