@@ -67,14 +67,14 @@ def convert_mg_to_hf(config: ConvertConfig) -> Path:
     if family is None:
         raise ConversionError(f"{config.load_dir}: args record no model family; pass --model-type-hf")
     try:
-        get_family(family)
+        entry = get_family(family)
     except UnsupportedModelError as err:
         raise ConversionError(str(err)) from None
     dtype = config.dtype
     with staged_output(config.save_dir) as staging:
         writer = HFShardWriter(staging, config.max_shard_size)
         for unit in mg.units():
-            hf_unit = mcore_to_hf_unit(unit, get_family(family), args)
+            hf_unit = mcore_to_hf_unit(unit, entry, args)
             if dtype is not None:
                 hf_unit = {k: v.to(dtype) for k, v in hf_unit.items()}
             dtype = dtype or next(iter(hf_unit.values())).dtype
