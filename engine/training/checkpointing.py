@@ -117,11 +117,10 @@ def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None
     """The architecture recorded in the checkpoint must match the flags, or the error says which flag differs."""
     if not saved:
         return
-    saved_model = saved.get("model", saved)
     mismatches = [
-        f"--{name.replace('_', '-')}: checkpoint {saved_model[name]!r}, flags {getattr(model, name)!r}"
+        f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, flags {getattr(model, name)!r}"
         for name in CHECKED_MODEL_FIELDS
-        if name in saved_model and saved_model[name] is not None and saved_model[name] != getattr(model, name)
+        if saved.get(name) is not None and saved[name] != getattr(model, name)
     ]
     if mismatches:
         raise CheckpointError(f"{path} was saved for a different model: " + "; ".join(mismatches))
@@ -133,6 +132,21 @@ class Checkpointer:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.checkpoint = config.checkpoint
+        self.inherited_args: dict = {}
+        """Provenance from the loaded checkpoint (family, tokenizer, HF config) that mg -> hf needs."""
+
+    def saved_args(self) -> dict:
+        """Flat model fields and layout, as the converters read them, plus the whole run config."""
+        prec = self.config.precision
+        return {
+            **self.inherited_args,
+            **asdict(self.config.model),
+            "tensor_model_parallel_size": self.config.parallel.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
+            "padded_vocab_size": self.config.padded_vocab_size,
+            "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
+            "engine": _plain(self.config),
+        }
 
     def save(self, iteration: int, model: list, optimizer, scheduler, state: TrainState,
              extra: dict | None = None) -> Path | None:
@@ -150,7 +164,7 @@ class Checkpointer:
         rank_state = {
             "iteration": iteration,
             "checkpoint_version": CHECKPOINT_VERSION,
-            "args": _plain(self.config),
+            "args": self.saved_args(),
             "optimizer": optimizer.state_dict(),
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": rng_states,
@@ -184,7 +198,10 @@ class Checkpointer:
         latest = read_tracker(root)
         if latest is None:
             raise CheckpointError(f"--load {root}: no latest_checkpointed_iteration.txt there")
-        return latest, load_model_weights(model, root, latest, self.config)
+        state = load_model_weights(model, root, latest, self.config)
+        args = state.get("args") or {}
+        self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
+        return latest, state
 
     def restore_training_state(self, iteration: int, rank_state: dict, optimizer, scheduler) -> TrainState:
         """Optimizer, scheduler and RNG of a resumed run (each skippable as in Megatron-LM)."""

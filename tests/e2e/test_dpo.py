@@ -1,0 +1,219 @@
+"""DPO end to end through `torchrun pretrain_dpo.py`: layouts, batch splits, reference, resume, bad input.
+
+Assets (tokenizer, shards, tiny HF Llama, converted checkpoints) are built once per module, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.harness import REPO_ROOT, run_torchrun
+from tests.e2e.dpo_assets import build_preference_data, build_tiny_llama, convert
+
+SEQ = ["--seq-length", "128"]
+TRAIN = ("--stage dpo --is-pairwise-dataset --split 100,0,0 --dpo-beta 0.1 --lr 1e-3 --lr-decay-style constant "
+         "--clip-grad 1.0 --log-interval 1 --global-batch-size 8").split()
+
+
+class Assets:
+    def __init__(self, root: Path):
+        from engine.tokenizer import TokenizerConfig, build_tokenizer
+
+        self.root = root
+        self.tokenizer_dir, self.data_prefix = build_preference_data(root, pairs=48)
+        self.vocab_size = build_tokenizer(TokenizerConfig("PretrainedFromHF", self.tokenizer_dir)).vocab_size
+        self.hf_policy = build_tiny_llama(root / "hf_policy", self.vocab_size, seed=0)
+        self._converted: dict[tuple, tuple[Path, list[str]]] = {}
+
+    def checkpoint(self, tp: int, pp: int, hf: Path | None = None) -> tuple[Path, list[str]]:
+        hf = hf or self.hf_policy
+        key = (hf, tp, pp)
+        if key not in self._converted:
+            target = self.root / f"mg_{hf.name}_tp{tp}pp{pp}"
+            flags = convert(hf, target, tp, pp)
+            self._converted[key] = (target, _model_flags(flags))
+        return self._converted[key]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    return Assets(tmp_path_factory.mktemp("dpo"))
+
+
+def _model_flags(flags: list[str]) -> list[str]:
+    """The converter's flags minus its layout flags (each run names its own layout)."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+            continue
+        if flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+            skip = True
+            continue
+        out.append(flag)
+    return out
+
+
+def run_dpo(assets: Assets, save: Path, tp: int = 1, pp: int = 1, nproc: int = 1, extra: str = "",
+            load: Path | None = None) -> list[dict]:
+    checkpoint, flags = assets.checkpoint(tp, pp)
+    args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix,
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--load", str(load or checkpoint), "--save", str(save), *extra.split()]
+    result = run_torchrun("pretrain_dpo.py", args, nproc=nproc, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return read_metrics(save)
+
+
+def read_metrics(save: Path, split: str = "train") -> list[dict]:
+    lines = (save / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+LAYOUTS = [  # (name, TP, PP, ranks, extra flags)
+    ("tp2", 2, 1, 2, ""),
+    ("pp2", 1, 2, 2, ""),
+    ("dp2", 1, 1, 2, ""),
+    ("pp2vpp2", 1, 2, 2, "--num-layers-per-virtual-pipeline-stage 1"),
+    ("tp2pp2dp2", 2, 2, 8, "--use-distributed-optimizer"),
+]
+
+
+def test_step1_is_ln2_and_losses_agree_across_layouts(assets, tmp_path):
+    reference = run_dpo(assets, tmp_path / "tp1", extra="--train-iters 5 --micro-batch-size 1")
+    losses = [row["loss"] for row in reference]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < losses[0]
+    for name, tp, pp, nproc, extra in LAYOUTS:
+        rows = run_dpo(assets, tmp_path / name, tp, pp, nproc, f"--train-iters 5 --micro-batch-size 1 {extra}")
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        assert [r["loss"] for r in rows] == pytest.approx(losses, abs=1e-5), name
+        assert [r["rewards/margins"] for r in rows] == pytest.approx([r["rewards/margins"] for r in reference],
+                                                                     abs=1e-5), name
+
+
+def test_micro_batch_split_does_not_change_loss_or_update(assets, tmp_path):
+    one = run_dpo(assets, tmp_path / "1x8", extra="--train-iters 3 --micro-batch-size 8")
+    eight = run_dpo(assets, tmp_path / "8x1", extra="--train-iters 3 --micro-batch-size 1")
+    for a, b in zip(one, eight):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def _hf_sequence_logps(hf_dir: Path, ids: list, labels: list) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    total = []
+    with torch.no_grad():
+        for seq, lab in zip(ids, labels):
+            logits = model(torch.tensor(seq).unsqueeze(0)).logits[0, :-1].double()
+            target = torch.tensor(lab[1:])
+            mask = target != -100
+            logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            total.append((logp * mask).sum().item())
+    return torch.tensor(total, dtype=torch.float64)
+
+
+def test_step1_with_a_different_reference_matches_transformers(assets, tmp_path):
+    from engine.data.dataset import PairwiseDataset
+
+    hf_ref = build_tiny_llama(assets.root / "hf_ref", assets.vocab_size, seed=1)
+    ref_checkpoint, _ = assets.checkpoint(1, 1, hf=hf_ref)
+    # One global batch holding every pair: the batch means are then independent of the sampling order.
+    rows = run_dpo(assets, tmp_path / "ref", extra=f"--train-iters 1 --micro-batch-size 8 --global-batch-size 48 "
+                                                   f"--ref-model {ref_checkpoint}")
+    data = PairwiseDataset(assets.data_prefix, 128, assets.vocab_size)
+    pairs = [data[i] for i in range(len(data))]
+    logps = {}
+    for name, hf in (("policy", assets.hf_policy), ("reference", hf_ref)):
+        for side in ("chosen", "rejected"):
+            logps[name, side] = _hf_sequence_logps(
+                hf, [p[f"{side}_input_ids"].tolist() for p in pairs], [p[f"{side}_labels"].tolist() for p in pairs])
+    chosen = 0.1 * (logps["policy", "chosen"] - logps["reference", "chosen"])
+    rejected = 0.1 * (logps["policy", "rejected"] - logps["reference", "rejected"])
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected)
+    step = rows[0]
+    assert abs(loss.mean().item() - math.log(2)) > 1e-3  # the reference really differs
+    assert step["loss"] == pytest.approx(loss.mean().item(), abs=1e-5)
+    assert step["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert step["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)
+    assert step["rewards/accuracies"] == pytest.approx((chosen > rejected).double().mean().item(), abs=1e-9)
+    assert step["logps/chosen"] == pytest.approx(logps["policy", "chosen"].mean().item(), rel=1e-5)
+
+
+def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, tmp_path):
+    import shutil
+
+    checkpoint, _ = assets.checkpoint(1, 1)
+    straight = run_dpo(assets, tmp_path / "straight", extra="--train-iters 10 --micro-batch-size 4")
+    # MindSpeed-LLM flow: train in a copy of the converted directory, then resume from it.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed_dir)
+    first = run_dpo(assets, resumed_dir, load=resumed_dir, extra="--train-iters 5 --micro-batch-size 4")
+    assert (resumed_dir / "latest_checkpointed_iteration.txt").read_text() == "5"
+    run_dpo(assets, resumed_dir, load=resumed_dir, extra="--train-iters 10 --micro-batch-size 4")
+    rows = read_metrics(resumed_dir)
+    assert [r["iteration"] for r in rows] == list(range(1, 11))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight]  # bit-exact on CPU fp32
+    assert [r["loss"] for r in first] == [r["loss"] for r in straight[:5]]
+    saved = torch.load(resumed_dir / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    assert saved["reference"]["iteration"] == 1
+    # The task is learnable: the loss falls and the policy prefers the chosen answers.
+    assert straight[-1]["loss"] < 0.5 * straight[0]["loss"]
+    assert straight[-1]["rewards/accuracies"] >= 0.9
+    # The trained checkpoint converts back to a transformers model that prefers the chosen answers more.
+    from engine.convert.common import ConvertConfig
+    from engine.convert.run import run_conversion
+    from engine.data.dataset import PairwiseDataset
+
+    hf_out = tmp_path / "hf_trained"
+    run_conversion(ConvertConfig(load_model_type="mg", save_model_type="hf", load_dir=str(resumed_dir),
+                                 save_dir=str(hf_out)))
+    pairs = [PairwiseDataset(assets.data_prefix, 128)[i] for i in range(4)]
+
+    def margin(hf_dir):
+        chosen, rejected = (_hf_sequence_logps(hf_dir, [p[f"{s}_input_ids"].tolist() for p in pairs],
+                                               [p[f"{s}_labels"].tolist() for p in pairs]) for s in ("chosen", "rejected"))
+        return (chosen - rejected).mean().item()
+
+    assert margin(hf_out) > margin(assets.hf_policy) + 1.0
+
+
+def _pretrain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "pretrain_dpo.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MASTER_PORT": "0", **(env or {})})
+
+
+def test_bad_input_fails_before_training_with_a_clear_error(assets, tmp_path):
+    import shutil
+
+    checkpoint, flags = assets.checkpoint(1, 1)
+    base = [*flags, *SEQ, *TRAIN, "--train-iters", "1", "--load", str(checkpoint)]
+
+    no_data = _pretrain([*base, "--data-path", str(tmp_path / "nothing")])
+    assert no_data.returncode == 2 and "_packed_" in no_data.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(assets.data_prefix).parent, broken)
+    victim = next(broken.glob("*_packed_rejected_labels_document.idx"))
+    victim.unlink()
+    missing = _pretrain([*base, "--data-path", str(broken / "pairs")])
+    assert missing.returncode == 2 and victim.name in missing.stderr
+
+    layout = _pretrain([*base, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", "4"],
+                       env={"WORLD_SIZE": "4"})
+    assert layout.returncode == 2
+    assert "--num-query-groups (2) must be divisible by --tensor-model-parallel-size (4)" in layout.stderr
+
+    no_checkpoint = _pretrain([*base, "--data-path", assets.data_prefix, "--load", str(tmp_path / "none")])
+    assert no_checkpoint.returncode == 2 and "latest_checkpointed_iteration.txt" in no_checkpoint.stderr
