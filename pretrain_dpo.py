@@ -5,11 +5,12 @@ Flags follow Megatron-LM / MindSpeed-LLM (see engine/arguments.py and the README
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 
-from engine.arguments import parse_args
+from engine.arguments import parse_args, plain_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines list every parameter
     config = parse_args(argv)
+    if config.logging.validate_only:
+        print(json.dumps(plain_config(config), indent=1, default=str))
+        return 0
 
     from engine.training.checkpoint_layout import CheckpointError
     from engine.data.readers import DataError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
@@ -366,6 +366,8 @@ class LoggingConfig:
     """--tensorboard-dir."""
     peak_tflops: float | None = None
     """--peak-tflops: per-device peak for MFU; default a table of known GPUs, none on CPU."""
+    validate_only: bool = False
+    """--validate-only: check the flags against the layout and stop (launch-script dry run)."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "--log-interval must be >= 1")
@@ -557,6 +559,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--peak-tflops", type=float)
+    g.add_argument("--validate-only", action="store_true",
+                   help="parse and validate the flags for WORLD_SIZE ranks, print the configuration, exit")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -607,6 +611,11 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         preference=_from_namespace(PreferenceConfig, args),
         tokenizer=tokenizer,
     )
+
+
+def plain_config(config: EngineConfig) -> dict:
+    """Every section as plain Python values: printable, JSON-able, torch.load-safe."""
+    return {f.name: asdict(getattr(config, f.name)) for f in fields(config) if getattr(config, f.name) is not None}
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> EngineConfig:

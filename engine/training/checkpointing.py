@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from engine.arguments import EngineConfig, ModelConfig
+from engine.arguments import EngineConfig, ModelConfig, plain_config
 from engine.model.provider import unwrap_model
 from engine.training.checkpoint_layout import (
     CHECKPOINT_VERSION,
@@ -145,7 +145,7 @@ class Checkpointer:
             "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
             "padded_vocab_size": self.config.padded_vocab_size,
             "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
-            "engine": _plain(self.config),
+            "engine": plain_config(self.config),
         }
 
     def save(self, iteration: int, model: list, optimizer, scheduler, state: TrainState,
@@ -225,7 +225,3 @@ class Checkpointer:
             _set_rng_state(states[dp_rank])
         return TrainState(**rank_state["train_state"])
 
-
-def _plain(config: EngineConfig) -> dict:
-    """The run's config as plain Python values (torch.load-safe, readable by the converters)."""
-    return {name: asdict(section) for name, section in vars(config).items() if hasattr(section, "__dataclass_fields__")}

@@ -28,6 +28,8 @@ class StepResult:
     grad_norm: float | None = None
     update_successful: bool = True
     num_zeros_in_grad: int | None = None
+    learning_rate: float | None = None
+    """The rate this update used (the scheduler has already moved on to the next one)."""
 
 
 def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> None:
@@ -85,6 +87,7 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    learning_rate = optimizer.param_groups[0]["lr"]
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful and scheduler is not None:
         scheduler.step(increment=1)
@@ -93,4 +96,5 @@ def train_step(
         grad_norm=grad_norm,
         update_successful=update_successful,
         num_zeros_in_grad=num_zeros,
+        learning_rate=learning_rate,
     )

@@ -182,7 +182,7 @@ class DPOTrainer:
         tokens, flops = self._global_work(lengths)
         world = dist.get_world_size()
         scalars = {"consumed_pairs": self.state.consumed_train_samples, **result.metrics,
-                   "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                   "grad_norm": result.grad_norm, "lr": result.learning_rate,
                    "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                    "tflops_per_device": flops / elapsed / world / 1e12}
         if self.peak_tflops is not None:
