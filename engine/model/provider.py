@@ -67,6 +67,11 @@ def transformer_config(config: EngineConfig, platform: Platform) -> TransformerC
         variable_seq_lengths=True,
         # No MoE here; megatron rejects variable_seq_lengths with its default (allgather) dispatcher.
         moe_token_dispatcher_type="alltoall",
+        # With two pipeline ranks, a batched p2p call holds an activation and a gradient for the same
+        # peer, and the backend matches same-peer messages in posting order, which differs between
+        # the two ranks: activations and gradients swap silently. Unbatched p2p orders the calls by
+        # rank parity and sends the two directions through different groups.
+        batch_p2p_comm=not (par.pipeline_model_parallel_size == 2 and config.virtual_pipeline_size),
         # CPU init draws the full weight from one generator, then splits it: the same seed
         # gives the same model for any TP size. On GPU, per-rank init is much faster.
         use_cpu_initialization=not on_gpu,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from engine.arguments import EngineConfig, ModelConfig, plain_config
+from engine.convert.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 from engine.model.provider import unwrap_model
 from engine.training.checkpoint_layout import (
     CHECKPOINT_VERSION,
@@ -95,14 +96,18 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
     path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
     check_model_args(state.get("args"), config.model, path)
     keys = _model_keys(len(chunks))
-    for key, chunk in zip(keys, chunks):
-        if key not in state:
-            raise CheckpointError(
-                f"{path} has no '{key}' entry (found {sorted(k for k in state if k.startswith('model'))}); "
-                "was it saved with the same --num-layers-per-virtual-pipeline-stage?"
-            )
+    if all(key in state for key in keys):
+        chunk_states = [state[key] for key in keys]
+    elif "model" in state and len(chunks) > 1:
+        chunk_states = _interleave_stages(root, iteration, config)
+    else:
+        raise CheckpointError(
+            f"{path} holds {sorted(k for k in state if k.startswith('model'))}, the run needs {keys}: it was saved "
+            "with another --num-layers-per-virtual-pipeline-stage; reshard it with tools/checkpoint/convert_ckpt.py"
+        )
+    for chunk_state, chunk in zip(chunk_states, chunks):
         try:
-            result = unwrap_model(chunk).load_state_dict(state[key], strict=False)
+            result = unwrap_model(chunk).load_state_dict(chunk_state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -111,6 +116,26 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
                 f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
             )
     return state
+
+
+def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[dict]:
+    """This rank's virtual-stage chunks, cut from a checkpoint saved without virtual stages.
+
+    Interleaved chunks take layers from other pipeline stages' files, so this reads every
+    stage file of this TP rank once (a start-up cost, paid only in this case).
+    """
+    tp_rank, pp_rank, pp_size = _rank_coordinates()
+    num_layers = config.model.num_layers
+    saved = ShardLayout(num_layers, pipeline_model_parallel_size=pp_size, swiglu=config.model.swiglu,
+                        tied_embeddings=not config.model.untie_embeddings_and_output_weights)
+    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size)["model"]
+                 for stage in range(pp_size)}
+    # TP size 1 in these layouts: each tensor is already this TP rank's slice and stays whole.
+    full = merge_state_dicts(per_stage, saved)
+    target = ShardLayout(num_layers, pipeline_model_parallel_size=pp_size,
+                         virtual_pipeline_size=config.virtual_pipeline_size, swiglu=config.model.swiglu,
+                         tied_embeddings=saved.tied_embeddings)
+    return [shard_state_dict(full, target, 0, pp_rank, v) for v in range(config.virtual_pipeline_size)]
 
 
 def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None:

@@ -68,3 +68,8 @@ def test_train_step_agrees_between_tp1pp1dp1_and_tp2pp2dp2_sp(tmp_path):
     # The updates agree too: later losses are computed on the updated weights.
     assert loss1[1:] == pytest.approx(loss8[1:], rel=1e-5, abs=1e-6)
     assert loss1[2] < loss1[1] < loss1[0]
+    # Interleaved 1F1B on two pipeline ranks: activations and gradients share a peer (see provider.py).
+    vpp = "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1".split()
+    interleaved = [o for o in run_ranks(lm_train_steps, 2, common + vpp, path, samples, 3) if o][0]
+    assert interleaved[0] == pytest.approx(loss1, rel=1e-5, abs=1e-6)
+    assert interleaved[1] == pytest.approx(norm1, rel=1e-5)
