@@ -78,10 +78,7 @@ class DPOTrainer:
         self.model = build_trainable_model(config, self.platform)
         loaded_iteration, rank_state = self.checkpointer.load_policy(self.model)
         resuming = not config.checkpoint.finetune and "opt_param_scheduler" in rank_state
-        self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
-        reference_chunks = build_frozen_model(config, self.platform)
-        load_model_weights(reference_chunks, self.reference_source.root, self.reference_source.iteration, config)
-        self.reference = ReferencePolicy(reference_chunks, self.objective, config.virtual_pipeline_size)
+        self.reference = self._build_reference(loaded_iteration, rank_state, resuming)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
         prepare_model_config(self.model, self.optimizer)
@@ -93,6 +90,13 @@ class DPOTrainer:
         self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0)
         self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
         self._log_start(loaded_iteration, resuming)
+
+    def _build_reference(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferencePolicy:
+        """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint."""
+        self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
+        chunks = build_frozen_model(self.config, self.platform)
+        load_model_weights(chunks, self.reference_source.root, self.reference_source.iteration, self.config)
+        return ReferencePolicy(chunks, self.objective, self.config.virtual_pipeline_size)
 
     def _reference_source(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferenceSource:
         """The initial policy on a fresh start; on resume iteration --refer-model-iter of --ref-model or
