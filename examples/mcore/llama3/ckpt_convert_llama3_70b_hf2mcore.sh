@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Convert Llama-3.1-70B-Instruct from Hugging Face to a megatron-core checkpoint for dpo_llama3_70b_*_ptd.sh.
+# The TP/PP written here must be the ones the training script runs with (default TP8 PP4).
+# dpo_llama3_70b_lora_ptd.sh runs TP8 PP1: TP=8 PP=1 bash examples/mcore/llama3/ckpt_convert_llama3_70b_hf2mcore.sh
+# The converter prints the pretrain_dpo.py model flags; they equal MODEL_ARGS in dpo_llama3_70b_full_ptd.sh.
+# Runs on CPU (no GPU); it holds about one pipeline stage of rank files in memory (benchmarks/RESULTS.md).
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+
+# ---- paths and layout: edit these ----
+HF_MODEL_DIR="${HF_MODEL_DIR:-./model_from_hf/Llama-3.1-70B-Instruct}"
+TP="${TP:-8}"
+PP="${PP:-4}"
+MCORE_CKPT_DIR="${MCORE_CKPT_DIR:-./model_weights/llama3-70b-mcore-tp${TP}pp${PP}}"
+
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+run "$PYTHON" "$ENGINE_ROOT/tools/checkpoint/convert_ckpt.py" \
+    --model-type GPT --load-model-type hf --save-model-type mg --model-type-hf llama3 \
+    --load-dir "$HF_MODEL_DIR" --save-dir "$MCORE_CKPT_DIR" --tokenizer-model "$HF_MODEL_DIR" \
+    --target-tensor-parallel-size "$TP" --target-pipeline-parallel-size "$PP"

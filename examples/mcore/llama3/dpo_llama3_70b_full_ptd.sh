@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# DPO, full fine-tuning of Llama-3.1-70B-Instruct: TP8 x PP4 x DP2 on 8 nodes of 8 x 80 GB GPUs (64 GPUs).
+# Before:
+#   bash examples/mcore/llama3/data_convert_llama3_70b_pairwise.sh   (tokenized pairs in $DATA_PATH)
+#   bash examples/mcore/llama3/ckpt_convert_llama3_70b_hf2mcore.sh   (TP8 PP4 checkpoint)
+# After: bash examples/mcore/llama3/ckpt_convert_llama3_70b_mcore2hf.sh turns $CKPT_SAVE_DIR into an HF folder.
+# Layout and memory: docs/parallelism.md. Hyperparameters are a starting point, not a tuned recipe.
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+
+# ---- paths: edit these ----
+CKPT_LOAD_DIR="${CKPT_LOAD_DIR:-./model_weights/llama3-70b-mcore-tp8pp4}"
+CKPT_SAVE_DIR="${CKPT_SAVE_DIR:-./ckpt/llama3-70b-dpo-full}"
+DATA_PATH="${DATA_PATH:-./dataset/llama3-70b/ultrafeedback}"
+TENSORBOARD_DIR="${TENSORBOARD_DIR:-$CKPT_SAVE_DIR/tensorboard}"
+
+# ---- cluster: set on every node (same MASTER_ADDR/MASTER_PORT/NNODES, its own NODE_RANK) ----
+NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+NNODES="${NNODES:-8}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-localhost}"
+MASTER_PORT="${MASTER_PORT:-6000}"
+
+# ---- layout and batch (TP/PP must match the converted checkpoint) ----
+TP=8
+PP=4
+SEQ_LEN=4096
+MBS=1    # pairs per micro-batch (each pair is a chosen and a rejected sequence)
+GBS=64   # pairs per optimizer step
+TRAIN_ITERS="${TRAIN_ITERS:-1000}"   # about pairs x epochs / GBS
+
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+DISTRIBUTED_ARGS=(
+    --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+)
+
+# Llama-3.1-70B-Instruct: the model flags tools/checkpoint/convert_ckpt.py prints for its config.json.
+# Llama-3-70B (not 3.1): drop the five rope-scaling flags and use --max-position-embeddings 8192.
+MODEL_ARGS=(
+    --num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672
+    --num-attention-heads 64 --group-query-attention --num-query-groups 8 --kv-channels 128
+    --max-position-embeddings 131072 --rotary-base 500000
+    --rope-scaling-type llama3 --rope-scaling-factor 8.0 --low-freq-factor 1.0 --high-freq-factor 4.0
+    --original-max-position-embeddings 8192
+    --normalization RMSNorm --norm-epsilon 1e-05 --swiglu --disable-bias-linear
+    --untie-embeddings-and-output-weights --vocab-size 128256
+)
+
+PARALLEL_ARGS=(
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel
+    --use-distributed-optimizer --bf16
+)
+
+DPO_ARGS=(
+    --stage dpo --dpo-loss-type sigmoid --dpo-beta 0.1 --dpo-label-smoothing 0.0 --pref-ftx 0.0
+)
+
+TRAINING_ARGS=(
+    --seq-length "$SEQ_LEN" --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS"
+    --lr 2e-7 --min-lr 0.0 --lr-decay-style cosine --lr-warmup-fraction 0.1
+    --weight-decay 0.0 --clip-grad 1.0 --seed 1234
+)
+
+DATA_ARGS=(
+    --data-path "$DATA_PATH" --is-pairwise-dataset --split 98,2,0
+)
+
+OUTPUT_ARGS=(
+    --load "$CKPT_LOAD_DIR" --save "$CKPT_SAVE_DIR" --save-interval 200
+    --log-interval 1 --eval-interval 100 --eval-iters 10 --tensorboard-dir "$TENSORBOARD_DIR"
+)
+
+run torchrun "${DISTRIBUTED_ARGS[@]}" "$ENGINE_ROOT/pretrain_dpo.py" \
+    "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DPO_ARGS[@]}" "${TRAINING_ARGS[@]}" \
+    "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}"
