@@ -28,6 +28,8 @@ def read_jsonl(path: Path) -> Series:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+            raise ValueError(f"{path}:{number}: expected a JSON object with an integer \"iteration\"")
         for key, value in row.items():
             if key not in ("split", "iteration") and isinstance(value, (int, float)):
                 series[row.get("split", "train")][key].append((row["iteration"], float(value)))
