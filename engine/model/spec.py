@@ -3,7 +3,8 @@
 Backends:
 - transformer_engine: megatron-core's TE spec (fused norm+linear, TE attention), when TE imports.
 - local: megatron-core's tensor-parallel linears with this project's Norm (HF-exact math,
-  sequence-parallel capable) and SDPA core attention (or megatron's unfused attention).
+  sequence-parallel capable) and SDPA core attention (or megatron's unfused attention);
+  with LoRA, the targeted linears are engine/model/lora.py's subclasses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from engine.model.attention import SDPAttention
+from engine.model.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraSettings
 from engine.model.norm import Norm
 
 
@@ -46,7 +48,16 @@ def resolve_transformer_impl(requested: str) -> str:
     return requested
 
 
-def local_layer_spec(qk_layernorm: bool, attention_backend: str) -> ModuleSpec:
+def _linear(base: type, name: str, lora: LoraSettings | None, targets: tuple[str, ...]) -> type | ModuleSpec:
+    """The base linear, or its LoRA subclass when `name` is a --lora-target-modules entry."""
+    if lora is None or name not in targets:
+        return base
+    return ModuleSpec(module=LoraColumnParallelLinear if base is ColumnParallelLinear else LoraRowParallelLinear,
+                      params={"lora": lora})
+
+
+def local_layer_spec(qk_layernorm: bool, attention_backend: str, lora: LoraSettings | None = None,
+                     lora_targets: tuple[str, ...] = ()) -> ModuleSpec:
     core_attention = DotProductAttention if attention_backend == "unfused" else SDPAttention
     return ModuleSpec(
         module=TransformerLayer,
@@ -56,9 +67,9 @@ def local_layer_spec(qk_layernorm: bool, attention_backend: str) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=_linear(ColumnParallelLinear, "linear_qkv", lora, lora_targets),
                     core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=_linear(RowParallelLinear, "linear_proj", lora, lora_targets),
                     q_layernorm=Norm if qk_layernorm else IdentityOp,
                     k_layernorm=Norm if qk_layernorm else IdentityOp,
                 ),
@@ -67,7 +78,10 @@ def local_layer_spec(qk_layernorm: bool, attention_backend: str) -> ModuleSpec:
             pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(
+                    linear_fc1=_linear(ColumnParallelLinear, "linear_fc1", lora, lora_targets),
+                    linear_fc2=_linear(RowParallelLinear, "linear_fc2", lora, lora_targets),
+                ),
             ),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -75,15 +89,18 @@ def local_layer_spec(qk_layernorm: bool, attention_backend: str) -> ModuleSpec:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, transformer_impl: str, attention_backend: str, vp_stage: int | None
+    config: TransformerConfig, transformer_impl: str, attention_backend: str, vp_stage: int | None,
+    lora: LoraSettings | None = None, lora_targets: tuple[str, ...] = (),
 ) -> ModuleSpec:
-    """The decoder of one pipeline (or virtual pipeline) stage."""
+    """The decoder of one pipeline (or virtual pipeline) stage; LoRA adapts the local spec's linears."""
     if transformer_impl == "transformer_engine":
+        if lora is not None:
+            raise ValueError("LoRA adapts megatron-core's local linears: use --transformer-impl local")
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization=config.normalization,
             qk_layernorm=config.qk_layernorm, vp_stage=vp_stage,
         )
-    layer = local_layer_spec(config.qk_layernorm, attention_backend)
+    layer = local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
