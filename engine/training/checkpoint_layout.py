@@ -59,6 +59,12 @@ def read_tracker(root: str | Path) -> int | None:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def incomplete_checkpoints(root: str | Path) -> list[Path]:
+    """Staging directories left by saves that were interrupted (never published, so never loaded)."""
+    root = Path(root)
+    return sorted(root.glob(".staging_iter_*")) + sorted(root.glob(".replaced_iter_*")) if root.is_dir() else []
+
+
 def write_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int,
                      state: dict) -> Path:
     """Writes one rank's file into the staging directory of `iteration` (not yet visible)."""

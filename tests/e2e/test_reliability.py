@@ -1,0 +1,110 @@
+"""Preemption and failure on a real run: SIGKILL then resume, SIGTERM with the exit handler,
+--exit-interval, the save-dir lock and the divergence guard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import REPO_ROOT, free_port
+from tests.e2e.test_dpo import SEQ, TRAIN, Assets, read_metrics
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    return Assets(tmp_path_factory.mktemp("reliability"))
+
+
+def start(assets: Assets, save: Path, extra: str) -> subprocess.Popen:
+    """One rank, without torchrun, so a signal reaches the training process itself."""
+    checkpoint, flags = assets.checkpoint(1, 1)
+    if not save.exists():  # MindSpeed-LLM flow: train inside a copy of the converted checkpoint
+        shutil.copytree(checkpoint, save)
+    args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--load", str(save), "--save", str(save),
+            "--micro-batch-size", "4", *extra.split()]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "pretrain_dpo.py", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
+def wait_for_iteration(save: Path, iteration: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (save / "metrics.jsonl").exists() and any(r["iteration"] >= iteration for r in read_metrics(save)):
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"iteration {iteration} not reached")
+
+
+def losses(save: Path) -> list[float]:
+    rows = read_metrics(save)
+    assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+def test_sigkill_sigterm_and_exit_interval_all_resume_exactly(assets, tmp_path):
+    code, err = finish(start(assets, tmp_path / "straight", "--train-iters 8"))
+    assert code == 0, err[-3000:]
+    straight = losses(tmp_path / "straight")
+
+    # SIGKILL at an arbitrary moment of a run that saves every iteration (often mid-save).
+    killed = tmp_path / "killed"
+    process = start(assets, killed, "--train-iters 8 --save-interval 1")
+    wait_for_iteration(killed, 4, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    code, err = finish(start(assets, killed, "--train-iters 8 --save-interval 1"))
+    assert code == 0, err[-3000:]
+    assert losses(killed) == straight
+
+    # SIGTERM with --exit-signal-handler: a checkpoint at the next iteration boundary, exit 0.
+    stopped = tmp_path / "stopped"
+    process = start(assets, stopped, "--train-iters 8 --exit-signal-handler")
+    wait_for_iteration(stopped, 2, process)
+    process.send_signal(signal.SIGTERM)
+    code, err = finish(process)
+    assert code == 0, err[-3000:]
+    saved_at = int((stopped / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved_at < 8
+    code, err = finish(start(assets, stopped, "--train-iters 8"))
+    assert code == 0, err[-3000:]
+    assert losses(stopped) == straight
+
+    interval = tmp_path / "interval"
+    code, err = finish(start(assets, interval, "--train-iters 8 --exit-interval 3"))
+    assert code == 0, err[-3000:]
+    assert (interval / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+def test_save_directory_is_locked_while_a_run_uses_it(assets, tmp_path):
+    save = tmp_path / "busy"
+    first = start(assets, save, "--train-iters 200")
+    try:
+        wait_for_iteration(save, 1, first)
+        code, err = finish(start(assets, save, "--train-iters 5"))
+        assert code == 2
+        assert f"--save {save} is in use by another run (pid {first.pid}" in err
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_diverging_run_skips_updates_then_stops_with_a_clear_error(assets, tmp_path):
+    # An absurd learning rate wrecks the weights after one update; every later loss is non-finite.
+    code, err = finish(start(assets, tmp_path / "diverged", "--train-iters 20 --lr 1e30 --max-skipped-iters 2"))
+    assert code == 3, err[-3000:]
+    assert "2 consecutive updates skipped for a non-finite loss or gradient norm" in err
+    assert "update skipped" in err and "train pairs of the batch: [" in err
