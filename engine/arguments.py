@@ -375,6 +375,40 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the decoder's linears (MindSpeed-LLM flag names); off unless --lora-r is set."""
+
+    lora_r: int | None = None
+    """--lora-r: adapter rank; setting it turns LoRA on (base weights frozen, only adapters trained)."""
+    lora_alpha: float = 32.0
+    """--lora-alpha: the adapter output is scaled by alpha / r."""
+    lora_dropout: float = 0.0
+    """--lora-dropout: dropout on the adapter branch's input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1",
+                                                                    "linear_fc2"])
+    """--lora-target-modules: megatron-core linears to adapt (linear_qkv linear_proj linear_fc1 linear_fc2)."""
+    lora_load: str | None = None
+    """--lora-load: checkpoint directory whose adapters (and training state, if any) resume on --load's base."""
+    lora_ckpt_filter: bool = False
+    """--lora-ckpt-filter: checkpoints hold the adapter tensors only (plus optimizer and training state)."""
+
+    def __post_init__(self) -> None:
+        targets = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+        _require(self.lora_r is None or self.lora_r > 0, "--lora-r must be > 0")
+        _require(self.lora_alpha > 0, "--lora-alpha must be > 0")
+        _require(0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)")
+        unknown = sorted(set(self.lora_target_modules) - set(targets))
+        _require(not unknown, f"--lora-target-modules {' '.join(unknown)}: choose from {' '.join(targets)}")
+        _require(bool(self.lora_target_modules), "--lora-target-modules needs at least one module")
+        _require(self.lora_load is None or self.enabled, "--lora-load needs --lora-r (and --lora-alpha)")
+        _require(not self.lora_ckpt_filter or self.enabled, "--lora-ckpt-filter needs --lora-r")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r is not None
+
+
+@dataclass
 class EngineConfig:
     """All sections of one run."""
 
@@ -386,6 +420,7 @@ class EngineConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: TokenizerConfig | None = None
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -447,6 +482,10 @@ def validate(config: EngineConfig, world_size: int) -> None:
             model.vocab_size is None or model.padded_vocab_size >= model.vocab_size,
             f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})",
         )
+    _require(
+        not (config.lora.enabled and config.preference.ref_model),
+        "--ref-model cannot be combined with --lora-r: the LoRA reference is the base model with adapters off",
+    )
     if train.global_batch_size is None:
         train.global_batch_size = train.micro_batch_size * dp
     _require(
@@ -581,11 +620,21 @@ def _add_preference_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refer-model-iter", type=int, default=1)
 
 
+def _add_lora_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("lora")
+    g.add_argument("--lora-r", type=int)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-target-modules", nargs="+", default=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    g.add_argument("--lora-load")
+    g.add_argument("--lora-ckpt-filter", action="store_true")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The engine's parser; unknown flags are an error (argparse's default), never ignored."""
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     for add in (_add_model_args, _add_parallel_args, _add_precision_args, _add_training_args,
-                _add_checkpoint_args, _add_logging_args, _add_data_args, _add_preference_args,
+                _add_checkpoint_args, _add_logging_args, _add_data_args, _add_preference_args, _add_lora_args,
                 add_tokenizer_args):
         add(parser)
     return parser
@@ -609,6 +658,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         logging=_from_namespace(LoggingConfig, args),
         data=_from_namespace(DataConfig, args),
         preference=_from_namespace(PreferenceConfig, args),
+        lora=_from_namespace(LoraConfig, args),
         tokenizer=tokenizer,
     )
 

@@ -72,6 +72,16 @@ class ConvertConfig:
     """--padded-vocab-size: explicit padded vocab (mg output)."""
     max_shard_size: int = 5 * 10**9
     """--max-shard-size: bytes per HF safetensors shard."""
+    lora_load: str | None = None
+    """--lora-load: LoRA training checkpoint whose adapters are merged into --load-dir's base (or exported)."""
+    lora_r: int | None = None
+    """--lora-r: the adapters' rank (checked against the checkpoint)."""
+    lora_alpha: float | None = None
+    """--lora-alpha: merged as W + (alpha / r) B A."""
+    lora_target_modules: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    """--lora-target-modules: the megatron linears the adapters may adapt."""
+    save_lora_to_hf: bool = False
+    """--save-lora-to-hf: write the adapters as a PEFT adapter folder (--save-dir) instead of merged weights."""
 
     def __post_init__(self) -> None:
         _check(self.load_model_type in ("hf", "mg"), "--load-model-type must be hf or mg")
@@ -91,6 +101,12 @@ class ConvertConfig:
         _check(self.params_dtype in (None, *DTYPES), "--params-dtype must be fp32, bf16 or fp16")
         _check(self.make_vocab_size_divisible_by >= 1, "--make-vocab-size-divisible-by must be >= 1")
         _check(self.max_shard_size > 0, "--max-shard-size must be positive")
+        _check(self.lora_load is None or (self.lora_r is not None and self.lora_alpha is not None),
+               "--lora-load needs --lora-r and --lora-alpha")
+        _check(self.lora_r is None or self.lora_r > 0, "--lora-r must be > 0")
+        _check(self.lora_load is None or self.load_model_type == "mg", "--lora-load needs --load-model-type mg")
+        _check(not self.save_lora_to_hf or (self.lora_load is not None and self.save_model_type == "hf"),
+               "--save-lora-to-hf needs --lora-load and --save-model-type hf")
         _check(
             Path(self.load_dir).resolve() != Path(self.save_dir).resolve(),
             "--save-dir must differ from --load-dir",

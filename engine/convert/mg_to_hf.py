@@ -18,7 +18,9 @@ import torch
 from engine.convert.common import DTYPE_NAMES, ConvertConfig, ConversionError, staged_output
 from engine.convert.hf_io import HFShardWriter, copy_tokenizer
 from engine.convert.mapping import mcore_to_hf_unit
+from engine.convert.lora import merged_units
 from engine.convert.mg_io import MegatronCheckpoint
+from engine.model.lora import is_adapter_key
 from engine.model.families import UnsupportedModelError, get_family, hf_config_kwargs
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,10 @@ def convert_mg_to_hf(config: ConvertConfig) -> Path:
     dtype = config.dtype
     with staged_output(config.save_dir) as staging:
         writer = HFShardWriter(staging, config.max_shard_size)
-        for unit in mg.units():
+        for unit in merged_units(mg, config):
+            if any(is_adapter_key(k) for k in unit):
+                raise ConversionError(f"{config.load_dir} holds LoRA adapters: merge them with --lora-load "
+                                      f"{config.load_dir} --lora-r R --lora-alpha A")
             hf_unit = mcore_to_hf_unit(unit, entry, args)
             if dtype is not None:
                 hf_unit = {k: v.to(dtype) for k, v in hf_unit.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine.convert.common import ConvertConfig, staged_output
 from engine.convert.hf_to_mg import layout_flags, target_layout
+from engine.convert.lora import merged_units
 from engine.convert.mg_io import MegatronCheckpoint, MegatronWriter
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,14 @@ def reshard(config: ConvertConfig) -> list[str]:
     layout = target_layout(args, config)
     if config.params_dtype:
         args["params_dtype"] = config.params_dtype
+    for key in ("lora_adapter_only", "lora_base"):  # merged output is a plain checkpoint
+        if config.lora_load is not None:
+            args.pop(key, None)
     if config.tokenizer_model:
         args["tokenizer"] = str(Path(config.tokenizer_model).resolve())
     with staged_output(config.save_dir) as staging:
         writer = MegatronWriter(staging, layout, args, config.dtype)
-        for unit in source.units():
+        for unit in merged_units(source, config):
             writer.add(unit)
         writer.close()
     flags = layout_flags(args)

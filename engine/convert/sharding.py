@@ -3,7 +3,9 @@
 Used by the HF <-> megatron converters, by resharding, and by the layout-parity tests.
 The rules follow megatron-core's tensor-parallel layers: column-parallel weights
 (linear_qkv, linear_fc1, vocab embedding, output layer) split on dim 0, row-parallel
-weights (linear_proj, linear_fc2) on dim 1, everything else is replicated. linear_qkv
+weights (linear_proj, linear_fc2) on dim 1, everything else is replicated. LoRA adapters
+(engine/model/lora.py) follow their layer: B of a column-parallel linear and A of a
+row-parallel one split like its weight; the other factor is replicated. linear_qkv
 is already stored per query group as [q heads | k | v], so a contiguous split keeps
 whole groups together. A gated linear_fc1 holds [gate; up], and each TP rank holds
 [gate_i; up_i], so the halves are split separately.
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias")
-_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+                    "linear_qkv.lora_B.weight", "linear_fc1.lora_B.weight")
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight", "linear_proj.lora_A.weight", "linear_fc2.lora_A.weight")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

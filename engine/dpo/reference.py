@@ -39,3 +39,25 @@ class ReferencePolicy:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return list(collected)
         return [None] * len(micro_batches)
+
+
+class AdapterOffReference(ReferencePolicy):
+    """LoRA DPO's reference: the policy's own chunks with every adapter off, in eval mode.
+
+    The base weights are frozen, so this is the initial policy without a second copy of
+    them; the forward is the policy's code with the adapter branches skipped.
+    """
+
+    @torch.no_grad()
+    def logps(self, micro_batches: list) -> list[torch.Tensor | None]:
+        from engine.model.lora import adapters_disabled
+
+        modes = [chunk.training for chunk in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with adapters_disabled(self.chunks):
+                return super().logps(micro_batches)
+        finally:
+            for chunk, mode in zip(self.chunks, modes):
+                chunk.train(mode)

@@ -18,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from engine.arguments import EngineConfig
+from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.platform import Platform
 
@@ -94,13 +95,18 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
     """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype."""
     tf_config = transformer_config(config, platform)
-    impl = resolve_transformer_impl(config.model.transformer_impl)
+    lora = config.lora
+    adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
+    # LoRA adapts the local spec's linears: 'auto' picks it under LoRA.
+    requested = config.model.transformer_impl
+    impl = resolve_transformer_impl("local" if adapters and requested == "auto" else requested)
     vpp = config.virtual_pipeline_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = GPTModel(
             config=tf_config,
-            transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage),
+            transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage,
+                                                      adapters, tuple(lora.lora_target_modules)),
             vocab_size=config.padded_vocab_size,
             max_sequence_length=config.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -146,7 +152,10 @@ def wrap_ddp(chunks: list[torch.nn.Module], config: EngineConfig) -> list[Distri
 
 
 def build_trainable_model(config: EngineConfig, platform: Platform) -> list[DistributedDataParallel]:
-    return wrap_ddp(wrap_mixed_precision(build_model_chunks(config, platform), config), config)
+    chunks = build_model_chunks(config, platform)
+    if config.lora.enabled:
+        prepare_adapters(chunks, config.training.seed)  # before DDP: only adapters get grad buffers
+    return wrap_ddp(wrap_mixed_precision(chunks, config), config)
 
 
 def build_frozen_model(config: EngineConfig, platform: Platform) -> list[torch.nn.Module]:

@@ -23,6 +23,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from engine.arguments import EngineConfig, ModelConfig, plain_config
 from engine.convert.sharding import ShardLayout, merge_state_dicts, shard_state_dict
+from engine.model.lora import is_adapter_key
 from engine.model.provider import unwrap_model
 from engine.training.checkpoint_layout import (
     CHECKPOINT_VERSION,
@@ -110,7 +111,8 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
             result = unwrap_model(chunk).load_state_dict(chunk_state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        # Adapters absent from a base checkpoint keep their fresh init (LoRA's --load).
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not is_adapter_key(k)]
         if missing or result.unexpected_keys:
             raise CheckpointError(
                 f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
@@ -158,6 +160,8 @@ class Checkpointer:
         self.config = config
         self.checkpoint = config.checkpoint
         self.inherited_args: dict = {}
+        self.state_root: str | None = config.checkpoint.load
+        """Where the training state comes from: --load, or --lora-load under LoRA."""
         """Provenance from the loaded checkpoint (family, tokenizer, HF config) that mg -> hf needs."""
 
     def saved_args(self) -> dict:
@@ -171,6 +175,7 @@ class Checkpointer:
             "padded_vocab_size": self.config.padded_vocab_size,
             "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
             "engine": plain_config(self.config),
+            **self._lora_args(),
         }
 
     def save(self, iteration: int, model: list, optimizer, scheduler, state: TrainState,
@@ -197,7 +202,10 @@ class Checkpointer:
             **(extra or {}),
         }
         for key, chunk in zip(_model_keys(len(model)), model):
-            rank_state[key] = unwrap_model(chunk).state_dict()
+            weights = unwrap_model(chunk).state_dict()
+            if self.config.lora.lora_ckpt_filter:
+                weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
+            rank_state[key] = weights
         if parallel_state.get_data_parallel_rank() == 0:
             path = write_rank_state(root, iteration, tp_rank, pp_rank, pp_size, rank_state)
         else:
@@ -226,6 +234,39 @@ class Checkpointer:
         state = load_model_weights(model, root, latest, self.config)
         args = state.get("args") or {}
         self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
+        if self.config.lora.lora_load is not None:
+            return self._load_adapters(model)
+        return latest, state
+
+    def _lora_args(self) -> dict:
+        """What a LoRA checkpoint needs to be read back: adapter-only or not, and its base."""
+        lora = self.config.lora
+        if not lora.enabled:
+            return {}
+        base = str(Path(self.checkpoint.load).resolve()) if self.checkpoint.load else None
+        return {"lora_adapter_only": lora.lora_ckpt_filter, "lora_base": base}
+
+    def _load_adapters(self, model: list) -> tuple[int, dict]:
+        """--lora-load: adapters (from an adapter-only or a full checkpoint) on top of --load's base weights;
+        the training state of that directory, if it has one, is the run's."""
+        root = self.config.lora.lora_load
+        latest = read_tracker(root)
+        if latest is None:
+            raise CheckpointError(f"--lora-load {root}: no latest_checkpointed_iteration.txt there")
+        tp_rank, pp_rank, pp_size = _rank_coordinates()
+        state = load_rank_state(root, latest, tp_rank, pp_rank, pp_size)
+        path = rank_file(Path(root) / iteration_dir_name(latest), tp_rank, pp_rank, pp_size)
+        check_model_args(state.get("args"), self.config.model, path)
+        for key, chunk in zip(_model_keys(len(model)), model):
+            module = unwrap_model(chunk)
+            wanted = [k for k in module.state_dict() if is_adapter_key(k)]
+            saved = state.get(key, {})
+            missing = [k for k in wanted if k not in saved]
+            if missing:
+                raise CheckpointError(f"{path}: no adapter tensors {missing[:3]} (check --lora-target-modules and "
+                                      "the layout it was saved with)")
+            module.load_state_dict({k: saved[k] for k in wanted}, strict=False)
+        self.state_root = root
         return latest, state
 
     def restore_training_state(self, iteration: int, rank_state: dict, optimizer, scheduler) -> TrainState:
@@ -234,7 +275,7 @@ class Checkpointer:
             optimizer.load_state_dict(rank_state["optimizer"])
             if self.config.parallel.use_distributed_optimizer:
                 tp_rank, pp_rank, pp_size = _rank_coordinates()
-                directory = Path(self.checkpoint.load) / iteration_dir_name(iteration)
+                directory = Path(self.state_root) / iteration_dir_name(iteration)
                 optimizer.load_parameter_state(
                     str(rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE)
                 )

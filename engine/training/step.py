@@ -19,6 +19,8 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from engine.model.lora import allreduce_partial_adapter_grads
+
 
 @dataclass
 class StepResult:
@@ -32,10 +34,17 @@ class StepResult:
     """The rate this update used (the scheduler has already moved on to the next one)."""
 
 
+def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None, pg_collection=None,
+                   force_all_reduce: bool = False) -> None:
+    """megatron's grad finalization, then the TP sum of LoRA grads each TP rank holds a part of."""
+    finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    allreduce_partial_adapter_grads(model)
+
+
 def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> None:
     """Hooks megatron's schedules need: loss scaling, grad finalization, DDP no-sync."""
     config = model[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     if optimizer is not None:
         config.grad_scale_func = optimizer.scale_loss
     no_sync = [chunk.no_sync for chunk in model if hasattr(chunk, "no_sync")]

@@ -24,8 +24,9 @@ from engine.data.collate import collate_pairs
 from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
 from engine.dpo.objective import DPOObjective
-from engine.dpo.reference import ReferencePolicy
+from engine.dpo.reference import AdapterOffReference, ReferencePolicy
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
+from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
@@ -76,6 +77,7 @@ class DPOTrainer:
                                       config.model.vocab_size or config.padded_vocab_size)
         self.checkpointer = Checkpointer(config)
         self.model = build_trainable_model(config, self.platform)
+        self._log_parameters()
         loaded_iteration, rank_state = self.checkpointer.load_policy(self.model)
         resuming = not config.checkpoint.finetune and "opt_param_scheduler" in rank_state
         self.reference = self._build_reference(loaded_iteration, rank_state, resuming)
@@ -93,10 +95,20 @@ class DPOTrainer:
 
     def _build_reference(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferencePolicy:
         """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint."""
+        if self.config.lora.enabled:
+            # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
+            load = self.config.checkpoint.load
+            self.reference_source = ReferenceSource(load, read_tracker(load))
+            return AdapterOffReference(self.model, self.objective, self.config.virtual_pipeline_size)
         self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
         chunks = build_frozen_model(self.config, self.platform)
         load_model_weights(chunks, self.reference_source.root, self.reference_source.iteration, self.config)
         return ReferencePolicy(chunks, self.objective, self.config.virtual_pipeline_size)
+
+    def _log_parameters(self) -> None:
+        trainable, total = parameter_counts(self.model)
+        if dist.get_rank() == 0:
+            logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / total)
 
     def _reference_source(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferenceSource:
         """The initial policy on a fresh start; on resume iteration --refer-model-iter of --ref-model or

@@ -4,6 +4,8 @@
              --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--num-layer-list 3,5]
   mg -> hf:  --load-model-type mg --save-model-type hf --load-dir MG --save-dir HF [--load-iteration N]
   mg -> mg:  --load-model-type mg --save-model-type mg --load-dir A --save-dir B (reshard to the target layout)
+  LoRA:      add --lora-load RUN --lora-r 16 --lora-alpha 32 [--lora-target-modules ...] to merge a LoRA run's
+             adapters into --load-dir's base (mg or hf output), or --save-lora-to-hf for a PEFT adapter folder
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--padded-vocab-size", type=int)
     parser.add_argument("--max-shard-size", default="5GB")
+    lora = parser.add_argument_group("lora", "merge a LoRA run's adapters into --load-dir, or export them")
+    lora.add_argument("--lora-load", help="LoRA training checkpoint (adapter-only or full)")
+    lora.add_argument("--lora-r", type=int)
+    lora.add_argument("--lora-alpha", type=float)
+    lora.add_argument("--lora-target-modules", nargs="+",
+                      default=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    lora.add_argument("--save-lora-to-hf", action="store_true",
+                      help="write a PEFT adapter (adapter_config.json, adapter_model.safetensors) to --save-dir")
     return parser
 
 
@@ -52,7 +62,9 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         model_type_hf=args.model_type_hf, params_dtype=args.params_dtype, add_qkv_bias=args.add_qkv_bias,
         tokenizer_model=args.tokenizer_model, load_iteration=args.load_iteration,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, padded_vocab_size=args.padded_vocab_size,
-        max_shard_size=parse_size(args.max_shard_size),
+        max_shard_size=parse_size(args.max_shard_size), lora_load=args.lora_load, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_target_modules=tuple(args.lora_target_modules),
+        save_lora_to_hf=args.save_lora_to_hf,
     )
 
 
