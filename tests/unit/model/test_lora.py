@@ -138,3 +138,21 @@ def test_lora_layers_match_torch_at_tp1_tp2_and_tp2_sequence_parallel(layouts, t
         assert torch.equal(got["A1"], tp1["A1"]) and torch.equal(got["A2"], tp1["A2"]), name
         for key in ("base", "out", "x_grad", "col_A", "col_B", "row_A", "row_B"):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+
+
+def test_lora_flags_are_validated_with_errors_that_name_the_flag():
+    from engine.arguments import ConfigError, LoraConfig, parse_args
+
+    base = "--num-layers 2 --hidden-size 8 --num-attention-heads 2 --seq-length 8 --vocab-size 10".split()
+    config = parse_args([*base, "--lora-r", "4", "--lora-target-modules", "linear_qkv"], world_size=1)
+    assert config.lora.enabled and config.lora.lora_target_modules == ["linear_qkv"]
+    assert not parse_args(base, world_size=1).lora.enabled
+    for kwargs, message in [
+        ({"lora_r": 0}, "--lora-r must be > 0"),
+        ({"lora_r": 4, "lora_alpha": 0}, "--lora-alpha must be > 0"),
+        ({"lora_r": 4, "lora_target_modules": ["q_proj"]}, "--lora-target-modules q_proj"),
+        ({"lora_load": "x"}, "--lora-load needs --lora-r"),
+        ({"lora_ckpt_filter": True}, "--lora-ckpt-filter needs --lora-r"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            LoraConfig(**kwargs)
