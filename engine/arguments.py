@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
+from engine.dpo.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSSES, SORTED_LOSS_TYPES
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
 
@@ -324,36 +325,192 @@ class DataConfig:
     """--is-pairwise-dataset: accepted for MindSpeed-LLM scripts; pairwise data is the only kind."""
 
 
+STAGES = ("dpo", "simpo", "orpo", "cpo")
+"""--stage choices; all but dpo are reference-free (no reference model is built)."""
+
+
 @dataclass
 class PreferenceConfig:
-    """The preference objective and where its reference policy comes from."""
+    """The preference objective and where its reference policy comes from.
+
+    Flags that only some stages or losses read default to None, so that "not given" is told
+    apart from a default value: a flag that does not apply to the chosen stage or loss is an
+    error, never ignored. `__post_init__` then fills in the defaults of the flags that apply.
+    """
 
     stage: str = "dpo"
-    """--stage: the training objective."""
-    dpo_loss_type: str = "sigmoid"
-    """--dpo-loss-type: sigmoid (DPO / cDPO), hinge (SLiC) or ipo."""
-    dpo_beta: float = 0.1
-    """--dpo-beta: KL strength (temperature of the implicit reward)."""
+    """--stage: dpo (policy against a reference policy), or the reference-free simpo, orpo, cpo."""
+    dpo_loss_type: list[str] | None = None
+    """--dpo-loss-type: under --stage dpo one or more of engine.dpo.losses.DPO_LOSS_TYPES (default
+    sigmoid); under --stage cpo one of sigmoid, hinge, ipo, simpo (default sigmoid)."""
+    dpo_loss_weights: list[float] | None = None
+    """--dpo-loss-weights: one weight per --dpo-loss-type; the loss is the weighted sum (default all 1)."""
+    dpo_beta: float | None = None
+    """--dpo-beta: KL strength (temperature of the implicit reward) of --stage dpo and cpo; default 0.1."""
     dpo_label_smoothing: float = 0.0
-    """--dpo-label-smoothing: cDPO label noise, in [0, 0.5)."""
+    """--dpo-label-smoothing: label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, exo_pair,
+    sigmoid_norm, aot, aot_unpaired, simpo)."""
+    discopop_tau: float | None = None
+    """--discopop-tau: DiscoPOP's mixing temperature (--dpo-loss-type discopop); default 0.05."""
+    reference_free: bool = False
+    """--reference-free: --stage dpo losses against a uniform reference (log-probs 0); no reference model."""
+    ld_alpha: float | None = None
+    """--ld-alpha: LD-DPO: log-probs of the answer tokens past the pair's shorter answer are scaled by
+    alpha in [0, 1], for policy and reference alike (--stage dpo, losses on summed log-probs)."""
+    rpo_alpha: float | None = None
+    """--rpo-alpha: RPO: weight of the chosen answers' NLL (token mean per pair) added to a --stage dpo loss."""
     pref_ftx: float = 0.0
-    """--pref-ftx: weight of the chosen answers' NLL (token mean) added to the loss."""
+    """--pref-ftx: the same NLL weight under LLaMA-Factory's name (exclusive with --rpo-alpha)."""
+    simpo_beta: float | None = None
+    """--simpo-beta: SimPO's reward scale (--stage simpo); default 2.0."""
+    simpo_gamma: float | None = None
+    """--simpo-gamma: SimPO's target reward margin, in reward units: loss -logsigmoid(beta * (mean logp_c -
+    mean logp_r) - gamma) (--stage simpo, or cpo with --dpo-loss-type simpo); default 1.0."""
+    cpo_alpha: float | None = None
+    """--cpo-alpha: weight of the chosen answers' NLL (token mean per pair): --stage cpo (default 1.0) and
+    simpo (default 0.0: pure SimPO)."""
+    orpo_beta: float | None = None
+    """--orpo-beta: ORPO's lambda, the weight of the odds-ratio term beside the NLL (--stage orpo); default 0.1."""
     ref_model: str | None = None
     """--ref-model: checkpoint directory of the reference policy (default: --load's)."""
-    refer_model_iter: int = 1
-    """--refer-model-iter: iteration of the reference checkpoint used when resuming."""
+    refer_model_iter: int | None = None
+    """--refer-model-iter: iteration of the reference checkpoint used when resuming (default 1)."""
 
     def __post_init__(self) -> None:
-        _require(self.stage == "dpo", f"--stage {self.stage!r}: supported stages are: dpo")
-        _require(self.dpo_loss_type in ("sigmoid", "hinge", "ipo"), "--dpo-loss-type must be sigmoid, hinge or ipo")
-        _require(self.dpo_beta > 0, "--dpo-beta must be > 0")
+        _require(self.stage in STAGES, f"--stage {self.stage!r}: supported stages are: {', '.join(STAGES)}")
+        stage, dpo = self.stage, self.stage == "dpo"
+        if isinstance(self.dpo_loss_type, str):
+            self.dpo_loss_type = [self.dpo_loss_type]
+        self._only_for(stage in ("dpo", "cpo"), "dpo_loss_type", "dpo_beta")
+        self._only_for(dpo, "dpo_loss_weights", "ld_alpha", "rpo_alpha")
+        self._only_for(stage == "simpo", "simpo_beta")
+        self._only_for(stage in ("simpo", "cpo"), "cpo_alpha")
+        self._only_for(stage == "orpo", "orpo_beta")
+        _require(dpo or not self.reference_free, f"--reference-free: --stage {stage} is reference-free already")
+        _require(dpo or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
+                 + (" (use --cpo-alpha)" if stage in ("simpo", "cpo") else " (its NLL term is built in)"))
+
+        if stage in ("dpo", "cpo"):
+            self.dpo_loss_type = self.dpo_loss_type or ["sigmoid"]
+            self.dpo_beta = 0.1 if self.dpo_beta is None else self.dpo_beta
+            _require(self.dpo_beta > 0, "--dpo-beta must be > 0")
+        allowed = DPO_LOSS_TYPES if dpo else CPO_LOSS_TYPES
+        for name in self.dpo_loss_type or []:
+            _require(name in allowed, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
+                                      f"choose from {', '.join(allowed)}")
+        types = self.loss_types
+        _require(len(set(types)) == len(types), "--dpo-loss-type names a loss twice")
+        _require(dpo or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
+        if self.dpo_loss_weights is not None:
+            _require(
+                len(self.dpo_loss_weights) == len(types),
+                f"--dpo-loss-weights has {len(self.dpo_loss_weights)} values for {len(types)} --dpo-loss-type "
+                f"({' '.join(types)})",
+            )
+            _require(all(w > 0 for w in self.dpo_loss_weights), "--dpo-loss-weights must be > 0")
+
+        if stage == "simpo":
+            self.simpo_beta = 2.0 if self.simpo_beta is None else self.simpo_beta
+            _require(self.simpo_beta > 0, "--simpo-beta must be > 0")
+        _require(self.simpo_gamma is None or "simpo" in types,
+                 f"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
+                 f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if stage == "cpo" else ""))
+        if "simpo" in types:
+            self.simpo_gamma = 1.0 if self.simpo_gamma is None else self.simpo_gamma
+        if stage in ("simpo", "cpo"):
+            self.cpo_alpha = (1.0 if stage == "cpo" else 0.0) if self.cpo_alpha is None else self.cpo_alpha
+            _require(self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
+        if stage == "orpo":
+            self.orpo_beta = 0.1 if self.orpo_beta is None else self.orpo_beta
+            _require(self.orpo_beta > 0, "--orpo-beta must be > 0")
+
         _require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
+        smoothed = [name for name in LOSSES if LOSSES[name].label_smoothing]
         _require(
-            self.dpo_label_smoothing == 0.0 or self.dpo_loss_type == "sigmoid",
-            "--dpo-label-smoothing applies to --dpo-loss-type sigmoid only",
+            self.dpo_label_smoothing == 0.0 or any(LOSSES[t].label_smoothing for t in types),
+            f"--dpo-label-smoothing applies to the losses {', '.join(smoothed)}; "
+            f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if stage in ("dpo", "cpo") else ""),
         )
+        _require(self.discopop_tau is None or "discopop" in types, "--discopop-tau needs --dpo-loss-type discopop")
+        if "discopop" in types:
+            self.discopop_tau = 0.05 if self.discopop_tau is None else self.discopop_tau
+            _require(self.discopop_tau > 0, "--discopop-tau must be > 0")
+        if self.ld_alpha is not None:
+            _require(0.0 <= self.ld_alpha <= 1.0, "--ld-alpha must be in [0, 1]")
+            averaged = [t for t in types if LOSSES[t].average_logps]
+            _require(not averaged, f"--ld-alpha desensitizes summed log-probs; --dpo-loss-type {' '.join(averaged)} "
+                                   "already normalizes by length")
+        _require(self.rpo_alpha is None or self.rpo_alpha >= 0, "--rpo-alpha must be >= 0")
         _require(self.pref_ftx >= 0, "--pref-ftx must be >= 0")
-        _require(self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
+        _require(self.rpo_alpha is None or self.pref_ftx == 0,
+                 "--rpo-alpha and --pref-ftx both weight the chosen NLL: set one")
+
+        if not self.uses_reference:
+            why = "--reference-free" if dpo else f"--stage {stage}"
+            for name in ("ref_model", "refer_model_iter"):
+                _require(getattr(self, name) is None,
+                         f"--{name.replace('_', '-')} does not apply: {why} builds no reference model")
+        elif self.refer_model_iter is None:
+            self.refer_model_iter = 1
+        _require(self.refer_model_iter is None or self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
+
+    def _only_for(self, applies: bool, *names: str) -> None:
+        for name in names:
+            _require(applies or getattr(self, name) is None,
+                     f"--{name.replace('_', '-')} does not apply to --stage {self.stage}")
+
+    @property
+    def uses_reference(self) -> bool:
+        """False for reference-free objectives: no reference model is built or run."""
+        return self.stage == "dpo" and not self.reference_free
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.stage] if self.stage in ("simpo", "orpo") else list(self.dpo_loss_type or [])
+
+    @property
+    def loss_terms(self) -> list[tuple[float, str]]:
+        """(weight, loss name) of each term of the preference loss."""
+        types = self.loss_types
+        return list(zip(self.dpo_loss_weights or [1.0] * len(types), types))
+
+    @property
+    def beta(self) -> float:
+        """The beta of the stage (--orpo-beta is ORPO's lambda)."""
+        return {"dpo": self.dpo_beta, "cpo": self.dpo_beta, "simpo": self.simpo_beta, "orpo": self.orpo_beta}[self.stage]
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' NLL (token mean per pair) added to the preference loss."""
+        if self.stage == "orpo":
+            return 1.0
+        if self.stage in ("simpo", "cpo"):
+            return self.cpo_alpha
+        return self.rpo_alpha if self.rpo_alpha is not None else self.pref_ftx
+
+    def describe(self) -> str:
+        """The objective and every hyper-parameter in effect, for the startup log."""
+        types = self.loss_types
+        terms = [t if (w, len(types)) == (1.0, 1) else f"{w:g}*{t}" for w, t in self.loss_terms]
+        if self.nll_weight > 0:
+            terms.append(f"{self.nll_weight:g}*nll")
+        beta_flag = {"dpo": "--dpo-beta", "cpo": "--dpo-beta", "simpo": "--simpo-beta", "orpo": "--orpo-beta"}
+        params = [f"{beta_flag[self.stage]} {self.beta:g}"]
+        if any(LOSSES[t].label_smoothing for t in types):
+            params.append(f"--dpo-label-smoothing {self.dpo_label_smoothing:g}")
+        if "simpo" in types:
+            params.append(f"--simpo-gamma {self.simpo_gamma:g}")
+        if "discopop" in types:
+            params.append(f"--discopop-tau {self.discopop_tau:g}")
+        if self.ld_alpha is not None:
+            params.append(f"--ld-alpha {self.ld_alpha:g}")
+        if "bco_pair" in types:
+            params.append("bco delta: running mean reward")
+        averaged = [t for t in types if LOSSES[t].average_logps]
+        if averaged:
+            params.append(f"token-averaged log-probs for {' '.join(averaged)}")
+        params.append("reference model" if self.uses_reference else "reference-free")
+        return f"{self.stage}: loss = {' + '.join(terms)} | {', '.join(params)}"
 
 
 @dataclass
@@ -500,6 +657,12 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"the interleaved schedule needs the number of micro-batches ({microbatches}) to be a multiple of "
             f"--pipeline-model-parallel-size ({pp}); adjust --global-batch-size",
         )
+    for name in SORTED_LOSS_TYPES:
+        _require(
+            name not in config.preference.loss_types or train.micro_batch_size >= 2,
+            f"--dpo-loss-type {name} sorts log-ratios over the pairs of a micro-batch; with --micro-batch-size 1 "
+            "it is the sigmoid loss: use --micro-batch-size >= 2",
+        )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -611,13 +774,26 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_preference_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("preference optimization")
-    g.add_argument("--stage", default="dpo", choices=["dpo"])
-    g.add_argument("--dpo-loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
-    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--stage", default="dpo", choices=list(STAGES),
+                   help="dpo (against a reference policy); simpo, orpo, cpo are reference-free")
+    g.add_argument("--dpo-loss-type", nargs="+", metavar="LOSS",
+                   help="one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); "
+                        "one of: " + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo)")
+    g.add_argument("--dpo-loss-weights", type=float, nargs="+", metavar="W",
+                   help="one weight per --dpo-loss-type: the loss is the weighted sum")
+    g.add_argument("--dpo-beta", type=float, help="default 0.1 (--stage dpo and cpo)")
     g.add_argument("--dpo-label-smoothing", type=float, default=0.0)
+    g.add_argument("--discopop-tau", type=float, help="default 0.05 (--dpo-loss-type discopop)")
+    g.add_argument("--reference-free", action="store_true", help="--stage dpo without a reference model")
+    g.add_argument("--ld-alpha", type=float, help="LD-DPO length desensitization in [0, 1]")
+    g.add_argument("--rpo-alpha", type=float, help="weight of the chosen NLL added to a dpo loss (RPO)")
     g.add_argument("--pref-ftx", type=float, default=0.0)
+    g.add_argument("--simpo-beta", type=float, help="default 2.0 (--stage simpo)")
+    g.add_argument("--simpo-gamma", type=float, help="target reward margin, default 1.0")
+    g.add_argument("--cpo-alpha", type=float, help="chosen NLL weight: default 1.0 (cpo), 0.0 (simpo)")
+    g.add_argument("--orpo-beta", type=float, help="ORPO's lambda, default 0.1 (--stage orpo)")
     g.add_argument("--ref-model")
-    g.add_argument("--refer-model-iter", type=int, default=1)
+    g.add_argument("--refer-model-iter", type=int, help="default 1")
 
 
 def _add_lora_args(parser: argparse.ArgumentParser) -> None:

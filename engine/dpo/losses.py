@@ -1,13 +1,38 @@
-"""Preference losses: a registry from --dpo-loss-type to a formula over per-pair log-probs.
+"""Preference losses: a registry from a loss name to a formula over per-pair log-probs.
 
-Every loss receives the policy's and reference's sequence log-probs of the chosen and
-rejected answers (summed over answer tokens, or token-averaged where the loss says so)
-and returns one loss per pair. The trainer adds `--pref-ftx` x the chosen NLL.
+Every loss receives the policy's and reference's summed answer log-probs of the chosen
+and rejected answers with the answer token counts (`PairLogps`), and returns one loss
+per pair. Losses defined on token-averaged log-probs (IPO, sigmoid_norm, SimPO, ORPO)
+say so in their `LossSpec` and get `PairLogps.averaged()`. Reference-free objectives
+(`--reference-free`, and the SimPO / CPO / ORPO stages) pass zeros as the reference,
+which turns the DPO margin into the policy's own margin, as TRL does.
+
+Formulas follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer. With d_c = log pi_c - log ref_c,
+d_r = log pi_r - log ref_r and h = d_c - d_r (the DPO margin):
+
+- sigmoid      -(1-e) logsig(b h) - e logsig(-b h)                  (DPO; e = label smoothing: cDPO)
+- hinge        relu(1 - b h)                                         (SLiC)
+- ipo          (h - 1/(2b))^2 on token-averaged log-probs            (IPO)
+- robust       ((1-e)(-logsig(b h)) + e logsig(-b h)) / (1 - 2e)     (rDPO, unbiased under label noise e)
+- exo_pair     sig(b h)(logsig(b h) - log(1-e)) + sig(-b h)(logsig(-b h) - log e), e = 1e-3 when 0 (EXO)
+- nca_pair     -logsig(b d_c) - logsig(-b d_c)/2 - logsig(-b d_r)/2 (NCA)
+- bco_pair     -logsig(b d_c - delta) - logsig(-(b d_r - delta))    (BCO; delta: see `bco_pair`)
+- sppo_hard    (d_c - 1/(2b))^2 + (d_r + 1/(2b))^2                  (SPPO, hard labels)
+- apo_zero     1 - sig(b d_c) + sig(b d_r)                           (APO-zero)
+- apo_down     sig(b d_c) + 1 - sig(b h)                             (APO-down)
+- discopop     (1 - m) (-logsig(b h)) + m exp(-b h), m = sig(b h / tau)  (DiscoPOP)
+- sigmoid_norm the sigmoid loss on token-averaged log-probs          (length-normalized DPO)
+- aot          sigmoid loss on sorted(pi_c - pi_r) - sorted(ref_c - ref_r)   (AOT, paired)
+- aot_unpaired sigmoid loss on sorted(d_c) - sorted(d_r)             (AOT, unpaired; TRL's "aot_pair")
+- sft          the chosen answer's NLL, a token mean per pair
+- simpo        -(1-e) logsig(b (a_c - a_r) - g) - e logsig(-(...)) on averages a (SimPO; g the margin)
+- orpo         -b logsig(log odds_c - log odds_r), odds = p / (1 - p), p = exp(a)   (ORPO's OR term)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -16,52 +41,227 @@ import torch.nn.functional as F
 
 @dataclass
 class PairLogps:
-    """Per-pair log-probs [n] of the chosen and rejected answers under policy and reference."""
+    """Per-pair log-probs [n] of the chosen and rejected answers under policy and reference.
+
+    The four log-probs are sums over answer tokens (length-desensitized under --ld-alpha);
+    `chosen_count` / `rejected_count` are the answer token counts that `averaged()` divides by.
+    """
 
     policy_chosen: torch.Tensor
     policy_rejected: torch.Tensor
     reference_chosen: torch.Tensor
     reference_rejected: torch.Tensor
+    chosen_count: torch.Tensor | None = None
+    rejected_count: torch.Tensor | None = None
+    chosen_nll: torch.Tensor | None = None
+    """Token-mean NLL of the chosen answer from raw (not length-desensitized) log-probs; default
+    -policy_chosen / chosen_count."""
 
     @property
     def logits(self) -> torch.Tensor:
         """The DPO margin h = (log pi_c - log pi_r) - (log ref_c - log ref_r)."""
         return (self.policy_chosen - self.policy_rejected) - (self.reference_chosen - self.reference_rejected)
 
+    @property
+    def chosen_logratios(self) -> torch.Tensor:
+        return self.policy_chosen - self.reference_chosen
+
+    @property
+    def rejected_logratios(self) -> torch.Tensor:
+        return self.policy_rejected - self.reference_rejected
+
+    def averaged(self) -> PairLogps:
+        """The same pairs with every log-prob divided by its answer's token count."""
+        if self.chosen_count is None or self.rejected_count is None:
+            raise ValueError("token-averaged losses need PairLogps.chosen_count and rejected_count")
+        c, r = self.chosen_count.clamp(min=1), self.rejected_count.clamp(min=1)
+        return replace(self, policy_chosen=self.policy_chosen / c, policy_rejected=self.policy_rejected / r,
+                       reference_chosen=self.reference_chosen / c, reference_rejected=self.reference_rejected / r,
+                       chosen_count=torch.ones_like(c), rejected_count=torch.ones_like(r),
+                       chosen_nll=self.nll())
+
+    def nll(self) -> torch.Tensor:
+        if self.chosen_nll is not None:
+            return self.chosen_nll
+        if self.chosen_count is None:
+            raise ValueError("the chosen NLL needs PairLogps.chosen_count")
+        return -self.policy_chosen / self.chosen_count.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The hyper-parameters a formula may read."""
+
+    beta: float = 0.1
+    """--dpo-beta (--simpo-beta for SimPO, --orpo-beta: ORPO's lambda)."""
+    label_smoothing: float = 0.0
+    """--dpo-label-smoothing: the label-noise rate e of cDPO / rDPO / EXO / AOT / SimPO."""
+    discopop_tau: float = 0.05
+    """--discopop-tau."""
+    simpo_gamma: float = 1.0
+    """--simpo-gamma: SimPO's target reward margin, in reward units (the paper's gamma)."""
+    bco_delta: float = 0.0
+    """BCO's reward shift: the running mean reward of the previous global batches."""
+
 
 @dataclass(frozen=True)
 class LossSpec:
-    formula: Callable[[PairLogps, float, float], torch.Tensor]
-    """(logps, beta, label_smoothing) -> loss per pair."""
+    formula: Callable[[PairLogps, LossParams], torch.Tensor]
+    """(logps, params) -> loss per pair."""
     average_logps: bool = False
-    """True when the loss is defined on token-averaged log-probs (IPO)."""
+    """True when the loss is defined on token-averaged log-probs."""
+    label_smoothing: bool = False
+    """True when the formula reads --dpo-label-smoothing."""
 
 
-def _sigmoid(logps: PairLogps, beta: float, label_smoothing: float) -> torch.Tensor:
+def _smoothed_sigmoid(x: torch.Tensor, e: float) -> torch.Tensor:
+    return -F.logsigmoid(x) * (1 - e) - F.logsigmoid(-x) * e
+
+
+def _sigmoid(logps: PairLogps, p: LossParams) -> torch.Tensor:
     """DPO (Rafailov et al. 2023); label smoothing gives conservative DPO (cDPO)."""
-    h = beta * logps.logits
-    return -F.logsigmoid(h) * (1 - label_smoothing) - F.logsigmoid(-h) * label_smoothing
+    return _smoothed_sigmoid(p.beta * logps.logits, p.label_smoothing)
 
 
-def _hinge(logps: PairLogps, beta: float, label_smoothing: float) -> torch.Tensor:
+def _hinge(logps: PairLogps, p: LossParams) -> torch.Tensor:
     """SLiC hinge loss on the margin."""
-    return torch.relu(1 - beta * logps.logits)
+    return torch.relu(1 - p.beta * logps.logits)
 
 
-def _ipo(logps: PairLogps, beta: float, label_smoothing: float) -> torch.Tensor:
+def _ipo(logps: PairLogps, p: LossParams) -> torch.Tensor:
     """IPO (Azar et al. 2023): squared distance of the averaged margin to 1 / (2 beta)."""
-    return (logps.logits - 1 / (2 * beta)) ** 2
+    return (logps.logits - 1 / (2 * p.beta)) ** 2
+
+
+def _robust(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """rDPO (Chowdhury et al. 2024): unbiased under a label flip rate e (--dpo-label-smoothing)."""
+    h, e = p.beta * logps.logits, p.label_smoothing
+    return (-F.logsigmoid(h) * (1 - e) + F.logsigmoid(-h) * e) / (1 - 2 * e)
+
+
+def _exo_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """EXO (Ji et al. 2024), pairwise: reverse KL to the smoothed label distribution; as in TRL the
+    label smoothing e defaults to 1e-3 when 0 (log e must be finite)."""
+    h, e = p.beta * logps.logits, p.label_smoothing or 1e-3
+    return torch.sigmoid(h) * (F.logsigmoid(h) - math.log(1 - e)) + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(e))
+
+
+def _nca_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """NCA (Chen et al. 2024), pairwise: absolute rewards, the chosen pushed up and both away from 0."""
+    c, r = p.beta * logps.chosen_logratios, p.beta * logps.rejected_logratios
+    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+
+
+def _bco_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """BCO (Jung et al. 2024), pairwise: each answer classified against the reward shift delta.
+
+    delta is the running mean of the mean reward (chosen and rejected) of the previous global
+    batches, 0 on the first (the reference value 1.242536 is delta = 0). TRL folds the current
+    batch into the mean before using it; here it is folded in after the step, from the
+    globally reduced rewards, so every rank and every micro-batch split uses the same delta.
+    """
+    c, r = p.beta * logps.chosen_logratios, p.beta * logps.rejected_logratios
+    return -F.logsigmoid(c - p.bco_delta) - F.logsigmoid(-(r - p.bco_delta))
+
+
+def _sppo_hard(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """SPPO (Wu et al. 2024) with hard win/lose labels: d_c -> 1/(2b) and d_r -> -1/(2b)."""
+    half = 1 / (2 * p.beta)
+    return (logps.chosen_logratios - half) ** 2 + (logps.rejected_logratios + half) ** 2
+
+
+def _apo_zero(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024): raise the chosen, lower the rejected (chosen better than the policy)."""
+    return 1 - torch.sigmoid(p.beta * logps.chosen_logratios) + torch.sigmoid(p.beta * logps.rejected_logratios)
+
+
+def _apo_down(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """APO-down: lower both, the rejected more (chosen worse than the policy)."""
+    return torch.sigmoid(p.beta * logps.chosen_logratios) + 1 - torch.sigmoid(p.beta * logps.logits)
+
+
+def _discopop(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """DiscoPOP (Chris Lu et al. 2024, eq. 5): logistic and exponential losses mixed by sig(b h / tau)."""
+    h = p.beta * logps.logits
+    mix = torch.sigmoid(h / p.discopop_tau)
+    return -F.logsigmoid(h) * (1 - mix) + torch.exp(-h) * mix
+
+
+def _aot(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """AOT (Melnyk et al. 2024), paired: the sigmoid loss on the sorted policy margins minus the sorted
+    reference margins. The sort runs over the pairs of one micro-batch on one rank (TRL sorts its
+    per-device batch), so the loss depends on --micro-batch-size; with one pair it is the sigmoid loss,
+    which validation rejects."""
+    policy = torch.sort(logps.policy_chosen - logps.policy_rejected, dim=0).values
+    reference = torch.sort(logps.reference_chosen - logps.reference_rejected, dim=0).values
+    return _smoothed_sigmoid(p.beta * (policy - reference), p.label_smoothing)
+
+
+def _aot_unpaired(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """AOT for unpaired data (TRL's "aot_pair"): chosen and rejected log-ratios sorted independently
+    within the micro-batch, then the sigmoid loss on their difference."""
+    chosen = torch.sort(logps.chosen_logratios, dim=0).values
+    rejected = torch.sort(logps.rejected_logratios, dim=0).values
+    return _smoothed_sigmoid(p.beta * (chosen - rejected), p.label_smoothing)
+
+
+def _sft(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """The chosen answer's NLL (token mean per pair): TRL's "sft" term of a multi-loss objective."""
+    return logps.nll()
+
+
+def _simpo(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """SimPO (Meng et al. 2024) on token-averaged policy log-probs a (no reference):
+    -logsig(b (a_c - a_r) - g). g is the paper's gamma (TRL's simpo_gamma; TRL writes the argument
+    as b ((a_c - a_r) - g / b), the same number)."""
+    margin = logps.policy_chosen - logps.policy_rejected
+    return _smoothed_sigmoid(p.beta * margin - p.simpo_gamma, p.label_smoothing)
+
+
+def log_odds(logps: PairLogps) -> torch.Tensor:
+    """ORPO's log odds ratio log(odds_c / odds_r), odds = p / (1 - p), p = exp(token-mean log-prob).
+    log(1 - p) is computed as log(-expm1(a)); a is clamped below 0 so a certain answer stays finite."""
+    a_c, a_r = (x.clamp(max=-1e-6) for x in (logps.policy_chosen, logps.policy_rejected))
+    return (a_c - a_r) - (torch.log(-torch.expm1(a_c)) - torch.log(-torch.expm1(a_r)))
+
+
+def _orpo(logps: PairLogps, p: LossParams) -> torch.Tensor:
+    """ORPO (Hong et al. 2024), its odds-ratio term -lambda logsig(log odds ratio); the objective adds
+    the chosen NLL with weight 1."""
+    return -p.beta * F.logsigmoid(log_odds(logps))
 
 
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_sigmoid),
+    "sigmoid": LossSpec(_sigmoid, label_smoothing=True),
     "hinge": LossSpec(_hinge),
     "ipo": LossSpec(_ipo, average_logps=True),
+    "robust": LossSpec(_robust, label_smoothing=True),
+    "exo_pair": LossSpec(_exo_pair, label_smoothing=True),
+    "nca_pair": LossSpec(_nca_pair),
+    "bco_pair": LossSpec(_bco_pair),
+    "sppo_hard": LossSpec(_sppo_hard),
+    "apo_zero": LossSpec(_apo_zero),
+    "apo_down": LossSpec(_apo_down),
+    "discopop": LossSpec(_discopop),
+    "sigmoid_norm": LossSpec(_sigmoid, average_logps=True, label_smoothing=True),
+    "aot": LossSpec(_aot, label_smoothing=True),
+    "aot_unpaired": LossSpec(_aot_unpaired, label_smoothing=True),
+    "sft": LossSpec(_sft),
+    "simpo": LossSpec(_simpo, average_logps=True, label_smoothing=True),
+    "orpo": LossSpec(_orpo, average_logps=True),
 }
 
+DPO_LOSS_TYPES = tuple(name for name in LOSSES if name not in ("simpo", "orpo"))
+"""--dpo-loss-type choices under --stage dpo."""
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+"""--dpo-loss-type choices under --stage cpo (TRL's CPOTrainer)."""
+SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
+"""Losses that sort over the pairs of a micro-batch."""
 
-def preference_loss(loss_type: str, logps: PairLogps, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    return LOSSES[loss_type].formula(logps, beta, label_smoothing)
+
+def preference_loss(loss_type: str, logps: PairLogps, params: LossParams) -> torch.Tensor:
+    spec = LOSSES[loss_type]
+    return spec.formula(logps.averaged() if spec.average_logps else logps, params)
 
 
 def rewards(logps: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,21 +10,28 @@ pair count, so the loss of a global batch does not depend on how it is split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import IGNORE_INDEX, vocab_parallel_logprobs, vocab_parallel_mean_logits
-from engine.dpo.losses import LOSSES, PairLogps, preference_loss, rewards
+from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
 
 
 @dataclass
 class SequenceLogps:
-    """Per-row answer log-probs of a micro-batch: `total` summed over answer tokens, `count` tokens."""
+    """Per-row answer log-probs of a micro-batch: `total` summed over answer tokens, `count` tokens.
+
+    Under --ld-alpha, `shared` is the sum over the first k answer tokens, k the length of the
+    shorter answer of the row's pair (LD-DPO's public length l_p).
+    """
 
     total: torch.Tensor
     count: torch.Tensor
+    shared: torch.Tensor | None = None
 
     def value(self, average: bool) -> torch.Tensor:
         return self.total / self.count.clamp(min=1) if average else self.total
@@ -34,23 +41,64 @@ class SequenceLogps:
         n = values.shape[0] // 2
         return values[:n], values[n:]
 
+    def desensitized(self, ld_alpha: float | None) -> torch.Tensor:
+        """LD-DPO (Liu et al. 2024): shared part + alpha x the excess over the shorter answer."""
+        if ld_alpha is None:
+            return self.total
+        return self.shared + ld_alpha * (self.total - self.shared)
+
+    def pack(self) -> torch.Tensor:
+        """[2 or 3, rows]: what the reference pass hands to the policy's loss."""
+        rows = [self.total, self.count.to(self.total.dtype)] + ([self.shared] if self.shared is not None else [])
+        return torch.stack([row.detach() for row in rows])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> SequenceLogps:
+        return cls(packed[0], packed[1], packed[2] if packed.shape[0] > 2 else None)
+
 
 class DPOObjective:
-    """Forward steps for the policy (with loss) and for the reference (log-probs only)."""
+    """Forward steps for the policy (with loss) and for the reference (log-probs only).
 
-    def __init__(self, loss_type: str, beta: float, label_smoothing: float, pref_ftx: float, vocab_size: int):
-        if loss_type not in LOSSES:
-            raise ValueError(f"--dpo-loss-type {loss_type!r} is not one of {', '.join(LOSSES)}")
-        self.loss_type = loss_type
-        self.beta = beta
-        self.label_smoothing = label_smoothing
-        self.pref_ftx = pref_ftx
+    One class for every stage: the stage and its losses are `PreferenceConfig.loss_terms`, a
+    weighted sum of registry losses, plus `nll_weight` x the chosen NLL (--rpo-alpha / --pref-ftx,
+    --cpo-alpha, ORPO's built-in NLL). Reference-free objectives get no reference log-probs
+    (None) and use zeros, which makes the DPO margin the policy's own margin (TRL's CPO/ORPO
+    definitions, and its reference_free DPO).
+    """
+
+    def __init__(self, preference: PreferenceConfig, vocab_size: int):
+        self.preference = preference
+        self.terms = preference.loss_terms
+        for _, name in self.terms:
+            if name not in LOSSES:
+                raise ValueError(f"--dpo-loss-type {name!r} is not one of {', '.join(LOSSES)}")
+        self.beta = preference.beta
+        self.ld_alpha = preference.ld_alpha
+        self.nll_weight = preference.nll_weight
         self.vocab_size = vocab_size
-        self.average_logps = LOSSES[loss_type].average_logps
+        self.reference_free = not preference.uses_reference
+        # Rewards (and the metrics on them) use averaged log-probs when every term does (IPO, SimPO, ORPO).
+        self.average_logps = all(LOSSES[name].average_logps for _, name in self.terms)
+        self.bco_delta, self.bco_steps = 0.0, 0
+
+    def params(self) -> LossParams:
+        pref = self.preference
+        return LossParams(beta=self.beta, label_smoothing=pref.dpo_label_smoothing,
+                          discopop_tau=pref.discopop_tau or 0.05, simpo_gamma=pref.simpo_gamma or 0.0,
+                          bco_delta=self.bco_delta)
 
     def sequence_logps(self, logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogps:
         token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
-        return SequenceLogps(token_logps.sum(dim=-1), (labels != IGNORE_INDEX).sum(dim=-1))
+        mask = labels != IGNORE_INDEX
+        logps = SequenceLogps(token_logps.sum(dim=-1), mask.sum(dim=-1))
+        if self.ld_alpha is not None:
+            # Rows are [chosen x n ; rejected x n]: row i and row i + n form a pair.
+            n = labels.shape[0] // 2
+            public = torch.minimum(logps.count[:n], logps.count[n:]).repeat(2)
+            position = mask.cumsum(dim=-1)  # 1-based index among the answer tokens
+            logps.shared = (token_logps * (position <= public.unsqueeze(-1))).sum(dim=-1)
+        return logps
 
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):
@@ -59,8 +107,7 @@ class DPOObjective:
         return output, partial(self._reference_logps, batch)
 
     def _reference_logps(self, batch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-        logps = self.sequence_logps(logits, batch.labels)
-        return torch.stack([logps.total.detach(), logps.count.to(logps.total.dtype)])
+        return self.sequence_logps(logits, batch.labels).pack()
 
     # Policy: forward, then the loss against the reference's log-probs.
     def policy_forward_step(self, data_iterator, model):
@@ -68,31 +115,44 @@ class DPOObjective:
         output = model(batch.tokens, batch.position_ids, None)
         return output, partial(self.loss_func, batch, reference)
 
-    def loss_func(self, batch, reference: torch.Tensor, logits: torch.Tensor):
+    def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None) -> PairLogps:
+        n = policy.total.shape[0] // 2
+        values = policy.desensitized(self.ld_alpha)
+        if reference is None:
+            if not self.reference_free:
+                raise ValueError("this objective needs reference log-probs")
+            ref_values = torch.zeros_like(values)
+        else:
+            ref_values = SequenceLogps.unpack(reference).desensitized(self.ld_alpha)
+        count = policy.count.to(values.dtype)
+        nll = -policy.total[:n] / count[:n].clamp(min=1)  # raw log-probs, never length-desensitized
+        return PairLogps(values[:n], values[n:], ref_values[:n], ref_values[n:], count[:n], count[n:], nll)
+
+    def loss_func(self, batch, reference: torch.Tensor | None, logits: torch.Tensor):
         n = batch.num_pairs
         policy = self.sequence_logps(logits, batch.labels)
-        ref = SequenceLogps(reference[0], reference[1])
-        pc, pr = policy.halves(self.average_logps)
-        rc, rr = ref.halves(self.average_logps)
-        pair_logps = PairLogps(pc, pr, rc, rr)
-        losses = preference_loss(self.loss_type, pair_logps, self.beta, self.label_smoothing)
-        metrics = self._metrics(batch, logits, policy, pair_logps, losses)
-        if self.pref_ftx > 0:
-            # Chosen-answer NLL, a token mean per pair, averaged over pairs with the DPO loss.
-            nll = -policy.total[:n] / policy.count[:n].clamp(min=1)
-            losses = losses + self.pref_ftx * nll
+        pair_logps = self.pair_logps(policy, reference)
+        params = self.params()
+        losses = sum(weight * preference_loss(name, pair_logps, params) for weight, name in self.terms)
+        metrics = self._metrics(batch, logits, policy, pair_logps)
+        nll = pair_logps.nll()
+        if self.nll_weight > 0:
+            # Chosen-answer NLL, a token mean per pair, averaged over pairs with the preference loss.
+            losses = losses + self.nll_weight * nll
+        if self.nll_weight > 0 or self.preference.stage != "dpo" or any(t == "sft" for _, t in self.terms):
             metrics["nll_loss"] = _mean_pair(nll.detach(), n)
         total = losses.sum()
         metrics["loss"] = torch.stack([total.detach(), torch.tensor(float(n), dtype=total.dtype)])
         return total, torch.tensor(n, dtype=torch.int), metrics
 
-    def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps, losses) -> dict:
+    def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps) -> dict:
         n = batch.num_pairs
-        chosen_rewards, rejected_rewards = rewards(pair_logps, self.beta)
+        reward_logps = pair_logps.averaged() if self.average_logps else pair_logps
+        chosen_rewards, rejected_rewards = rewards(reward_logps, self.beta)
         mask = batch.labels != IGNORE_INDEX
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
         totals = policy.total.detach()
-        return {
+        metrics = {
             "rewards/chosen": _mean_pair(chosen_rewards, n),
             "rewards/rejected": _mean_pair(rejected_rewards, n),
             "rewards/accuracies": _mean_pair((chosen_rewards > rejected_rewards).float(), n),
@@ -102,6 +162,29 @@ class DPOObjective:
             "logits/chosen": torch.stack([mean_logits[:n].sum(), mask[:n].sum().float()]),
             "logits/rejected": torch.stack([mean_logits[n:].sum(), mask[n:].sum().float()]),
         }
+        if self.preference.stage == "orpo":
+            # TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio.
+            odds = log_odds(pair_logps.averaged()).detach()
+            metrics["log_odds_ratio"] = _mean_pair(torch.nn.functional.logsigmoid(odds), n)
+            metrics["log_odds_chosen"] = _mean_pair(odds, n)
+        return metrics
+
+    # BCO's reward shift: state carried across steps (and checkpoints).
+    def observe_step(self, metrics: dict[str, float]) -> None:
+        """Fold a finished training step's global mean reward into BCO's running mean delta."""
+        if not any(name == "bco_pair" for _, name in self.terms) or "rewards/chosen" not in metrics:
+            return
+        mean_reward = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2
+        if math.isfinite(mean_reward):  # a skipped (non-finite) step does not poison delta
+            self.bco_steps += 1
+            self.bco_delta += (mean_reward - self.bco_delta) / self.bco_steps
+
+    def state_dict(self) -> dict:
+        return {"bco_delta": self.bco_delta, "bco_steps": self.bco_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bco_delta = float(state.get("bco_delta", 0.0))
+        self.bco_steps = int(state.get("bco_steps", 0))
 
 
 def _mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:

@@ -23,8 +23,9 @@ class ReferencePolicy:
 
     @torch.no_grad()
     def logps(self, micro_batches: list) -> list[torch.Tensor | None]:
-        """Per micro-batch a [2, rows] tensor (answer log-prob sum, answer token count) on the
-        last pipeline stage; None on other stages."""
+        """Per micro-batch a packed `SequenceLogps` on the last pipeline stage: a [2, rows] tensor
+        (answer log-prob sum, answer token count), with a third row under --ld-alpha (the sum over
+        the pair's shared length); None on other stages."""
         items = [(batch, None) for batch in micro_batches]
         collected = get_forward_backward_func()(
             forward_step_func=self.objective.reference_forward_step,

@@ -48,7 +48,7 @@ class ReferenceSource:
 class DPOTrainer:
     config: EngineConfig
     model: list[torch.nn.Module]
-    reference: ReferencePolicy
+    reference: ReferencePolicy | None
     objective: DPOObjective
     state: TrainState
 
@@ -72,9 +72,7 @@ class DPOTrainer:
         )
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
-        pref = config.preference
-        self.objective = DPOObjective(pref.dpo_loss_type, pref.dpo_beta, pref.dpo_label_smoothing, pref.pref_ftx,
-                                      config.model.vocab_size or config.padded_vocab_size)
+        self.objective = DPOObjective(config.preference, config.model.vocab_size or config.padded_vocab_size)
         self.checkpointer = Checkpointer(config)
         self.model = build_trainable_model(config, self.platform)
         self._log_parameters()
@@ -89,12 +87,17 @@ class DPOTrainer:
             self.state = self.checkpointer.restore_training_state(
                 loaded_iteration, rank_state, self.optimizer, self.scheduler
             )
+            self.objective.load_state_dict(rank_state.get("objective", {}))
         self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0)
         self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
         self._log_start(loaded_iteration, resuming)
 
-    def _build_reference(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferencePolicy:
-        """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint."""
+    def _build_reference(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferencePolicy | None:
+        """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint;
+        None for reference-free objectives (SimPO, ORPO, CPO, --reference-free), which build no reference."""
+        if not self.config.preference.uses_reference:
+            self.reference_source = None
+            return None
         if self.config.lora.enabled:
             # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
             load = self.config.checkpoint.load
@@ -132,13 +135,12 @@ class DPOTrainer:
     def _log_start(self, loaded_iteration: int, resuming: bool) -> None:
         if dist.get_rank() != 0:
             return
-        pref, train = self.config.preference, self.config.training
+        pref, train, source = self.config.preference, self.config.training, self.reference_source
         logger.info(
-            "DPO: loss %s, beta %g, label smoothing %g, pref-ftx %g | policy %s iteration %d (%s) | reference %s "
-            "iteration %d | %d train pairs, global batch %d = %d micro-batches x %d x DP %d",
-            pref.dpo_loss_type, pref.dpo_beta, pref.dpo_label_smoothing, pref.pref_ftx,
-            self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
-            self.reference_source.root, self.reference_source.iteration, len(self.datasets["train"]),
+            "objective %s | policy %s iteration %d (%s) | reference %s | %d train pairs, "
+            "global batch %d = %d micro-batches x %d x DP %d",
+            pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
+            f"{source.root} iteration {source.iteration}" if source else "none", len(self.datasets["train"]),
             train.global_batch_size, self.num_microbatches, train.micro_batch_size, self.dp_size,
         )
 
@@ -163,6 +165,8 @@ class DPOTrainer:
         return [collate_pairs(micro, self._pad_multiple()) for micro in samples], lengths
 
     def _with_reference(self, micro_batches: list) -> list:
+        if self.reference is None:
+            return [(batch, None) for batch in micro_batches]
         return list(zip(micro_batches, self.reference.logps(micro_batches)))
 
     def _iterators(self, items: list) -> list:
@@ -183,6 +187,7 @@ class DPOTrainer:
             )
             self.state.iteration += 1
             self.state.consumed_train_samples += train.global_batch_size
+            self.objective.observe_step(result.metrics)
             elapsed = time.perf_counter() - start
             if self.state.iteration % self.config.logging.log_interval == 0:
                 self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
@@ -209,7 +214,7 @@ class DPOTrainer:
 
     def _global_work(self, lengths: list[int]) -> tuple[float, float]:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
-        passes = 4  # policy forward + backward (3) and the reference forward (1)
+        passes = 4 if self.reference is not None else 3  # policy forward + backward (3), reference forward (1)
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -241,8 +246,10 @@ class DPOTrainer:
     def save(self) -> None:
         self.checkpointer.save(
             self.state.iteration, self.model, self.optimizer, self.scheduler, self.state,
-            extra={"reference": {"root": str(Path(self.reference_source.root).resolve()),
-                                 "iteration": self.reference_source.iteration}},
+            extra={"objective": self.objective.state_dict(),
+                   **({"reference": {"root": str(Path(self.reference_source.root).resolve()),
+                                     "iteration": self.reference_source.iteration}}
+                      if self.reference_source is not None else {})},
         )
 
     def close(self) -> None:

@@ -80,3 +80,78 @@ def test_unknown_flags_and_config_errors_exit_with_usage(capsys):
 
 def test_megatron_lm_rope_scaling_spelling():
     assert config("--use-rope-scaling").model.rope_scaling_type == "llama3"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("--stage kto", r"invalid choice: 'kto'"),
+        ("--discopop-tau 0.1", r"--discopop-tau needs --dpo-loss-type discopop"),
+        ("--simpo-gamma 0.5", r"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
+                              r"not to --stage dpo"),
+        ("--stage cpo --simpo-gamma 0.5", r"not to --stage cpo --dpo-loss-type sigmoid"),
+        ("--stage simpo --ref-model ref", r"--ref-model does not apply: --stage simpo builds no reference model"),
+        ("--reference-free --refer-model-iter 2", r"--refer-model-iter does not apply: --reference-free"),
+        ("--dpo-loss-type sigmoid sft --dpo-loss-weights 1", r"--dpo-loss-weights has 1 values for 2 --dpo-loss-type"),
+        ("--stage cpo --dpo-loss-weights 0.5", r"--dpo-loss-weights does not apply to --stage cpo"),
+        ("--stage orpo --dpo-beta 0.2", r"--dpo-beta does not apply to --stage orpo"),
+        ("--stage simpo --dpo-loss-type sigmoid", r"--dpo-loss-type does not apply to --stage simpo"),
+        ("--stage cpo --dpo-loss-type robust", r"--dpo-loss-type robust does not apply to --stage cpo"),
+        ("--stage cpo --dpo-loss-type sigmoid hinge", r"--stage cpo takes one --dpo-loss-type"),
+        ("--dpo-loss-type simpo", r"--dpo-loss-type simpo does not apply to --stage dpo"),
+        ("--dpo-loss-type hinge --dpo-label-smoothing 0.1", r"--dpo-label-smoothing applies to the losses sigmoid, "
+                                                            r"robust, .*; not to --stage dpo --dpo-loss-type hinge"),
+        ("--stage orpo --dpo-label-smoothing 0.1", r"not to --stage orpo"),
+        ("--simpo-beta 2", r"--simpo-beta does not apply to --stage dpo"),
+        ("--orpo-beta 0.2", r"--orpo-beta does not apply to --stage dpo"),
+        ("--cpo-alpha 1", r"--cpo-alpha does not apply to --stage dpo"),
+        ("--stage cpo --rpo-alpha 1", r"--rpo-alpha does not apply to --stage cpo"),
+        ("--stage orpo --pref-ftx 0.1", r"--pref-ftx does not apply to --stage orpo"),
+        ("--stage simpo --reference-free", r"--reference-free: --stage simpo is reference-free already"),
+        ("--stage simpo --ld-alpha 0.5", r"--ld-alpha does not apply to --stage simpo"),
+        ("--dpo-loss-type ipo --ld-alpha 0.5", r"--dpo-loss-type ipo already normalizes by length"),
+        ("--ld-alpha 1.5", r"--ld-alpha must be in \[0, 1\]"),
+        ("--rpo-alpha 1 --pref-ftx 1", r"--rpo-alpha and --pref-ftx both weight the chosen NLL"),
+        ("--dpo-loss-type sigmoid sigmoid", r"names a loss twice"),
+    ],
+)
+def test_preference_flags_that_do_not_apply_are_rejected(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(TINY + extra.split(), world_size=1)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_aot_needs_pairs_to_sort():
+    with pytest.raises(ConfigError, match=r"--dpo-loss-type aot sorts .* use --micro-batch-size >= 2"):
+        validate(config("--dpo-loss-type aot"), world_size=1)
+    validate(config("--dpo-loss-type aot_unpaired --micro-batch-size 2"), world_size=1)
+
+
+@pytest.mark.parametrize(
+    "extra, described, reference",
+    [
+        ("", "dpo: loss = sigmoid | --dpo-beta 0.1, --dpo-label-smoothing 0, reference model", True),
+        ("--dpo-loss-type sigmoid sft --dpo-loss-weights 0.7 0.3 --ld-alpha 0.5",
+         "dpo: loss = 0.7*sigmoid + 0.3*sft | --dpo-beta 0.1, --dpo-label-smoothing 0, --ld-alpha 0.5", True),
+        ("--dpo-loss-type discopop --reference-free --rpo-alpha 0.2",
+         "dpo: loss = discopop + 0.2*nll | --dpo-beta 0.1, --discopop-tau 0.05, reference-free", False),
+        ("--stage simpo", "simpo: loss = simpo | --simpo-beta 2, --dpo-label-smoothing 0, --simpo-gamma 1", False),
+        ("--stage orpo --orpo-beta 0.25", "orpo: loss = orpo + 1*nll | --orpo-beta 0.25", False),
+        ("--stage cpo --dpo-loss-type simpo --simpo-gamma 0.5",
+         "cpo: loss = simpo + 1*nll | --dpo-beta 0.1, --dpo-label-smoothing 0, --simpo-gamma 0.5", False),
+    ],
+)
+def test_preference_defaults_and_the_objective_description(extra, described, reference):
+    pref = config(extra).preference
+    assert pref.describe().startswith(described)
+    assert pref.uses_reference is reference
+    assert (pref.refer_model_iter == 1) is reference
+
+
+def test_stage_defaults():
+    simpo, orpo, cpo = (config(f"--stage {s}").preference for s in ("simpo", "orpo", "cpo"))
+    assert (simpo.simpo_beta, simpo.simpo_gamma, simpo.cpo_alpha, simpo.beta, simpo.nll_weight) == (2.0, 1.0, 0.0, 2.0, 0.0)
+    assert (orpo.orpo_beta, orpo.beta, orpo.nll_weight, orpo.loss_terms) == (0.1, 0.1, 1.0, [(1.0, "orpo")])
+    assert (cpo.dpo_beta, cpo.cpo_alpha, cpo.loss_terms, cpo.simpo_gamma) == (0.1, 1.0, [(1.0, "sigmoid")], None)
+    dpo = config("--dpo-loss-type robust apo_zero --dpo-loss-weights 0.5 2 --dpo-label-smoothing 0.1").preference
+    assert dpo.loss_terms == [(0.5, "robust"), (2.0, "apo_zero")] and dpo.nll_weight == 0.0
