@@ -25,17 +25,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plain_config(config), indent=1, default=str))
         return 0
 
-    from engine.training.checkpoint_layout import CheckpointError
     from engine.data.readers import DataError
-    from engine.training.trainer import DPOTrainer
+    from engine.training.checkpoint_layout import CheckpointError
+    from engine.training.run_lock import SaveDirLockedError
+    from engine.training.trainer import DPOTrainer, TrainingDivergedError
 
     try:
         trainer = DPOTrainer(config)
-    except (ValueError, CheckpointError, DataError) as err:
+    except (ValueError, CheckpointError, DataError, SaveDirLockedError) as err:
         print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
         return 2
     try:
         trainer.train()
+    except TrainingDivergedError as err:
+        print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
     return 0

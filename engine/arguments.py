@@ -181,6 +181,12 @@ class ParallelConfig:
     """--distributed-backend: nccl or gloo; default nccl on CUDA, gloo on CPU."""
     distributed_timeout_minutes: int = 10
     """--distributed-timeout-minutes."""
+    recompute_granularity: str | None = None
+    """--recompute-granularity: full (whole layers) or selective (core attention) activation recomputation."""
+    recompute_method: str | None = None
+    """--recompute-method (full only): uniform (every N layers as a group) or block (the first N per stage)."""
+    recompute_num_layers: int | None = None
+    """--recompute-num-layers (full only): N for --recompute-method."""
 
     def __post_init__(self) -> None:
         _require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
@@ -198,6 +204,20 @@ class ParallelConfig:
             "--overlap-param-gather needs --use-distributed-optimizer",
         )
         _require(self.distributed_backend in (None, "nccl", "gloo"), "--distributed-backend must be nccl or gloo")
+        _require(
+            self.recompute_granularity in (None, "full", "selective"),
+            "--recompute-granularity must be full or selective",
+        )
+        if self.recompute_granularity == "full":
+            _require(
+                self.recompute_method in ("uniform", "block") and (self.recompute_num_layers or 0) >= 1,
+                "--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers >= 1",
+            )
+        else:
+            _require(
+                self.recompute_method is None and self.recompute_num_layers is None,
+                "--recompute-method and --recompute-num-layers apply to --recompute-granularity full only",
+            )
 
     @property
     def model_parallel_size(self) -> int:
@@ -267,11 +287,27 @@ class TrainingConfig:
     """--eval-interval: iterations between evaluations on the valid split (None: never)."""
     eval_iters: int = 10
     """--eval-iters: global batches per evaluation."""
+    max_skipped_iters: int = 10
+    """--max-skipped-iters: stop after this many consecutive updates skipped for a non-finite loss or grad norm."""
+    check_for_nan_in_loss_and_grad: bool = False
+    """--check-for-nan-in-loss-and-grad: megatron's DDP raises on NaN gradients (instead of skipping)."""
+    exit_signal_handler: bool = False
+    """--exit-signal-handler: on SIGTERM/SIGINT, save a checkpoint at the next iteration and exit 0."""
+    exit_interval: int | None = None
+    """--exit-interval: save and exit when the iteration is a multiple of this."""
+    exit_duration_in_mins: float | None = None
+    """--exit-duration-in-mins: save and exit once the run has lasted this long."""
 
     def __post_init__(self) -> None:
         _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
         _require(self.eval_interval is None or self.eval_interval >= 1, "--eval-interval must be >= 1")
         _require(self.eval_iters >= 1, "--eval-iters must be >= 1")
+        _require(self.max_skipped_iters >= 1, "--max-skipped-iters must be >= 1")
+        _require(self.exit_interval is None or self.exit_interval >= 1, "--exit-interval must be >= 1")
+        _require(
+            self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
+            "--exit-duration-in-mins must be > 0",
+        )
         _require(self.train_iters is None or self.train_iters >= 1, "--train-iters must be >= 1")
         _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
@@ -713,6 +749,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
 
 
 def _add_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -744,6 +783,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--max-skipped-iters", type=int, default=10)
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true")
+    g.add_argument("--exit-signal-handler", action="store_true")
+    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-duration-in-mins", type=float)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,9 @@ def transformer_config(config: EngineConfig, platform: Platform) -> TransformerC
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_size,
         sequence_parallel=par.sequence_parallel,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
         params_dtype=prec.params_dtype,
         pipeline_dtype=prec.params_dtype,
         bf16=prec.bf16,
@@ -138,6 +141,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], config: EngineConfig) -> list[Distri
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
+        check_for_nan_in_grad=config.training.check_for_nan_in_loss_and_grad,
     )
     return [
         DistributedDataParallel(

@@ -28,6 +28,7 @@ from engine.model.provider import unwrap_model
 from engine.training.checkpoint_layout import (
     CHECKPOINT_VERSION,
     CheckpointError,
+    incomplete_checkpoints,
     iteration_dir_name,
     load_rank_state,
     publish,
@@ -55,6 +56,8 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    """Updates skipped for a non-finite loss or gradient norm, over the whole run."""
 
 
 def _rank_coordinates() -> tuple[int, int, int]:
@@ -186,8 +189,9 @@ class Checkpointer:
             return None
         tp_rank, pp_rank, pp_size = _rank_coordinates()
         dp_group = parallel_state.get_data_parallel_group()
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging_dir(root, iteration), ignore_errors=True)
+        if dist.get_rank() == 0:  # the save lock makes every leftover one of an interrupted save
+            for leftover in incomplete_checkpoints(root):
+                shutil.rmtree(leftover, ignore_errors=True)
         dist.barrier()
         rng_states = [None] * dist.get_world_size(dp_group)
         dist.all_gather_object(rng_states, _rng_state(), group=dp_group)
@@ -228,6 +232,8 @@ class Checkpointer:
         a converted checkpoint (iteration 1, weights only) starts a fresh run.
         """
         root = self.checkpoint.load
+        for leftover in incomplete_checkpoints(root):
+            logger.warning("ignoring %s: a save that was interrupted before it was published", leftover)
         latest = read_tracker(root)
         if latest is None:
             raise CheckpointError(f"--load {root}: no latest_checkpointed_iteration.txt there")

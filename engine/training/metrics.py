@@ -54,15 +54,17 @@ def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int) -
 class MetricsLogger:
     """Writes each logged step to the console, `SAVE/metrics.jsonl` and TensorBoard (global rank 0 only)."""
 
-    def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool):
+    def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool, start_iteration: int = 0):
         self.enabled = enabled
         self.jsonl = None
         self.tensorboard = None
         if not enabled:
             return
         if save_dir is not None:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(save_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            path = Path(save_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_rows_after(path, start_iteration)
+            self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -87,6 +89,18 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _drop_rows_after(path: Path, iteration: int) -> None:
+    """A run that stopped after its last checkpoint logged steps that a resume repeats: drop them."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    if len(kept) != len(lines):
+        logger.info("%s: dropped %d rows after iteration %d (logged after the last checkpoint)",
+                    path, len(lines) - len(kept), iteration)
+        path.write_text("".join(kept), encoding="utf-8")
 
 
 def _format(value) -> str:

@@ -9,6 +9,7 @@ it is split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -16,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -29,7 +31,8 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
     grad_norm: float | None = None
     update_successful: bool = True
-    num_zeros_in_grad: int | None = None
+    skipped_nonfinite: bool = False
+    """The update was skipped because the loss or the gradient norm was NaN or infinite."""
     learning_rate: float | None = None
     """The rate this update used (the scheduler has already moved on to the next one)."""
 
@@ -74,6 +77,29 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]
     return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
 
 
+def guarded_optimizer_step(optimizer: MegatronOptimizer, loss_is_finite: bool) -> tuple[bool, float | None]:
+    """megatron's optimizer step, except that a non-finite loss or gradient norm skips the update.
+
+    megatron's bf16/fp32 optimizers step on whatever the gradients hold; a NaN norm would turn
+    the clip coefficient, and then every weight, into NaN. The norm is computed first (it is
+    all-reduced over the ranks that share it, so every rank takes the same decision), and the
+    update is applied only when it and the loss are finite. Returns (updated, grad norm).
+    """
+    if optimizer.prepare_grads():  # fp16 loss-scale overflow: the scaler already backed off
+        return False, None
+    grad_norm = optimizer.get_grad_norm()
+    if not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        parameters = inner.get_parameters()
+        if parameters and inner.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
 def train_step(
     forward_step: Callable,
     data_iterator: Iterator | list[Iterator],
@@ -96,14 +122,16 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    metrics = reduce_metrics(collected)
     learning_rate = optimizer.param_groups[0]["lr"]
-    update_successful, grad_norm, num_zeros = optimizer.step()
+    loss_is_finite = all(math.isfinite(value) for value in metrics.values())
+    update_successful, grad_norm = guarded_optimizer_step(optimizer, loss_is_finite)
     if update_successful and scheduler is not None:
         scheduler.step(increment=1)
     return StepResult(
-        metrics=reduce_metrics(collected),
+        metrics=metrics,
         grad_norm=grad_norm,
         update_successful=update_successful,
-        num_zeros_in_grad=num_zeros,
+        skipped_nonfinite=not update_successful and (not loss_is_finite or grad_norm is not None),
         learning_rate=learning_rate,
     )

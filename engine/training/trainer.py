@@ -32,9 +32,15 @@ from engine.training.checkpoint_layout import CheckpointError, iteration_dir_nam
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
 from engine.training.optimizer import build_optimizer, build_scheduler
+from engine.training.exit_conditions import ExitConditions
+from engine.training.run_lock import SaveDirLock
 from engine.training.step import prepare_model_config, reduce_metrics, train_step
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive non-finite steps: continuing would train on garbage."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class DPOTrainer:
         if config.training.train_iters is None:
             raise ValueError("pretrain_dpo.py needs --train-iters")
         self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
+        self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
+        if self.save_lock is not None:
+            self.save_lock.acquire()
         set_random_seeds(config.training.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -88,7 +97,10 @@ class DPOTrainer:
                 loaded_iteration, rank_state, self.optimizer, self.scheduler
             )
             self.objective.load_state_dict(rank_state.get("objective", {}))
-        self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0)
+        self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0,
+                                     start_iteration=self.state.iteration)
+        self.exit_conditions = ExitConditions(config.training)
+        self.skipped_in_a_row = 0
         self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
         self._log_start(loaded_iteration, resuming)
 
@@ -178,7 +190,8 @@ class DPOTrainer:
         batches = iter(self._sampler("train", self.state.consumed_train_samples))
         while self.state.iteration < train.train_iters:
             start = time.perf_counter()
-            micro_batches, lengths = self._micro_batches("train", next(batches))
+            indices = next(batches)
+            micro_batches, lengths = self._micro_batches("train", indices)
             items = self._with_reference(micro_batches)
             result = train_step(
                 self.objective.policy_forward_step, self._iterators(items), self.model, self.optimizer,
@@ -188,16 +201,50 @@ class DPOTrainer:
             self.state.iteration += 1
             self.state.consumed_train_samples += train.global_batch_size
             self.objective.observe_step(result.metrics)
+            self._account_for_skips(result, indices)
             elapsed = time.perf_counter() - start
             if self.state.iteration % self.config.logging.log_interval == 0:
                 self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
             if train.eval_interval and self.state.iteration % train.eval_interval == 0:
                 self.evaluate()
-            if ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0:
+            saved = bool(ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0)
+            if saved:
                 self.save()
+            reason = self.exit_conditions.check(self.state.iteration)
+            if reason is not None:
+                if ckpt.save is not None and not saved:
+                    self.save()
+                logger.info("stopping after iteration %d: %s", self.state.iteration, reason)
+                return self.state
         if ckpt.save is not None and not (ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0):
             self.save()
         return self.state
+
+    def _account_for_skips(self, result, indices: list[list[int]]) -> None:
+        """Counts updates skipped for non-finite values, names the pairs involved, and stops a run
+        that keeps diverging (--max-skipped-iters in a row)."""
+        if not result.skipped_nonfinite:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        self.state.skipped_iterations += 1
+        pairs = [None] * self.dp_size
+        dist.all_gather_object(pairs, [i for micro in indices for i in micro],
+                               group=parallel_state.get_data_parallel_group())
+        if dist.get_rank() == 0:
+            logger.warning(
+                "iteration %d: update skipped, loss %s, grad norm %s (%d in a row, %d in this run); "
+                "train pairs of the batch: %s", self.state.iteration, result.metrics.get("loss"),
+                result.grad_norm, self.skipped_in_a_row, self.state.skipped_iterations,
+                sorted(i for rank in pairs for i in rank),
+            )
+        if self.skipped_in_a_row >= self.config.training.max_skipped_iters:
+            raise TrainingDivergedError(
+                f"{self.skipped_in_a_row} consecutive updates skipped for a non-finite loss or gradient norm "
+                f"(--max-skipped-iters {self.config.training.max_skipped_iters}); last good weights are those "
+                f"of iteration {self.state.iteration - self.skipped_in_a_row}: lower --lr, check the data "
+                "pairs named above, or resume from the last checkpoint"
+            )
 
     def _step_scalars(self, result, lengths: list[int], elapsed: float) -> dict[str, float]:
         tokens, flops = self._global_work(lengths)
@@ -205,7 +252,8 @@ class DPOTrainer:
         scalars = {"consumed_pairs": self.state.consumed_train_samples, **result.metrics,
                    "grad_norm": result.grad_norm, "lr": result.learning_rate,
                    "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                   "tflops_per_device": flops / elapsed / world / 1e12}
+                   "tflops_per_device": flops / elapsed / world / 1e12,
+                   "peak_memory_gib": self.platform.peak_memory_bytes() / 2**30}
         if self.peak_tflops is not None:
             scalars["mfu"] = scalars["tflops_per_device"] / self.peak_tflops
         if not result.update_successful:
@@ -244,6 +292,13 @@ class DPOTrainer:
         return scalars
 
     def save(self) -> None:
+        source = self.reference_source
+        if source is not None and source.iteration == self.state.iteration and \
+                Path(source.root).resolve() == Path(self.config.checkpoint.save).resolve():
+            # Training inside the converted checkpoint's directory: iteration 1 there is the reference.
+            logger.warning("not saving iteration %d: it would replace the reference checkpoint %s",
+                           self.state.iteration, Path(source.root) / iteration_dir_name(source.iteration))
+            return
         self.checkpointer.save(
             self.state.iteration, self.model, self.optimizer, self.scheduler, self.state,
             extra={"objective": self.objective.state_dict(),
@@ -254,4 +309,7 @@ class DPOTrainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.exit_conditions.close()
+        if self.save_lock is not None:
+            self.save_lock.release()
         destroy_distributed()

@@ -73,3 +73,8 @@ def test_train_step_agrees_between_tp1pp1dp1_and_tp2pp2dp2_sp(tmp_path):
     interleaved = [o for o in run_ranks(lm_train_steps, 2, common + vpp, path, samples, 3) if o][0]
     assert interleaved[0] == pytest.approx(loss1, rel=1e-5, abs=1e-6)
     assert interleaved[1] == pytest.approx(norm1, rel=1e-5)
+    # Activation recomputation changes memory, not numerics.
+    for recompute in ("--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+                      "--recompute-granularity selective"):
+        again = [o for o in run_ranks(lm_train_steps, 1, common + recompute.split(), path, samples, 3) if o][0]
+        assert again == (loss1, norm1), recompute
