@@ -411,6 +411,8 @@ class PreferenceConfig:
     """--ref-model: checkpoint directory of the reference policy (default: --load's)."""
     refer_model_iter: int | None = None
     """--refer-model-iter: iteration of the reference checkpoint used when resuming (default 1)."""
+    precompute_ref_logps: bool = False
+    """--precompute-ref-logps: one reference pass over the data, cached; training then holds no reference."""
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, f"--stage {self.stage!r}: supported stages are: {', '.join(STAGES)}")
@@ -486,6 +488,8 @@ class PreferenceConfig:
             for name in ("ref_model", "refer_model_iter"):
                 _require(getattr(self, name) is None,
                          f"--{name.replace('_', '-')} does not apply: {why} builds no reference model")
+            _require(not self.precompute_ref_logps,
+                     f"--precompute-ref-logps does not apply: {why} builds no reference model")
         elif self.refer_model_iter is None:
             self.refer_model_iter = 1
         _require(self.refer_model_iter is None or self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
@@ -838,6 +842,7 @@ def _add_preference_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--orpo-beta", type=float, help="ORPO's lambda, default 0.1 (--stage orpo)")
     g.add_argument("--ref-model")
     g.add_argument("--refer-model-iter", type=int, help="default 1")
+    g.add_argument("--precompute-ref-logps", action="store_true")
 
 
 def _add_lora_args(parser: argparse.ArgumentParser) -> None:

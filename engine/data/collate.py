@@ -22,6 +22,9 @@ class PairBatch:
     position_ids: torch.Tensor
     """int64 [2n, L] ``arange(L)`` per row."""
     num_pairs: int
+    pair_indices: list[int] | None = None
+    """Dataset indices of the n pairs (set by the trainer), for per-pair lookups such as cached
+    reference log-probs."""
 
     @property
     def loss_mask(self) -> torch.Tensor:

@@ -22,7 +22,7 @@ class ReferencePolicy:
         self.iterator_copies = virtual_pipeline_size or 1
 
     @torch.no_grad()
-    def logps(self, micro_batches: list) -> list[torch.Tensor | None]:
+    def logps(self, micro_batches: list, split: str | None = None) -> list[torch.Tensor | None]:
         """Per micro-batch a packed `SequenceLogps` on the last pipeline stage: a [2, rows] tensor
         (answer log-prob sum, answer token count), with a third row under --ld-alpha (the sum over
         the pair's shared length); None on other stages."""
@@ -50,7 +50,7 @@ class AdapterOffReference(ReferencePolicy):
     """
 
     @torch.no_grad()
-    def logps(self, micro_batches: list) -> list[torch.Tensor | None]:
+    def logps(self, micro_batches: list, split: str | None = None) -> list[torch.Tensor | None]:
         from engine.model.lora import adapters_disabled
 
         modes = [chunk.training for chunk in self.chunks]
@@ -58,7 +58,7 @@ class AdapterOffReference(ReferencePolicy):
             chunk.eval()
         try:
             with adapters_disabled(self.chunks):
-                return super().logps(micro_batches)
+                return super().logps(micro_batches, split)
         finally:
             for chunk, mode in zip(self.chunks, modes):
                 chunk.train(mode)

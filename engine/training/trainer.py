@@ -21,10 +21,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.arguments import EngineConfig
 from engine.data.collate import collate_pairs
-from engine.data.dataset import build_pairwise_datasets
+from engine.data.dataset import build_pairwise_datasets, parse_data_path
 from engine.data.sampler import PairwiseBatchSampler
 from engine.dpo.objective import DPOObjective
 from engine.dpo.reference import AdapterOffReference, ReferencePolicy
+from engine.dpo.reference_cache import CachedReference
+from engine.dpo.reference_cache import cache_path as reference_cache_path
+from engine.dpo.reference_cache import fingerprint as reference_fingerprint
+from engine.dpo.reference_cache import load_or_compute as load_or_compute_reference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
@@ -114,11 +118,35 @@ class DPOTrainer:
             # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
             load = self.config.checkpoint.load
             self.reference_source = ReferenceSource(load, read_tracker(load))
-            return AdapterOffReference(self.model, self.objective, self.config.virtual_pipeline_size)
-        self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
+            live = lambda: AdapterOffReference(self.model, self.objective, self.config.virtual_pipeline_size)  # noqa: E731
+        else:
+            self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
+            live = self._frozen_reference
+        if not self.config.preference.precompute_ref_logps:
+            return live()
+        return self._cached_reference(live)
+
+    def _frozen_reference(self) -> ReferencePolicy:
         chunks = build_frozen_model(self.config, self.platform)
         load_model_weights(chunks, self.reference_source.root, self.reference_source.iteration, self.config)
         return ReferencePolicy(chunks, self.objective, self.config.virtual_pipeline_size)
+
+    def _cached_reference(self, build_reference) -> CachedReference:
+        """--precompute-ref-logps: the reference's log-probs for every pair, from the cache or one pass."""
+        config = self.config
+        prefixes, _ = parse_data_path(config.data.data_path)
+        data_files = [p for prefix in prefixes for p in Path(prefix).parent.glob(Path(prefix).name + "_packed_*")]
+        stamp = reference_fingerprint(
+            data_files, config.data.split, config.model.seq_length, self.reference_source.root,
+            self.reference_source.iteration, rows=3 if config.preference.ld_alpha is not None else 2,
+            adapters_off=config.lora.enabled,
+        )
+        directory = config.checkpoint.save or Path(prefixes[0]).parent
+        return load_or_compute_reference(
+            reference_cache_path(directory, stamp), stamp, {"train": self.datasets["train"],
+                                                           "valid": self.datasets["valid"]},
+            build_reference, config.training.micro_batch_size, self._collate,
+        )
 
     def _log_parameters(self) -> None:
         trainable, total = parameter_counts(self.model)
@@ -168,18 +196,26 @@ class DPOTrainer:
         tp = self.config.parallel.tensor_model_parallel_size
         return math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
 
+    def _collate(self, split: str, pair_indices: list[int]):
+        return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
+
+    def _batch(self, samples: list[dict], pair_indices: list[int]):
+        batch = collate_pairs(samples, self._pad_multiple())
+        batch.pair_indices = pair_indices  # what the reference cache looks values up by
+        return batch
+
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
         """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
         lengths = [len(s[key]) for micro in samples for s in micro
                    for key in ("chosen_input_ids", "rejected_input_ids")]
-        return [collate_pairs(micro, self._pad_multiple()) for micro in samples], lengths
+        return [self._batch(micro, ids) for micro, ids in zip(samples, indices)], lengths
 
-    def _with_reference(self, micro_batches: list) -> list:
+    def _with_reference(self, micro_batches: list, split: str) -> list:
         if self.reference is None:
             return [(batch, None) for batch in micro_batches]
-        return list(zip(micro_batches, self.reference.logps(micro_batches)))
+        return list(zip(micro_batches, self.reference.logps(micro_batches, split)))
 
     def _iterators(self, items: list) -> list:
         return [iter(items) for _ in range(self.config.virtual_pipeline_size or 1)]
@@ -192,7 +228,7 @@ class DPOTrainer:
             start = time.perf_counter()
             indices = next(batches)
             micro_batches, lengths = self._micro_batches("train", indices)
-            items = self._with_reference(micro_batches)
+            items = self._with_reference(micro_batches, "train")
             result = train_step(
                 self.objective.policy_forward_step, self._iterators(items), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
@@ -278,7 +314,7 @@ class DPOTrainer:
             chunk.eval()
         collected = []
         for _ in range(train.eval_iters):
-            items = self._with_reference(self._micro_batches("valid", next(batches))[0])
+            items = self._with_reference(self._micro_batches("valid", next(batches))[0], "valid")
             collected += get_forward_backward_func()(
                 forward_step_func=self.objective.policy_forward_step, data_iterator=self._iterators(items),
                 model=self.model, num_microbatches=self.num_microbatches,

@@ -217,3 +217,32 @@ def test_bad_input_fails_before_training_with_a_clear_error(assets, tmp_path):
 
     no_checkpoint = _pretrain([*base, "--data-path", assets.data_prefix, "--load", str(tmp_path / "none")])
     assert no_checkpoint.returncode == 2 and "latest_checkpointed_iteration.txt" in no_checkpoint.stderr
+
+
+def test_precomputed_reference_matches_online_and_is_reused_until_inputs_change(assets, tmp_path):
+    online = run_dpo(assets, tmp_path / "online", extra="--train-iters 3 --micro-batch-size 2")
+    cached_dir = tmp_path / "cached"
+    extra = "--train-iters 3 --micro-batch-size 2 --precompute-ref-logps"
+    first = run_dpo(assets, cached_dir, nproc=2, extra=extra)  # DP2: each rank computes half the table
+    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in online], abs=1e-5)
+    assert first[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    tables = list((cached_dir / "reference_logps").glob("*.pt"))
+    assert len(tables) == 1
+
+    # The same data and reference in another layout (TP2 policy): the table is reused, losses unchanged.
+    checkpoint, flags = assets.checkpoint(2, 1)
+    reference, _ = assets.checkpoint(1, 1)
+    args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", "2",
+            "--load", str(checkpoint), "--ref-model", str(reference), "--save", str(cached_dir), *extra.split()]
+    rerun = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "reference log-probs: reusing" in rerun.stderr
+    assert [r["loss"] for r in read_metrics(cached_dir)] == pytest.approx([r["loss"] for r in online], abs=1e-5)
+
+    # A different reference checkpoint changes the fingerprint: recomputed, and said so.
+    other, _ = assets.checkpoint(2, 1, hf=build_tiny_llama(assets.root / "hf_other_ref", assets.vocab_size, seed=7))
+    args[args.index("--ref-model") + 1] = str(other)
+    changed = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "fingerprint differs" in changed.stderr
+    assert len(list((cached_dir / "reference_logps").glob("*.pt"))) == 2
