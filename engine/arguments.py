@@ -359,6 +359,9 @@ class DataConfig:
     """--split: train,valid,test weights over each data set's pairs."""
     is_pairwise_dataset: bool = False
     """--is-pairwise-dataset: accepted for MindSpeed-LLM scripts; pairwise data is the only kind."""
+    pack_sequences: bool = False
+    """--pack-sequences: pack each micro-batch's sequences into rows of up to --seq-length tokens
+    (block-diagonal attention, per-sequence positions) instead of padding every row."""
 
 
 STAGES = ("dpo", "simpo", "orpo", "cpo")
@@ -818,6 +821,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+")
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--is-pairwise-dataset", action="store_true")
+    g.add_argument("--pack-sequences", action="store_true")
 
 
 def _add_preference_args(parser: argparse.ArgumentParser) -> None:

@@ -88,31 +88,54 @@ class DPOObjective:
                           discopop_tau=pref.discopop_tau or 0.05, simpo_gamma=pref.simpo_gamma or 0.0,
                           bco_delta=self.bco_delta)
 
-    def sequence_logps(self, logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogps:
+    def sequence_logps(self, logits: torch.Tensor, batch) -> SequenceLogps:
+        """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i."""
+        labels = batch.labels
         token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
         mask = labels != IGNORE_INDEX
-        logps = SequenceLogps(token_logps.sum(dim=-1), mask.sum(dim=-1))
+        if batch.sequence_ids is None:  # row r is sequence r
+            logps = SequenceLogps(token_logps.sum(dim=-1), mask.sum(dim=-1))
+            position = mask.cumsum(dim=-1)  # 1-based index among the row's answer tokens
+        else:  # packed rows: sum each sequence's segment
+            ids = batch.sequence_ids.clamp(min=0).flatten()
+            sequences = 2 * batch.num_pairs
+            total = token_logps.new_zeros(sequences).index_add(0, ids, token_logps.flatten())
+            count = torch.zeros(sequences, dtype=torch.long).index_add(0, ids, mask.flatten().long())
+            logps = SequenceLogps(total, count)
+            running = mask.long().cumsum(dim=-1)
+            # Answer tokens of the row before each sequence starts, to restart the count per sequence.
+            before = torch.zeros(sequences, dtype=torch.long).scatter_reduce(
+                0, ids, (running - mask.long()).flatten(), reduce="amin", include_self=False)
+            position = running - before[batch.sequence_ids.clamp(min=0)]
         if self.ld_alpha is not None:
-            # Rows are [chosen x n ; rejected x n]: row i and row i + n form a pair.
-            n = labels.shape[0] // 2
+            # Sequence i and i + n form a pair; tokens past the shorter answer's length are the excess.
+            n = batch.num_pairs
             public = torch.minimum(logps.count[:n], logps.count[n:]).repeat(2)
-            position = mask.cumsum(dim=-1)  # 1-based index among the answer tokens
-            logps.shared = (token_logps * (position <= public.unsqueeze(-1))).sum(dim=-1)
+            if batch.sequence_ids is None:
+                limit = public.unsqueeze(-1)
+            else:
+                limit = public[batch.sequence_ids.clamp(min=0)]
+            shared_tokens = token_logps * (position <= limit)
+            if batch.sequence_ids is None:
+                logps.shared = shared_tokens.sum(dim=-1)
+            else:
+                logps.shared = token_logps.new_zeros(2 * n).index_add(
+                    0, batch.sequence_ids.clamp(min=0).flatten(), shared_tokens.flatten())
         return logps
 
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):
         batch, _ = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, None)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask)
         return output, partial(self._reference_logps, batch)
 
     def _reference_logps(self, batch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-        return self.sequence_logps(logits, batch.labels).pack()
+        return self.sequence_logps(logits, batch).pack()
 
     # Policy: forward, then the loss against the reference's log-probs.
     def policy_forward_step(self, data_iterator, model):
         batch, reference = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, None)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask)
         return output, partial(self.loss_func, batch, reference)
 
     def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None) -> PairLogps:
@@ -130,7 +153,7 @@ class DPOObjective:
 
     def loss_func(self, batch, reference: torch.Tensor | None, logits: torch.Tensor):
         n = batch.num_pairs
-        policy = self.sequence_logps(logits, batch.labels)
+        policy = self.sequence_logps(logits, batch)
         pair_logps = self.pair_logps(policy, reference)
         params = self.params()
         losses = sum(weight * preference_loss(name, pair_logps, params) for weight, name in self.terms)
@@ -151,6 +174,12 @@ class DPOObjective:
         chosen_rewards, rejected_rewards = rewards(reward_logps, self.beta)
         mask = batch.labels != IGNORE_INDEX
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
+        if batch.sequence_ids is None:
+            chosen = torch.zeros_like(mask)
+            chosen[:n] = True
+        else:
+            chosen = batch.sequence_ids < n
+        chosen_tokens, rejected_tokens = mask & chosen, mask & ~chosen
         totals = policy.total.detach()
         metrics = {
             "rewards/chosen": _mean_pair(chosen_rewards, n),
@@ -159,8 +188,8 @@ class DPOObjective:
             "rewards/margins": _mean_pair(chosen_rewards - rejected_rewards, n),
             "logps/chosen": _mean_pair(totals[:n], n),
             "logps/rejected": _mean_pair(totals[n:], n),
-            "logits/chosen": torch.stack([mean_logits[:n].sum(), mask[:n].sum().float()]),
-            "logits/rejected": torch.stack([mean_logits[n:].sum(), mask[n:].sum().float()]),
+            "logits/chosen": torch.stack([(mean_logits * chosen_tokens).sum(), chosen_tokens.sum().float()]),
+            "logits/rejected": torch.stack([(mean_logits * rejected_tokens).sum(), rejected_tokens.sum().float()]),
         }
         if self.preference.stage == "orpo":
             # TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio.

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.arguments import EngineConfig
-from engine.data.collate import collate_pairs
+from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets, parse_data_path
 from engine.data.sampler import PairwiseBatchSampler
 from engine.dpo.objective import DPOObjective
@@ -32,6 +32,7 @@ from engine.dpo.reference_cache import load_or_compute as load_or_compute_refere
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
+from engine.model.spec import resolve_transformer_impl
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
@@ -71,6 +72,9 @@ class DPOTrainer:
                              "or a previous run (the policy starts from it and the reference is a copy)")
         if config.training.train_iters is None:
             raise ValueError("pretrain_dpo.py needs --train-iters")
+        if config.data.pack_sequences and resolve_transformer_impl(config.model.transformer_impl) != "local":
+            raise ValueError("--pack-sequences needs the local layer spec (--transformer-impl local): the "
+                             "transformer-engine path would need THD / cu_seqlens, which is not wired yet")
         self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
         self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
         if self.save_lock is not None:
@@ -200,7 +204,10 @@ class DPOTrainer:
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
 
     def _batch(self, samples: list[dict], pair_indices: list[int]):
-        batch = collate_pairs(samples, self._pad_multiple())
+        if self.config.data.pack_sequences:
+            batch = pack_pairs(samples, self.config.model.seq_length, self._pad_multiple())
+        else:
+            batch = collate_pairs(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch
 

@@ -152,7 +152,7 @@ def _pair_batch(chosen: list[float], rejected: list[float]):
         pad = width - 1 - len(answer)
         rows.append([0.0, *answer, *[0.0] * pad])
         labels.append([-100, *[1] * len(answer), *[-100] * pad])
-    batch = SimpleNamespace(labels=torch.tensor(labels), num_pairs=1)
+    batch = SimpleNamespace(labels=torch.tensor(labels), num_pairs=1, sequence_ids=None)
     return batch, torch.tensor(rows, dtype=torch.float64).unsqueeze(-1)
 
 
@@ -167,7 +167,7 @@ def test_ld_alpha_down_weights_the_excess_over_the_shorter_answer(plain_logprobs
     packed = objective._reference_logps(batch, reference)
     # shared length 2: chosen -3 + 0.5 * -3 = -4.5 (policy), -4 + 0.5 * -2 = -5 (reference); rejected unchanged
     assert packed.tolist() == [[-6.0, -2.0], [3.0, 2.0], [-4.0, -2.0]]
-    pairs = objective.pair_logps(objective.sequence_logps(policy, batch.labels), packed)
+    pairs = objective.pair_logps(objective.sequence_logps(policy, batch), packed)
     assert [pairs.policy_chosen.item(), pairs.reference_chosen.item()] == [-4.5, -5.0]
     h = (-4.5 + 2.0) - (-5.0 + 2.0)  # 0.5
     loss, count, metrics = objective.loss_func(batch, packed, policy)
