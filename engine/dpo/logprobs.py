@@ -7,9 +7,11 @@ in-range mask (never `label != 0`, which silently drops token id 0) and summed o
 the group. Columns added by vocab padding are excluded from the softmax, so the
 result equals the unpadded HF model's log-probs.
 
-The autograd Function keeps one fp32 copy of the local logits (turned into the
-softmax for backward) instead of the several temporaries a composed expression
-would hold.
+Memory: the logits stay in the model's dtype (bf16 under --bf16: the trainer asks
+Float16Module not to upcast them) and are processed in chunks of rows, each upcast
+to fp32 on its own; backward recomputes the softmax chunk by chunk from the saved
+logits. No full-vocab fp32 tensor of the micro-batch ever exists, only the logits
+themselves, their gradient, and one fp32 chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 24
+"""fp32 elements per chunk (64 MiB): bounds the temporaries whatever the sequence length."""
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -27,37 +31,54 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
+def _chunk(rows: torch.Tensor, start: int, stop: int, valid_columns: int) -> torch.Tensor:
+    """fp32 copy of rows[start:stop] with padded vocab columns at -inf (a copy also for fp32 input:
+    callers work on it in place, and the logits are saved for backward)."""
+    x = rows[start:stop].to(torch.float32, copy=True)
+    if valid_columns < x.shape[-1]:
+        x[:, valid_columns:] = float("-inf")
+    return x
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, valid_columns: int, group):
-        probs = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
-        if valid_columns < probs.shape[-1]:
-            probs[..., valid_columns:] = float("-inf")
-        row_max = _all_reduce(probs.max(dim=-1).values, dist.ReduceOp.MAX, group)
-        probs.sub_(row_max.unsqueeze(-1))
-
-        local = labels - vocab_start
+    def forward(ctx, logits, labels, vocab_start: int, valid_columns: int, group, chunk_rows: int):
+        rows = logits.reshape(-1, logits.shape[-1])
+        local = labels.reshape(-1) - vocab_start
         in_range = (local >= 0) & (local < valid_columns)
-        index = torch.where(in_range, local, torch.zeros_like(local)).unsqueeze(-1)
-        target = torch.where(in_range, probs.gather(-1, index).squeeze(-1), 0.0)
-        target = _all_reduce(target, dist.ReduceOp.SUM, group)
+        index = torch.where(in_range, local, torch.zeros_like(local))
+        spans = [(s, min(s + chunk_rows, rows.shape[0])) for s in range(0, rows.shape[0], chunk_rows)]
 
-        probs.exp_()
-        sum_exp = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM, group)
-        probs.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(probs, index, in_range)
-        return target - sum_exp.log()
+        row_max = torch.cat([_chunk(rows, a, b, valid_columns).max(dim=-1).values for a, b in spans])
+        row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
+        sum_exp, target = torch.empty_like(row_max), torch.empty_like(row_max)
+        for a, b in spans:
+            x = _chunk(rows, a, b, valid_columns).sub_(row_max[a:b].unsqueeze(-1))
+            target[a:b] = torch.where(in_range[a:b], x.gather(-1, index[a:b].unsqueeze(-1)).squeeze(-1), 0.0)
+            sum_exp[a:b] = x.exp_().sum(dim=-1)
+        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        _all_reduce(target, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(logits, index, in_range, row_max, sum_exp)
+        ctx.valid_columns, ctx.spans = valid_columns, spans
+        return (target - sum_exp.log()).view(labels.shape)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output):
         # d logp(y) / d z_j = 1[j == y] - softmax_j; each rank owns its columns.
-        probs, index, in_range = ctx.saved_tensors
-        grad = probs.mul_(-grad_output.unsqueeze(-1))
-        grad.scatter_add_(-1, index, (grad_output * in_range).unsqueeze(-1))
-        return grad, None, None, None, None
+        logits, index, in_range, row_max, sum_exp = ctx.saved_tensors
+        rows = logits.reshape(-1, logits.shape[-1])
+        go = grad_output.reshape(-1).float()
+        grad = torch.empty_like(rows)
+        for a, b in ctx.spans:
+            x = _chunk(rows, a, b, ctx.valid_columns).sub_(row_max[a:b].unsqueeze(-1)).exp_()
+            x.mul_((-go[a:b] / sum_exp[a:b]).unsqueeze(-1))
+            x.scatter_add_(-1, index[a:b].unsqueeze(-1), (go[a:b] * in_range[a:b]).unsqueeze(-1))
+            grad[a:b] = x
+        return grad.view(logits.shape), None, None, None, None, None
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                            chunk_rows: int | None = None) -> torch.Tensor:
     """log p(labels[b, t] | context) for logits [b, s, vocab/TP]; 0 where labels == IGNORE_INDEX.
 
     `vocab_size` is the tokenizer's (unpadded) size: padded columns never take probability mass.
@@ -67,7 +88,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_si
     local_columns = logits.shape[-1]
     vocab_start = rank * local_columns
     valid_columns = max(0, min(local_columns, vocab_size - vocab_start))
-    token_logps = _VocabParallelLogProbs.apply(logits, labels, vocab_start, valid_columns, group)
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // local_columns)
+    token_logps = _VocabParallelLogProbs.apply(logits, labels, vocab_start, valid_columns, group, chunk_rows)
     return token_logps * (labels != IGNORE_INDEX)
 
 
@@ -77,5 +99,5 @@ def vocab_parallel_mean_logits(logits: torch.Tensor, vocab_size: int) -> torch.T
     rank = parallel_state.get_tensor_model_parallel_rank()
     local_columns = logits.shape[-1]
     valid_columns = max(0, min(local_columns, vocab_size - rank * local_columns))
-    total = logits[..., :valid_columns].float().sum(dim=-1)
+    total = logits[..., :valid_columns].sum(dim=-1, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
     return _all_reduce(total, dist.ReduceOp.SUM, parallel_state.get_tensor_model_parallel_group()) / vocab_size

@@ -67,8 +67,11 @@ class DPOObjective:
     definitions, and its reference_free DPO).
     """
 
-    def __init__(self, preference: PreferenceConfig, vocab_size: int):
+    def __init__(self, preference: PreferenceConfig, vocab_size: int, half_precision: bool = False):
         self.preference = preference
+        # bf16/fp16 models: keep the logits in the model dtype (Float16Module would upcast the whole
+        # [b, s, vocab] tensor); the log-prob kernel upcasts chunk by chunk.
+        self.model_kwargs = {"fp32_output": False} if half_precision else {}
         self.terms = preference.loss_terms
         for _, name in self.terms:
             if name not in LOSSES:
@@ -126,7 +129,7 @@ class DPOObjective:
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):
         batch, _ = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **self.model_kwargs)
         return output, partial(self._reference_logps, batch)
 
     def _reference_logps(self, batch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
@@ -135,7 +138,7 @@ class DPOObjective:
     # Policy: forward, then the loss against the reference's log-probs.
     def policy_forward_step(self, data_iterator, model):
         batch, reference = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **self.model_kwargs)
         return output, partial(self.loss_func, batch, reference)
 
     def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None) -> PairLogps:

@@ -89,7 +89,8 @@ class DPOTrainer:
         )
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
-        self.objective = DPOObjective(config.preference, config.model.vocab_size or config.padded_vocab_size)
+        self.objective = DPOObjective(config.preference, config.model.vocab_size or config.padded_vocab_size,
+                                      half_precision=config.precision.bf16 or config.precision.fp16)
         self.checkpointer = Checkpointer(config)
         self.model = build_trainable_model(config, self.platform)
         self._log_parameters()
@@ -305,7 +306,8 @@ class DPOTrainer:
 
     def _global_work(self, lengths: list[int]) -> tuple[float, float]:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
-        passes = 4 if self.reference is not None else 3  # policy forward + backward (3), reference forward (1)
+        # The policy's forward + backward (3 forwards), plus one for a reference model run online.
+        passes = 4 if self.reference is not None and not isinstance(self.reference, CachedReference) else 3
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())

@@ -256,3 +256,13 @@ def test_packed_sequences_give_the_same_losses_as_padded(assets, tmp_path):
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)
     assert [r["rewards/margins"] for r in packed] == pytest.approx([r["rewards/margins"] for r in padded], abs=1e-5)
     assert [r["logits/chosen"] for r in packed] == pytest.approx([r["logits/chosen"] for r in padded], abs=1e-5)
+
+
+def test_bf16_training_tracks_fp32(assets, tmp_path):
+    fp32 = run_dpo(assets, tmp_path / "fp32", extra="--train-iters 4 --micro-batch-size 4")
+    # bf16 params and bf16 logits (never upcast whole), fp32 main weights and grad reduction.
+    bf16 = run_dpo(assets, tmp_path / "bf16", tp=2, nproc=2,
+                   extra="--train-iters 4 --micro-batch-size 4 --bf16 --use-distributed-optimizer")
+    assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # same bf16 forward for policy and reference
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], abs=0.05)
+    assert bf16[-1]["loss"] < bf16[0]["loss"]

@@ -38,9 +38,15 @@ def _vocab_parallel(tp: int):
     logits, labels, weights = _case()
     rank, width = parallel_state.get_tensor_model_parallel_rank(), PADDED // tp
     local = logits[..., rank * width:(rank + 1) * width].clone().requires_grad_(True)
-    token = vocab_parallel_logprobs(local, labels, VOCAB)
+    token = vocab_parallel_logprobs(local, labels, VOCAB, chunk_rows=3)  # chunks that split sequences
     (token * weights).sum().backward()
-    return token.detach(), local.grad, vocab_parallel_mean_logits(local, VOCAB)
+    whole = local.detach().clone().requires_grad_(True)
+    (vocab_parallel_logprobs(whole, labels, VOCAB) * weights).sum().backward()
+    assert torch.allclose(whole.grad, local.grad, rtol=0, atol=1e-7)  # chunking changes only rounding
+    half = local.detach().bfloat16().requires_grad_(True)
+    (vocab_parallel_logprobs(half, labels, VOCAB, chunk_rows=4) * weights).sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    return token.detach(), local.grad, vocab_parallel_mean_logits(local, VOCAB), half.grad.float()
 
 
 def test_logprobs_and_grads_match_log_softmax_at_tp1_and_tp2():
@@ -49,8 +55,9 @@ def test_logprobs_and_grads_match_log_softmax_at_tp1_and_tp2():
     assert expected[0, 0] != 0  # token id 0 is a real token, not a mask
     for tp in (1, 2):
         results = run_ranks(_vocab_parallel, tp, tp)
-        for rank, (token, grad, mean_logits) in enumerate(results):
+        for rank, (token, grad, mean_logits, bf16_grad) in enumerate(results):
             width = PADDED // tp
             assert torch.allclose(token, expected, atol=1e-6), (tp, rank)
             assert torch.allclose(grad, expected_grad[..., rank * width:(rank + 1) * width], atol=1e-6), (tp, rank)
+            assert torch.allclose(bf16_grad, grad, atol=2e-2)  # bf16 logits in, bf16 grads out
             assert torch.allclose(mean_logits, logits[..., :VOCAB].mean(-1), atol=1e-6)

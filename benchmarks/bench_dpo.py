@@ -1,0 +1,185 @@
+"""DPO throughput: online reference + padding vs online + packing vs precomputed reference + packing.
+
+Builds a random Llama-shaped model of the requested size (HF -> megatron conversion, as users do),
+a synthetic preference set whose sequence lengths spread 10x, and runs `pretrain_dpo.py` for each
+mode on the same data. Reports pairs/s, tokens/s, TFLOP/s per device (formula in
+engine/training/metrics.py: causal attention counted as half of full), MFU against a peak that is
+measured here (a large fp32/bf16 matmul) unless --peak-tflops is given, and peak memory (CPU: peak
+RSS of the training process; CUDA: max allocated). Prints a table and writes JSON.
+
+    python benchmarks/bench_dpo.py                          # CPU, ~10M params, a few minutes
+    python benchmarks/bench_dpo.py --hidden-size 2048 --num-layers 16 --nproc 1 --bf16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = {  # name -> extra flags
+    "online_padded": [],
+    "online_packed": ["--pack-sequences"],
+    "precomputed_packed": ["--pack-sequences", "--precompute-ref-logps"],
+}
+
+
+def measure_peak_tflops(bf16: bool) -> float:
+    """Dense matmul throughput of this device: the denominator of MFU when no datasheet peak applies."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
+    n = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    repeats = 50 if device == "cuda" else 10
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def build_model(root: Path, args) -> list[str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.convert.common import ConvertConfig
+    from engine.convert.run import run_conversion
+
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                         intermediate_size=args.ffn_hidden_size or int(args.hidden_size * 8 / 3 // 64 * 64),
+                         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                         num_key_value_heads=max(1, args.num_heads // 4), max_position_embeddings=4 * args.seq_length,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(root / "hf")
+    flags = run_conversion(ConvertConfig(load_model_type="hf", save_model_type="mg", load_dir=str(root / "hf"),
+                                         save_dir=str(root / "mg"), target_tensor_parallel_size=args.tp,
+                                         target_pipeline_parallel_size=args.pp))
+    return flags, parameters
+
+
+def build_data(root: Path, args) -> str:
+    """Random token pairs: prompt 8-32 tokens, answers from L/10 to L (a 10x spread), L = --max-answer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from engine.data.preprocess import OUTPUT_KEYS, output_path_prefix
+
+    rng = np.random.default_rng(0)
+    prefix = str(root / "data" / "pairs")
+    (root / "data").mkdir()
+    builders = {key: IndexedDatasetBuilder(output_path_prefix(prefix, key) + ".bin", dtype=np.int32)
+                for key in OUTPUT_KEYS}
+    low = max(1, args.max_answer // 10)
+    for _ in range(args.pairs):
+        prompt = rng.integers(3, args.vocab_size, rng.integers(8, 33))
+        for side in ("chosen", "rejected"):
+            answer = rng.integers(3, args.vocab_size, rng.integers(low, args.max_answer + 1))
+            ids = np.concatenate([prompt, answer]).astype(np.int32)
+            labels = np.concatenate([np.full(prompt.size, -100), answer]).astype(np.int32)
+            builders[f"{side}_input_ids"].add_document(ids, [ids.size])
+            builders[f"{side}_labels"].add_document(labels, [labels.size])
+    for key, builder in builders.items():
+        builder.finalize(output_path_prefix(prefix, key) + ".idx")
+    return prefix
+
+
+def run_mode(root: Path, name: str, model_flags: list[str], prefix: str, args, peak: float) -> dict:
+    save = root / name
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+               "--master-port", str(29600 + list(MODES).index(name)), str(REPO / "pretrain_dpo.py"),
+               *model_flags, "--seq-length", str(args.seq_length), "--stage", "dpo", "--data-path", prefix,
+               "--split", "100,0,0", "--tensor-model-parallel-size", str(args.tp),
+               "--pipeline-model-parallel-size", str(args.pp), "--micro-batch-size", str(args.micro_batch_size),
+               "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
+               "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
+               "--load", str(root / "mg"), "--save", str(save), "--peak-tflops", str(peak), *MODES[name]]
+    if args.bf16:
+        command.append("--bf16")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[args.warmup:]
+    step = statistics.median(r["step_time_s"] for r in steady)
+    return {
+        "mode": name,
+        "pairs_per_s": args.global_batch_size / step,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "tflops_per_device": statistics.median(r["tflops_per_device"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "step_time_s": step,
+        "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
+        "wall_s_including_startup": wall,
+        "final_loss": rows[-1]["loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--ffn-hidden-size", type=int)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seq-length", type=int, default=512, help="packing row capacity and truncation length")
+    parser.add_argument("--max-answer", type=int, default=200)
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--global-batch-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="first iterations left out of the medians")
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, help="default: measured with a dense matmul here")
+    parser.add_argument("--output", default="benchmarks/results/bench_dpo.json")
+    args = parser.parse_args()
+
+    peak = args.peak_tflops or measure_peak_tflops(args.bf16)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_flags, parameters = build_model(root, args)
+        prefix = build_data(root, args)
+        results = [run_mode(root, name, model_flags, prefix, args, peak) for name in MODES]
+    baseline = results[0]["pairs_per_s"]
+    for row in results:
+        row["speedup_vs_online_padded"] = row["pairs_per_s"] / baseline
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    report = {"device": device, "parameters": parameters, "peak_tflops": peak,
+              "peak_source": "--peak-tflops" if args.peak_tflops else "measured dense matmul",
+              "config": vars(args), "results": results}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(f"{device}, {parameters / 1e6:.1f}M parameters, peak {peak:.3f} TFLOP/s ({report['peak_source']})")
+    header = f"{'mode':<20}{'pairs/s':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'step s':>8}{'peak GiB':>10}{'speedup':>9}"
+    print(header)
+    for r in results:
+        print(f"{r['mode']:<20}{r['pairs_per_s']:>10.2f}{r['tokens_per_s']:>11.0f}{r['tflops_per_device']:>9.4f}"
+              f"{r['mfu']:>8.1%}{r['step_time_s']:>8.3f}{r['peak_memory_gib']:>10.2f}"
+              f"{r['speedup_vs_online_padded']:>8.2f}x")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
