@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="default: measured with a dense matmul here")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--output", default="benchmarks/results/bench_dpo.json")
     args = parser.parse_args()
 
@@ -161,7 +162,7 @@ def main() -> None:
         root = Path(tmp)
         model_flags, parameters = build_model(root, args)
         prefix = build_data(root, args)
-        results = [run_mode(root, name, model_flags, prefix, args, peak) for name in MODES]
+        results = [run_mode(root, name, model_flags, prefix, args, peak) for name in args.modes]
     baseline = results[0]["pairs_per_s"]
     for row in results:
         row["speedup_vs_online_padded"] = row["pairs_per_s"] / baseline
