@@ -43,6 +43,7 @@ OMP_NUM_THREADS=1 "$py" -m torch.distributed.run --nproc-per-node 2 --master-por
 echo "== [6/6] convert the trained policy back to HF and plot the metrics"
 "$py" tools/checkpoint/convert_ckpt.py --model-type GPT --load-model-type mg --save-model-type hf \
     --load-dir "$OUT/dpo" --save-dir "$OUT/hf_dpo"
-"$py" tools/plot_metrics.py "$OUT/dpo/metrics.jsonl" --output "$OUT/dpo_metrics.png"
+"$py" tools/plot_metrics.py "$OUT/dpo/metrics.jsonl" --output "$OUT/dpo_metrics.png" \
+    --title "quickstart: DPO of a tiny Llama, TP2 on 2 CPU ranks"
 
 echo "done: trained HF model in $OUT/hf_dpo, metrics in $OUT/dpo/metrics.jsonl, plot $OUT/dpo_metrics.png"
