@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,10 +26,8 @@ from engine.data.dataset import build_pairwise_datasets, parse_data_path
 from engine.data.sampler import PairwiseBatchSampler
 from engine.dpo.objective import DPOObjective
 from engine.dpo.reference import AdapterOffReference, ReferencePolicy
+from engine.dpo import reference_cache
 from engine.dpo.reference_cache import CachedReference
-from engine.dpo.reference_cache import cache_path as reference_cache_path
-from engine.dpo.reference_cache import fingerprint as reference_fingerprint
-from engine.dpo.reference_cache import load_or_compute as load_or_compute_reference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
@@ -36,8 +35,8 @@ from engine.model.spec import resolve_transformer_impl
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
-from engine.training.optimizer import build_optimizer, build_scheduler
 from engine.training.exit_conditions import ExitConditions
+from engine.training.optimizer import build_optimizer, build_scheduler
 from engine.training.run_lock import SaveDirLock
 from engine.training.step import prepare_model_config, reduce_metrics, train_step
 
@@ -59,7 +58,7 @@ class ReferenceSource:
 class DPOTrainer:
     config: EngineConfig
     model: list[torch.nn.Module]
-    reference: ReferencePolicy | None
+    reference: ReferencePolicy | CachedReference | None
     objective: DPOObjective
     state: TrainState
 
@@ -113,7 +112,8 @@ class DPOTrainer:
         self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
         self._log_start(loaded_iteration, resuming)
 
-    def _build_reference(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferencePolicy | None:
+    def _build_reference(self, loaded_iteration: int, rank_state: dict,
+                         resuming: bool) -> ReferencePolicy | CachedReference | None:
         """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint;
         None for reference-free objectives (SimPO, ORPO, CPO, --reference-free), which build no reference."""
         if not self.config.preference.uses_reference:
@@ -123,7 +123,7 @@ class DPOTrainer:
             # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
             load = self.config.checkpoint.load
             self.reference_source = ReferenceSource(load, read_tracker(load))
-            live = lambda: AdapterOffReference(self.model, self.objective, self.config.virtual_pipeline_size)  # noqa: E731
+            live = partial(AdapterOffReference, self.model, self.objective, self.config.virtual_pipeline_size)
         else:
             self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
             live = self._frozen_reference
@@ -141,16 +141,16 @@ class DPOTrainer:
         config = self.config
         prefixes, _ = parse_data_path(config.data.data_path)
         data_files = [p for prefix in prefixes for p in Path(prefix).parent.glob(Path(prefix).name + "_packed_*")]
-        stamp = reference_fingerprint(
+        stamp = reference_cache.fingerprint(
             data_files, config.data.split, config.model.seq_length, self.reference_source.root,
             self.reference_source.iteration, rows=3 if config.preference.ld_alpha is not None else 2,
             adapters_off=config.lora.enabled,
         )
         directory = config.checkpoint.save or Path(prefixes[0]).parent
-        return load_or_compute_reference(
-            reference_cache_path(directory, stamp), stamp, {"train": self.datasets["train"],
-                                                           "valid": self.datasets["valid"]},
-            build_reference, config.training.micro_batch_size, self._collate,
+        splits = {"train": self.datasets["train"], "valid": self.datasets["valid"]}
+        return reference_cache.load_or_compute(
+            reference_cache.cache_path(directory, stamp), stamp, splits, build_reference,
+            config.training.micro_batch_size, self._collate,
         )
 
     def _log_parameters(self) -> None:
@@ -185,7 +185,9 @@ class DPOTrainer:
             "objective %s | policy %s iteration %d (%s) | reference %s | %d train pairs, "
             "global batch %d = %d micro-batches x %d x DP %d",
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
-            f"{source.root} iteration {source.iteration}" if source else "none", len(self.datasets["train"]),
+            (f"{source.root} iteration {source.iteration}"
+             + (" (cached log-probs: no reference model)" if isinstance(self.reference, CachedReference) else ""))
+            if source else "none", len(self.datasets["train"]),
             train.global_batch_size, self.num_microbatches, train.micro_batch_size, self.dp_size,
         )
 
