@@ -64,6 +64,11 @@ class Platform:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_device() -> torch.device:
+    """Where this rank's tensors, and the tensors of its collectives, live: NCCL needs CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def detect_platform(backend: str | None = None) -> Platform:
     """CUDA + NCCL when a GPU is visible, else CPU + gloo. `backend` overrides the pairing."""
     if torch.cuda.is_available():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,13 @@ class PairBatch:
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
+
+    def to(self, device: torch.device) -> "PairBatch":
+        """The same batch with its tensors on `device`."""
+        moved = {name: getattr(self, name).to(device, non_blocking=True)
+                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "attention_mask")
+                 if getattr(self, name) is not None}
+        return replace(self, **moved)
 
 
 def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:

@@ -103,11 +103,11 @@ class DPOObjective:
             ids = batch.sequence_ids.clamp(min=0).flatten()
             sequences = 2 * batch.num_pairs
             total = token_logps.new_zeros(sequences).index_add(0, ids, token_logps.flatten())
-            count = torch.zeros(sequences, dtype=torch.long).index_add(0, ids, mask.flatten().long())
+            count = ids.new_zeros(sequences).index_add(0, ids, mask.flatten().long())
             logps = SequenceLogps(total, count)
             running = mask.long().cumsum(dim=-1)
             # Answer tokens of the row before each sequence starts, to restart the count per sequence.
-            before = torch.zeros(sequences, dtype=torch.long).scatter_reduce(
+            before = ids.new_zeros(sequences).scatter_reduce(
                 0, ids, (running - mask.long()).flatten(), reduce="amin", include_self=False)
             position = running - before[batch.sequence_ids.clamp(min=0)]
         if self.ld_alpha is not None:
@@ -149,7 +149,7 @@ class DPOObjective:
                 raise ValueError("this objective needs reference log-probs")
             ref_values = torch.zeros_like(values)
         else:
-            ref_values = SequenceLogps.unpack(reference).desensitized(self.ld_alpha)
+            ref_values = SequenceLogps.unpack(reference.to(values.device)).desensitized(self.ld_alpha)
         count = policy.count.to(values.dtype)
         nll = -policy.total[:n] / count[:n].clamp(min=1)  # raw log-probs, never length-desensitized
         return PairLogps(values[:n], values[n:], ref_values[:n], ref_values[n:], count[:n], count[n:], nll)
@@ -168,8 +168,8 @@ class DPOObjective:
         if self.nll_weight > 0 or self.preference.stage != "dpo" or any(t == "sft" for _, t in self.terms):
             metrics["nll_loss"] = _mean_pair(nll.detach(), n)
         total = losses.sum()
-        metrics["loss"] = torch.stack([total.detach(), torch.tensor(float(n), dtype=total.dtype)])
-        return total, torch.tensor(n, dtype=torch.int), metrics
+        metrics["loss"] = torch.stack([total.detach(), total.new_tensor(float(n))])
+        return total, torch.tensor(n, dtype=torch.int, device=total.device), metrics
 
     def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps) -> dict:
         n = batch.num_pairs
@@ -221,4 +221,4 @@ class DPOObjective:
 
 def _mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
     """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks."""
-    return torch.stack([values.float().sum(), torch.tensor(float(n))])
+    return torch.stack([values.float().sum(), values.new_tensor(float(n), dtype=torch.float32)])

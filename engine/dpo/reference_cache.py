@@ -87,7 +87,7 @@ def compute_table(reference, dataset, micro_batch_size: int, make_batch) -> torc
         indices = [list(range(s, min(s + micro_batch_size, len(dataset))))
                    for s in starts[group:group + MICRO_BATCHES_PER_PASS]]
         results = reference.logps([make_batch(i) for i in indices], None)
-        mine += list(zip(indices, results))
+        mine += [(i, None if r is None else r.cpu()) for i, r in zip(indices, results)]  # the table lives on CPU
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     gathered: list = [None] * dp_size

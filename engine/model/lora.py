@@ -44,6 +44,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from engine.platform import current_device
+
 TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """Megatron-core linear names LoRA can adapt (--lora-target-modules)."""
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
@@ -213,7 +215,7 @@ def parameter_counts(model: list[torch.nn.Module]) -> tuple[int, int]:
     """
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64, device=current_device())
     for chunk in model:
         for param in chunk.parameters():
             if param_is_not_tensor_parallel_duplicate(param):

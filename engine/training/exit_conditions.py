@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from engine.arguments import TrainingConfig
+from engine.platform import current_device
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ExitConditions:
             int(train.exit_interval is not None and iteration % train.exit_interval == 0),
             int(train.exit_duration_in_mins is not None
                 and time.monotonic() - self.start >= 60 * train.exit_duration_in_mins),
-        ])
+        ], device=current_device())
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         return next((reason for reason, hit in zip(REASONS, local.tolist()) if hit), None)
 

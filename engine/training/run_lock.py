@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.platform import current_device
+
 LOCK_FILE = ".engine.lock"
 
 
@@ -34,7 +36,7 @@ class SaveDirLock:
         message = ""
         if dist.get_rank() == 0:
             message = self._try_lock()
-        failed = torch.tensor([1 if message else 0])
+        failed = torch.tensor([1 if message else 0], device=current_device())
         dist.broadcast(failed, src=0)
         if failed.item():
             box = [message]

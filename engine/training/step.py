@@ -21,6 +21,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from engine.platform import current_device
+
 from engine.model.lora import allreduce_partial_adapter_grads
 
 
@@ -62,7 +64,7 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]
         names = sorted(collected[0])
         totals = torch.stack([sum(mb[n] for mb in collected) for n in names]).double()
     else:
-        names, totals = [], torch.zeros(0, 2, dtype=torch.float64)
+        names, totals = [], torch.zeros(0, 2, dtype=torch.float64, device=current_device())
     # Every rank joins both collectives; ranks before the last stage contribute zeros.
     names_box = [names]
     torch.distributed.broadcast_object_list(
@@ -71,7 +73,7 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]
     )
     names = names_box[0]
     if totals.numel() == 0:
-        totals = torch.zeros(len(names), 2, dtype=torch.float64)
+        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=current_device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}

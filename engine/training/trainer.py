@@ -32,6 +32,7 @@ from engine.initialize import destroy_distributed, initialize_distributed, set_r
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
 from engine.model.spec import resolve_transformer_impl
+from engine.platform import current_device
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
@@ -212,7 +213,7 @@ class DPOTrainer:
         else:
             batch = collate_pairs(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
-        return batch
+        return batch.to(self.platform.device())
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
         """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""
@@ -311,7 +312,7 @@ class DPOTrainer:
         # The policy's forward + backward (3 forwards), plus one for a reference model run online.
         passes = 4 if self.reference is not None and not isinstance(self.reference, CachedReference) else 3
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
-        totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64)
+        totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()
 
