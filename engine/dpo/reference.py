@@ -10,33 +10,23 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.dpo.objective import DPOObjective
+from engine.training.step import forward_only
 
 
 class ReferencePolicy:
-    def __init__(self, chunks: list[torch.nn.Module], objective: DPOObjective, virtual_pipeline_size: int | None):
+    def __init__(self, chunks: list[torch.nn.Module], objective: DPOObjective):
         self.chunks = chunks
         self.objective = objective
-        self.iterator_copies = virtual_pipeline_size or 1
 
     @torch.no_grad()
     def logps(self, micro_batches: list, split: str | None = None) -> list[torch.Tensor | None]:
         """Per micro-batch a packed `SequenceLogps` on the last pipeline stage: a [2, rows] tensor
         (answer log-prob sum, answer token count), with a third row under --ld-alpha (the sum over
         the pair's shared length); None on other stages."""
-        items = [(batch, None) for batch in micro_batches]
-        collected = get_forward_backward_func()(
-            forward_step_func=self.objective.reference_forward_step,
-            data_iterator=[iter(items) for _ in range(self.iterator_copies)],
-            model=self.chunks,
-            num_microbatches=len(items),
-            seq_length=max(b.tokens.shape[1] for b in micro_batches),
-            micro_batch_size=micro_batches[0].tokens.shape[0],
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
+        collected = forward_only(self.objective.reference_forward_step, [(b, None) for b in micro_batches],
+                                 self.chunks, collect_non_loss_data=True)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return list(collected)
         return [None] * len(micro_batches)

@@ -79,6 +79,27 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]
     return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
 
 
+def chunk_iterators(items: list, model: list[torch.nn.Module]) -> list[Iterator]:
+    """One iterator over the micro-batch items per model chunk (virtual pipeline stage)."""
+    return [iter(items) for _ in model]
+
+
+def forward_only(forward_step: Callable, items: list, model: list[torch.nn.Module],
+                 collect_non_loss_data: bool = False) -> list:
+    """megatron's schedule without backward over `(batch, extra)` items: evaluation and the reference pass."""
+    batches = [batch for batch, _ in items]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=chunk_iterators(items, model),
+        model=model,
+        num_microbatches=len(items),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=True,
+        collect_non_loss_data=collect_non_loss_data,
+    )
+
+
 def guarded_optimizer_step(optimizer: MegatronOptimizer, loss_is_finite: bool) -> tuple[bool, float | None]:
     """megatron's optimizer step, except that a non-finite loss or gradient norm skips the update.
 

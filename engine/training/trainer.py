@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.arguments import EngineConfig
 from engine.data.collate import collate_pairs, pack_pairs
@@ -39,7 +38,7 @@ from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_f
 from engine.training.exit_conditions import ExitConditions
 from engine.training.optimizer import build_optimizer, build_scheduler
 from engine.training.run_lock import SaveDirLock
-from engine.training.step import prepare_model_config, reduce_metrics, train_step
+from engine.training.step import chunk_iterators, forward_only, prepare_model_config, reduce_metrics, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class DPOTrainer:
             # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
             load = self.config.checkpoint.load
             self.reference_source = ReferenceSource(load, read_tracker(load))
-            live = partial(AdapterOffReference, self.model, self.objective, self.config.virtual_pipeline_size)
+            live = partial(AdapterOffReference, self.model, self.objective)
         else:
             self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
             live = self._frozen_reference
@@ -135,7 +134,7 @@ class DPOTrainer:
     def _frozen_reference(self) -> ReferencePolicy:
         chunks = build_frozen_model(self.config, self.platform)
         load_model_weights(chunks, self.reference_source.root, self.reference_source.iteration, self.config)
-        return ReferencePolicy(chunks, self.objective, self.config.virtual_pipeline_size)
+        return ReferencePolicy(chunks, self.objective)
 
     def _cached_reference(self, build_reference) -> CachedReference:
         """--precompute-ref-logps: the reference's log-probs for every pair, from the cache or one pass."""
@@ -228,9 +227,6 @@ class DPOTrainer:
             return [(batch, None) for batch in micro_batches]
         return list(zip(micro_batches, self.reference.logps(micro_batches, split)))
 
-    def _iterators(self, items: list) -> list:
-        return [iter(items) for _ in range(self.config.virtual_pipeline_size or 1)]
-
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         train, ckpt = self.config.training, self.config.checkpoint
@@ -241,7 +237,7 @@ class DPOTrainer:
             micro_batches, lengths = self._micro_batches("train", indices)
             items = self._with_reference(micro_batches, "train")
             result = train_step(
-                self.objective.policy_forward_step, self._iterators(items), self.model, self.optimizer,
+                self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
                 max(b.tokens.shape[1] for b in micro_batches),
             )
@@ -327,12 +323,7 @@ class DPOTrainer:
         collected = []
         for _ in range(train.eval_iters):
             items = self._with_reference(self._micro_batches("valid", next(batches))[0], "valid")
-            collected += get_forward_backward_func()(
-                forward_step_func=self.objective.policy_forward_step, data_iterator=self._iterators(items),
-                model=self.model, num_microbatches=self.num_microbatches,
-                seq_length=max(b.tokens.shape[1] for b, _ in items), micro_batch_size=train.micro_batch_size,
-                forward_only=True,
-            )
+            collected += forward_only(self.objective.policy_forward_step, items, self.model)
         for chunk in self.model:
             chunk.train()
         scalars = reduce_metrics(collected)
