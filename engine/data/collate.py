@@ -44,6 +44,21 @@ class PairBatch:
         return replace(self, **moved)
 
 
+def _sequences(samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The 2n (input ids, labels) of a micro-batch, chosen of pair i at i and its rejected at n + i,
+    each checked to have matching lengths and at least one answer token left after the shift."""
+    n = len(samples)
+    sequences = [(s[f"{side}_input_ids"], s[f"{side}_labels"]) for side in ("chosen", "rejected") for s in samples]
+    for k, (ids, lab) in enumerate(sequences):
+        if ids.size != lab.size:
+            raise DataError(f"micro-batch sample {k % n}: {ids.size} input ids but {lab.size} labels")
+        if (lab[1:] == IGNORE_INDEX).all():
+            side = "chosen" if k < n else "rejected"
+            raise DataError(f"micro-batch sample {k % n}: the {side} sequence has no response token to "
+                            f"train on (all labels are prompt or the response is empty)")
+    return sequences
+
+
 def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:
     """Stack pairs into ``[chosen x n ; rejected x n]`` rows, padded to the micro-batch's own length.
 
@@ -58,22 +73,14 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
         raise ValueError("collate_pairs needs at least one pair")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    rows = [(s[f"{side}_input_ids"], s[f"{side}_labels"]) for side in ("chosen", "rejected") for s in samples]
+    rows = _sequences(samples)
     longest = max(ids.size for ids, _ in rows)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     tokens = np.full((len(rows), length), pad_id, dtype=np.int64)
     labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
     for r, (ids, lab) in enumerate(rows):
-        if ids.size != lab.size:
-            raise DataError(f"micro-batch sample {r % len(samples)}: {ids.size} input ids but {lab.size} labels")
         tokens[r, :ids.size] = ids
         labels[r, :lab.size - 1] = lab[1:]
-    empty = np.flatnonzero((labels == IGNORE_INDEX).all(axis=1))
-    if empty.size:
-        r = int(empty[0])
-        side = "chosen" if r < len(samples) else "rejected"
-        raise DataError(f"micro-batch sample {r % len(samples)}: the {side} sequence has no response token to "
-                        f"train on (all labels are prompt or the response is empty)")
     return PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
                      position_ids=torch.arange(length, dtype=torch.int64).expand(len(rows), length).contiguous(),
                      num_pairs=len(samples))
@@ -91,7 +98,7 @@ def pack_pairs(samples: list[dict], row_capacity: int, pad_to_multiple_of: int =
     if not samples:
         raise ValueError("pack_pairs needs at least one pair")
     n = len(samples)
-    sequences = [(s[f"{side}_input_ids"], s[f"{side}_labels"]) for side in ("chosen", "rejected") for s in samples]
+    sequences = _sequences(samples)
     capacity = max(row_capacity, max(ids.size for ids, _ in sequences))
     rows: list[list[int]] = []
     fill: list[int] = []
@@ -113,16 +120,11 @@ def pack_pairs(samples: list[dict], row_capacity: int, pad_to_multiple_of: int =
         start = 0
         for k in sorted(members):
             ids, lab = sequences[k]
-            if ids.size != lab.size:
-                raise DataError(f"micro-batch sample {k % n}: {ids.size} input ids but {lab.size} labels")
             end = start + ids.size
             tokens[r, start:end] = ids
             labels[r, start:end - 1] = lab[1:]
             positions[r, start:end] = np.arange(ids.size)
             sequence_ids[r, start:end] = k
-            if (lab[1:] == IGNORE_INDEX).all():
-                side = "chosen" if k < n else "rejected"
-                raise DataError(f"micro-batch sample {k % n}: the {side} sequence has no response token to train on")
             start = end
         positions[r, start:] = np.arange(length - start)
     ids = torch.from_numpy(sequence_ids)
