@@ -360,8 +360,8 @@ class DataConfig:
     is_pairwise_dataset: bool = False
     """--is-pairwise-dataset: accepted for MindSpeed-LLM scripts; pairwise data is the only kind."""
     pack_sequences: bool = False
-    """--pack-sequences: pack each micro-batch's sequences into rows of up to --seq-length tokens
-    (block-diagonal attention, per-sequence positions) instead of padding every row."""
+    """--pack-sequences: concatenate each micro-batch's sequences into one row (megatron's THD
+    layout, attention within each sequence) instead of padding every row to the longest."""
 
 
 STAGES = ("dpo", "simpo", "orpo", "cpo")

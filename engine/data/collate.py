@@ -1,4 +1,5 @@
-"""Pairs -> one padded micro-batch ``[chosen x n ; rejected x n]`` for the DPO forward step."""
+"""Pairs -> one micro-batch for the DPO forward step: padded rows ``[chosen x n ; rejected x n]``
+or, under packing, one THD row of the same sequences."""
 
 from __future__ import annotations
 
@@ -13,24 +14,28 @@ from engine.data.readers import DataError
 
 @dataclass
 class PairBatch:
-    """One micro-batch; row i is the chosen half of pair i, row n + i its rejected half."""
+    """One micro-batch of n pairs. Padded: row i is the chosen half of pair i, row n + i its
+    rejected half ([2n, L] tensors). Packed: one row [1, t] holding the same 2n sequences in the
+    same order, delimited by ``cu_seqlens``."""
 
     tokens: torch.Tensor
-    """int64 [2n, L] input ids, padded with ``pad_id``."""
+    """int64 input ids, padded with ``pad_id``."""
     labels: torch.Tensor
-    """int64 [2n, L] next-token targets (already shifted); IGNORE_INDEX where no loss is taken."""
+    """int64 next-token targets (already shifted); IGNORE_INDEX where no loss is taken."""
     position_ids: torch.Tensor
-    """int64 [2n, L] ``arange(L)`` per row."""
+    """int64 position of each token within its own sequence."""
     num_pairs: int
     pair_indices: list[int] | None = None
     """Dataset indices of the n pairs (set by the trainer), for per-pair lookups such as cached
     reference log-probs."""
     sequence_ids: torch.Tensor | None = None
-    """int64 [rows, L] under packing: which sequence each position belongs to (chosen of pair i is
+    """int64 [1, t] under packing: which sequence each position belongs to (chosen of pair i is
     i, its rejected n + i, padding -1). None when row r simply holds sequence r."""
-    attention_mask: torch.Tensor | None = None
-    """bool [rows, 1, L, L] under packing, True where attention is NOT allowed (megatron's
-    convention): causal within each sequence, nothing across sequences."""
+    cu_seqlens: torch.Tensor | None = None
+    """int32 [segments + 1] under packing: offsets of the sequences in the row (the padding tail,
+    if any, is the last segment), for THD attention."""
+    max_seqlen: int | None = None
+    """Longest segment under packing."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -39,7 +44,7 @@ class PairBatch:
     def to(self, device: torch.device) -> "PairBatch":
         """The same batch with its tensors on `device`."""
         moved = {name: getattr(self, name).to(device, non_blocking=True)
-                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "attention_mask")
+                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens")
                  if getattr(self, name) is not None}
         return replace(self, **moved)
 
@@ -86,52 +91,41 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
                      num_pairs=len(samples))
 
 
-def pack_pairs(samples: list[dict], row_capacity: int, pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:
-    """Pack the 2n sequences of a micro-batch into as few rows of `row_capacity` tokens as fit.
+def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:
+    """Concatenate the 2n sequences of a micro-batch into one row: megatron's THD layout.
 
-    First-fit decreasing (ties by sequence order, so the layout is deterministic). Each
-    sequence keeps its own positions (0, 1, ...), its labels are shifted within itself, and
-    the block-diagonal causal mask keeps sequences from seeing each other, so every
-    sequence's log-probs equal those of the unpacked batch. Chosen and rejected of a pair
-    stay in the same micro-batch by construction.
+    Sequences follow each other in batch order (chosen of pairs 0..n-1, then their
+    rejected), each with its own positions and its labels shifted within itself;
+    ``cu_seqlens`` marks their boundaries for the attention, which stays inside each
+    sequence, so every sequence's log-probs equal those of the padded batch. The only
+    padding is the tail that rounds the row up to ``pad_to_multiple_of`` (lcm(8, TP)
+    under sequence parallel); it forms one more sequence of its own, with no labels.
     """
     if not samples:
         raise ValueError("pack_pairs needs at least one pair")
-    n = len(samples)
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     sequences = _sequences(samples)
-    capacity = max(row_capacity, max(ids.size for ids, _ in sequences))
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for k in sorted(range(2 * n), key=lambda k: (-sequences[k][0].size, k)):
-        size = sequences[k][0].size
-        row = next((r for r, used in enumerate(fill) if used + size <= capacity), None)
-        if row is None:
-            rows.append([])
-            fill.append(0)
-            row = len(rows) - 1
-        rows[row].append(k)
-        fill[row] += size
-    length = -(-max(fill) // pad_to_multiple_of) * pad_to_multiple_of
-    tokens = np.full((len(rows), length), pad_id, dtype=np.int64)
-    labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
-    positions = np.zeros((len(rows), length), dtype=np.int64)
-    sequence_ids = np.full((len(rows), length), -1, dtype=np.int64)
-    for r, members in enumerate(rows):
-        start = 0
-        for k in sorted(members):
-            ids, lab = sequences[k]
-            end = start + ids.size
-            tokens[r, start:end] = ids
-            labels[r, start:end - 1] = lab[1:]
-            positions[r, start:end] = np.arange(ids.size)
-            sequence_ids[r, start:end] = k
-            start = end
-        positions[r, start:] = np.arange(length - start)
-    ids = torch.from_numpy(sequence_ids)
-    # Padding forms one more segment per row, so its (ignored) queries still see a key.
-    segment = torch.where(ids >= 0, ids, -1 - torch.arange(len(rows)).unsqueeze(1))
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal
-    return PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
-                     position_ids=torch.from_numpy(positions), num_pairs=n, sequence_ids=ids,
-                     attention_mask=(~allowed).unsqueeze(1))
+    lengths = [ids.size for ids, _ in sequences]
+    used = sum(lengths)
+    length = -(-used // pad_to_multiple_of) * pad_to_multiple_of
+    if length > used:
+        lengths.append(length - used)
+    tokens = np.full(length, pad_id, dtype=np.int64)
+    labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(length, dtype=np.int64)
+    sequence_ids = np.full(length, -1, dtype=np.int64)
+    start = 0
+    for k, (ids, lab) in enumerate(sequences):
+        end = start + ids.size
+        tokens[start:end] = ids
+        labels[start:end - 1] = lab[1:]
+        positions[start:end] = np.arange(ids.size)
+        sequence_ids[start:end] = k
+        start = end
+    positions[start:] = np.arange(length - start)
+    cu_seqlens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return PairBatch(tokens=torch.from_numpy(tokens)[None], labels=torch.from_numpy(labels)[None],
+                     position_ids=torch.from_numpy(positions)[None], num_pairs=len(samples),
+                     sequence_ids=torch.from_numpy(sequence_ids)[None], cu_seqlens=cu_seqlens,
+                     max_seqlen=max(lengths))

@@ -1,7 +1,7 @@
 """The DPO forward_step / loss_func pair for megatron's pipeline schedules.
 
 The model, the data and the loss meet here. A micro-batch holds `[chosen x n ;
-rejected x n]` rows; the policy's logits become per-sequence log-probs on the last
+rejected x n]` rows (or, packed, the same sequences in one THD row); the policy's logits become per-sequence log-probs on the last
 pipeline stage, where the reference's log-probs for the same rows (computed
 beforehand by `ReferencePolicy`) are waiting. The loss function returns the sum of
 per-pair losses and the pair count, and megatron divides gradients by the global
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import IGNORE_INDEX, vocab_parallel_logprobs, vocab_parallel_mean_logits
@@ -126,10 +127,18 @@ class DPOObjective:
                     0, batch.sequence_ids.clamp(min=0).flatten(), shared_tokens.flatten())
         return logps
 
+    def _forward(self, model, batch):
+        """Padded rows go in as they are (causal attention); a packed row goes in the THD layout."""
+        if batch.cu_seqlens is None:
+            return model(batch.tokens, batch.position_ids, None, **self.model_kwargs)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+        return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed, **self.model_kwargs)
+
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):
         batch, _ = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **self.model_kwargs)
+        output = self._forward(model, batch)
         return output, partial(self._reference_logps, batch)
 
     def _reference_logps(self, batch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
@@ -138,7 +147,7 @@ class DPOObjective:
     # Policy: forward, then the loss against the reference's log-probs.
     def policy_forward_step(self, data_iterator, model):
         batch, reference = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **self.model_kwargs)
+        output = self._forward(model, batch)
         return output, partial(self.loss_func, batch, reference)
 
     def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None) -> PairLogps:

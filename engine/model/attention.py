@@ -4,6 +4,11 @@ Without transformer-engine, megatron's local DotProductAttention materializes th
 full [b, heads, s, s] score matrix in Python-level ops. SDPA dispatches to flash /
 memory-efficient kernels on CUDA (and a fused kernel on CPU), with GQA handled
 natively, so GPUs without TE still get flash attention.
+
+Packed micro-batches arrive in megatron's THD layout (``packed_seq_params`` with
+``qkv_format='thd'``: q, k, v are [t, heads, hn], sequences delimited by
+``cu_seqlens_q``): each sequence gets its own causal attention, so no [t, t] mask
+is built and no score is computed across sequences.
 """
 
 from __future__ import annotations
@@ -47,25 +52,41 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention takes neither packed_seq_params nor attention_bias")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes no attention_bias")
         mask_type = attn_mask_type or self.attn_mask_type
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self._attend(query, key, value, attention_mask, mask_type, packed_seq_params, dropout_p)
+        return self._attend(query, key, value, attention_mask, mask_type, packed_seq_params, dropout_p)
+
+    def _attend(self, query, key, value, attention_mask, mask_type, packed_seq_params, dropout_p):
+        if packed_seq_params is not None:
+            return self._attend_packed(query, key, value, packed_seq_params, dropout_p)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         # megatron masks are True where attention is NOT allowed; SDPA's bool masks are the opposite.
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         attn_mask = None if attention_mask is None else ~attention_mask
-        dropout_p = self.dropout_p if self.training else 0.0
-
-        def attend():
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
-            )
-
-        if dropout_p > 0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
+        context = self._sdpa(q, k, v, attn_mask, causal, dropout_p)
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _attend_packed(self, query, key, value, packed_seq_params, dropout_p):
+        """THD: [t, heads, hn] in, [t, heads * hn] out; causal attention within each sequence."""
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(f"SDPAttention packs only the thd format, got {packed_seq_params.qkv_format!r}")
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
+            raise NotImplementedError("SDPAttention packs self-attention only (cu_seqlens_q == cu_seqlens_kv)")
+        lengths = cu_q.diff().tolist()
+        pieces = zip(*(t.split(lengths) for t in (query, key, value)))
+        context = [self._sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), None, True, dropout_p)
+                   for qkv in pieces]  # each [1, heads, s_i, hn]
+        return torch.cat([c.squeeze(0).transpose(0, 1) for c in context]).flatten(1)
+
+    def _sdpa(self, q, k, v, attn_mask, causal: bool, dropout_p: float) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
+            scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+        )

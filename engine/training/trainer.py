@@ -30,7 +30,6 @@ from engine.dpo.reference_cache import CachedReference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
-from engine.model.spec import resolve_transformer_impl
 from engine.platform import current_device
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
@@ -71,9 +70,6 @@ class DPOTrainer:
                              "or a previous run (the policy starts from it and the reference is a copy)")
         if config.training.train_iters is None:
             raise ValueError("pretrain_dpo.py needs --train-iters")
-        if config.data.pack_sequences and resolve_transformer_impl(config.model.transformer_impl) != "local":
-            raise ValueError("--pack-sequences needs the local layer spec (--transformer-impl local): the "
-                             "transformer-engine path would need THD / cu_seqlens, which is not wired yet")
         self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
         self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
         if self.save_lock is not None:
@@ -208,7 +204,7 @@ class DPOTrainer:
 
     def _batch(self, samples: list[dict], pair_indices: list[int]):
         if self.config.data.pack_sequences:
-            batch = pack_pairs(samples, self.config.model.seq_length, self._pad_multiple())
+            batch = pack_pairs(samples, self._pad_multiple())
         else:
             batch = collate_pairs(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by

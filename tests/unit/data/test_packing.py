@@ -1,4 +1,4 @@
-"""Sequence packing: layout, masks, positions, and per-sequence log-probs equal to the padded batch."""
+"""Sequence packing: the THD layout, positions, boundaries, and per-sequence log-probs equal to the padded batch."""
 
 from __future__ import annotations
 
@@ -26,20 +26,29 @@ def pair(prompt: int, chosen: int, rejected: int, seed: int) -> dict:
 SAMPLES = [pair(3, 5, 2, 0), pair(6, 1, 9, 1), pair(2, 12, 4, 2)]
 
 
-def test_rows_hold_whole_sequences_with_own_positions_and_block_diagonal_causal_mask():
-    batch = pack_pairs(SAMPLES, row_capacity=16, pad_to_multiple_of=8)
-    ids = batch.sequence_ids
-    assert sorted(set(ids[ids >= 0].tolist())) == list(range(6))  # every sequence present once
-    assert batch.tokens.shape[1] == 16 and batch.tokens.shape[0] < 6  # fewer rows than padding needs
-    for k, s in enumerate([*[(p["chosen_input_ids"]) for p in SAMPLES], *[(p["rejected_input_ids"]) for p in SAMPLES]]):
-        where = ids == k
-        assert torch.equal(batch.tokens[where], torch.from_numpy(s))
-        assert torch.equal(batch.position_ids[where], torch.arange(len(s)))
-    row, mask = 0, batch.attention_mask[0, 0]
-    for q in range(16):
-        for key in range(16):
-            same = ids[row, q] == ids[row, key] or (ids[row, q] < 0 and ids[row, key] < 0)
-            assert bool(mask[q, key]) == (not (same and key <= q)), (q, key)
+def test_one_thd_row_holds_every_sequence_in_batch_order_with_its_own_positions_and_boundaries():
+    batch = pack_pairs(SAMPLES, pad_to_multiple_of=8)
+    sequences = [p["chosen_input_ids"] for p in SAMPLES] + [p["rejected_input_ids"] for p in SAMPLES]
+    used = sum(len(s) for s in sequences)  # 8 + 7 + 14 + 5 + 15 + 6 = 55
+    assert batch.tokens.shape == (1, 56) and used == 55
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, 8, 15, 29, 34, 49, 55, 56]  # the padding tail is a segment
+    assert batch.max_seqlen == 15
+    for k, s in enumerate(sequences):
+        start, end = batch.cu_seqlens[k].item(), batch.cu_seqlens[k + 1].item()
+        assert torch.equal(batch.tokens[0, start:end], torch.from_numpy(s))
+        assert torch.equal(batch.position_ids[0, start:end], torch.arange(len(s)))
+        assert (batch.sequence_ids[0, start:end] == k).all()
+        prompt = (3, 6, 2)[k % 3]
+        label = [-100] * prompt + s[prompt:].tolist()
+        assert batch.labels[0, start:end - 1].tolist() == label[1:]  # shifted within the sequence
+        assert batch.labels[0, end - 1] == -100  # never a target from the next sequence
+    assert batch.sequence_ids[0, 55] == -1 and batch.labels[0, 55] == -100
+
+
+def test_a_row_that_is_already_aligned_gets_no_padding_segment():
+    batch = pack_pairs(SAMPLES, pad_to_multiple_of=5)
+    assert batch.tokens.shape == (1, 55) and batch.cu_seqlens.tolist()[-1] == 55 and len(batch.cu_seqlens) == 7
 
 
 @pytest.fixture
@@ -59,7 +68,7 @@ def fake_logits(batch) -> torch.Tensor:
 @pytest.mark.parametrize("flags", [{}, {"ld_alpha": 0.5}])
 def test_packed_and_padded_batches_give_the_same_sequence_logps_loss_and_metrics(token_value_logprobs, flags):
     objective = DPOObjective(PreferenceConfig(**flags), vocab_size=64)
-    padded, packed = collate_pairs(SAMPLES), pack_pairs(SAMPLES, row_capacity=16)
+    padded, packed = collate_pairs(SAMPLES), pack_pairs(SAMPLES)
     a, b = objective.sequence_logps(fake_logits(padded), padded), objective.sequence_logps(fake_logits(packed), packed)
     assert torch.allclose(a.total, b.total) and torch.equal(a.count, b.count)
     if flags:

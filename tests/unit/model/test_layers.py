@@ -83,3 +83,35 @@ def test_llama3_rope_scaling_matches_transformers():
                                           "high_freq_factor": 8.0, "original_max_position_embeddings": 64})
     hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
     assert torch.allclose(ours, hf_inv_freq.float(), rtol=1e-6)
+
+
+def _packed_and_separate_logits(argv):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from engine.arguments import parse_args
+    from engine.initialize import initialize_distributed
+    from engine.model.provider import build_frozen_model
+
+    config = parse_args(argv, world_size=1)
+    model = build_frozen_model(config, initialize_distributed(config.parallel))[0]
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 11, 1, 8, 7]  # the last one stands for a padding tail
+    sequences = [torch.randint(0, 32, (1, n), generator=g) for n in lengths]
+    separate = [model(s, torch.arange(s.shape[1])[None], None) for s in sequences]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    row = torch.cat(sequences, dim=1)
+    return torch.cat(separate, dim=1), model(row, positions, None, packed_seq_params=packed), model(row, positions, None)
+
+
+def test_thd_packed_row_gives_each_sequence_the_logits_it_has_alone():
+    """Rope restarts per sequence and attention stays inside it (SDPAttention's THD path)."""
+    argv = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
+            "--seq-length 16 --vocab-size 32 --position-embedding-type rope --normalization RMSNorm "
+            "--swiglu --disable-bias-linear").split()
+    separate, packed, unpacked = run_ranks(_packed_and_separate_logits, 1, argv)[0]
+    assert packed.shape[:2] == separate.shape[:2] == (1, 32)
+    assert (packed - separate).abs().max() < 1e-5
+    assert (unpacked - separate)[:, 5:].abs().amax(dim=-1).min() > 1e-4  # one causal row would mix sequences
