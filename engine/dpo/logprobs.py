@@ -11,7 +11,7 @@ Memory: the logits stay in the model's dtype (bf16 under --bf16: the trainer ask
 Float16Module not to upcast them) and are processed in chunks of rows, each upcast
 to fp32 on its own; backward recomputes the softmax chunk by chunk from the saved
 logits. No full-vocab fp32 tensor of the micro-batch ever exists, only the logits
-themselves, their gradient, and one fp32 chunk.
+themselves, their gradient, and one fp32 chunk buffer.
 """
 
 from __future__ import annotations
@@ -31,16 +31,10 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def _chunk(rows: torch.Tensor, start: int, stop: int, valid_columns: int) -> torch.Tensor:
-    """fp32 copy of rows[start:stop] with padded vocab columns at -inf (a copy also for fp32 input:
-    callers work on it in place, and the logits are saved for backward)."""
-    x = rows[start:stop].to(torch.float32, copy=True)
-    if valid_columns < x.shape[-1]:
-        x[:, valid_columns:] = float("-inf")
-    return x
-
-
 class _VocabParallelLogProbs(torch.autograd.Function):
+    """Chunks of rows go through one reused fp32 buffer (the max needs no copy: it is exact in any
+    dtype), so each chunk is copied once per pass and large temporaries are not re-allocated."""
+
     @staticmethod
     def forward(ctx, logits, labels, vocab_start: int, valid_columns: int, group, chunk_rows: int):
         rows = logits.reshape(-1, logits.shape[-1])
@@ -48,14 +42,19 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         in_range = (local >= 0) & (local < valid_columns)
         index = torch.where(in_range, local, torch.zeros_like(local))
         spans = [(s, min(s + chunk_rows, rows.shape[0])) for s in range(0, rows.shape[0], chunk_rows)]
-
-        row_max = torch.cat([_chunk(rows, a, b, valid_columns).max(dim=-1).values for a, b in spans])
+        sum_exp = rows.new_zeros(rows.shape[0], dtype=torch.float32)
+        target = torch.zeros_like(sum_exp)
+        if valid_columns == 0:  # this rank's slice is all vocab padding
+            row_max = torch.full_like(sum_exp, float("-inf"))
+        else:
+            row_max = torch.cat([rows[a:b, :valid_columns].amax(dim=-1) for a, b in spans]).float()
         row_max = _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        sum_exp, target = torch.empty_like(row_max), torch.empty_like(row_max)
-        for a, b in spans:
-            x = _chunk(rows, a, b, valid_columns).sub_(row_max[a:b].unsqueeze(-1))
-            target[a:b] = torch.where(in_range[a:b], x.gather(-1, index[a:b].unsqueeze(-1)).squeeze(-1), 0.0)
-            sum_exp[a:b] = x.exp_().sum(dim=-1)
+        if valid_columns > 0:
+            buffer = rows.new_empty((spans[0][1], valid_columns), dtype=torch.float32)
+            for a, b in spans:
+                x = buffer[:b - a].copy_(rows[a:b, :valid_columns]).sub_(row_max[a:b].unsqueeze(-1))
+                target[a:b] = torch.where(in_range[a:b], x.gather(-1, index[a:b].unsqueeze(-1)).squeeze(-1), 0.0)
+                sum_exp[a:b] = x.exp_().sum(dim=-1)
         _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
         _all_reduce(target, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(logits, index, in_range, row_max, sum_exp)
@@ -64,16 +63,21 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # d logp(y) / d z_j = 1[j == y] - softmax_j; each rank owns its columns.
+        # d logp(y) / d z_j = 1[j == y] - softmax_j; each rank owns its columns, padded ones get 0.
         logits, index, in_range, row_max, sum_exp = ctx.saved_tensors
-        rows = logits.reshape(-1, logits.shape[-1])
+        rows, valid = logits.reshape(-1, logits.shape[-1]), ctx.valid_columns
         go = grad_output.reshape(-1).float()
-        grad = torch.empty_like(rows)
-        for a, b in ctx.spans:
-            x = _chunk(rows, a, b, ctx.valid_columns).sub_(row_max[a:b].unsqueeze(-1)).exp_()
+        grad = torch.empty_like(rows) if valid == rows.shape[1] else torch.zeros_like(rows)
+        # fp32 logits: work in the gradient itself; otherwise in one fp32 buffer, then cast into it.
+        buffer = None if rows.dtype == torch.float32 or valid == 0 else \
+            rows.new_empty((ctx.spans[0][1], valid), dtype=torch.float32)
+        for a, b in ctx.spans if valid > 0 else ():
+            x = grad[a:b, :valid] if buffer is None else buffer[:b - a]
+            x.copy_(rows[a:b, :valid]).sub_(row_max[a:b].unsqueeze(-1)).exp_()
             x.mul_((-go[a:b] / sum_exp[a:b]).unsqueeze(-1))
             x.scatter_add_(-1, index[a:b].unsqueeze(-1), (go[a:b] * in_range[a:b]).unsqueeze(-1))
-            grad[a:b] = x
+            if buffer is not None:
+                grad[a:b, :valid] = x
         return grad.view(logits.shape), None, None, None, None, None
 
 

@@ -1,4 +1,4 @@
-"""Vocab-parallel token log-probs against torch.log_softmax, at TP1 and TP2, with padded vocab rows."""
+"""Vocab-parallel token log-probs against torch.log_softmax, at TP1, TP2 and TP4, with padded vocab columns."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import torch
 
 from tests.distributed.harness import run_ranks
 
-VOCAB, PADDED = 13, 16  # 3 padding columns that must take no probability mass
+VOCAB, PADDED = 11, 16  # 5 padding columns that must take no probability mass; at TP4 the
+# last rank holds padding only
 
 
 def _case():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, PADDED, generator=g, dtype=torch.float64).float()
     logits[..., VOCAB:] = 5.0  # large padding logits: wrong if they leak into the softmax
-    labels = torch.tensor([[0, 3, 12, -100, 7], [-100, -100, 0, 1, 12]])
+    labels = torch.tensor([[0, 3, 10, -100, 7], [-100, -100, 0, 1, 10]])
     weights = torch.randn(2, 5, generator=g)
     return logits, labels, weights
 
@@ -49,11 +50,11 @@ def _vocab_parallel(tp: int):
     return token.detach(), local.grad, vocab_parallel_mean_logits(local, VOCAB), half.grad.float()
 
 
-def test_logprobs_and_grads_match_log_softmax_at_tp1_and_tp2():
+def test_logprobs_and_grads_match_log_softmax_at_tp1_tp2_tp4():
     logits, labels, weights = _case()
     expected, expected_grad = _reference(logits, labels, weights)
     assert expected[0, 0] != 0  # token id 0 is a real token, not a mask
-    for tp in (1, 2):
+    for tp in (1, 2, 4):
         results = run_ranks(_vocab_parallel, tp, tp)
         for rank, (token, grad, mean_logits, bf16_grad) in enumerate(results):
             width = PADDED // tp
