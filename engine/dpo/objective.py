@@ -1,9 +1,10 @@
 """The DPO forward_step / loss_func pair for megatron's pipeline schedules.
 
 The model, the data and the loss meet here. A micro-batch holds `[chosen x n ;
-rejected x n]` rows (or, packed, the same sequences in one THD row); the policy's logits become per-sequence log-probs on the last
-pipeline stage, where the reference's log-probs for the same rows (computed
-beforehand by `ReferencePolicy`) are waiting. The loss function returns the sum of
+rejected x n]` rows (or, packed, the same sequences in one THD row); the policy's
+logits become per-sequence log-probs on the last pipeline stage, where the
+reference's log-probs for the same sequences (computed beforehand by
+`ReferencePolicy`) are waiting. The loss function returns the sum of
 per-pair losses and the pair count, and megatron divides gradients by the global
 pair count, so the loss of a global batch does not depend on how it is split.
 """
