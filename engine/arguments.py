@@ -169,6 +169,9 @@ class ParallelConfig:
     """--pipeline-model-parallel-size."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """--num-layers-per-virtual-pipeline-stage: interleaved 1F1B schedule."""
+    num_layer_list: tuple[int, ...] | None = None
+    """--num-layer-list: decoder layers of each pipeline stage, e.g. 3,5 (uneven PP, as in MindSpeed-LLM);
+    default an even split. Must match the checkpoint's split (convert_ckpt.py --num-layer-list)."""
     sequence_parallel: bool = False
     """--sequence-parallel: shard norms/dropout activations over TP (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -199,6 +202,17 @@ class ParallelConfig:
             self.num_layers_per_virtual_pipeline_stage is None or self.pipeline_model_parallel_size > 1,
             "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
         )
+        if self.num_layer_list is not None:
+            layers = ",".join(map(str, self.num_layer_list))
+            _require(
+                len(self.num_layer_list) == self.pipeline_model_parallel_size and min(self.num_layer_list) > 0,
+                f"--num-layer-list {layers} needs one positive count per pipeline stage "
+                f"(--pipeline-model-parallel-size {self.pipeline_model_parallel_size})",
+            )
+            _require(
+                self.num_layers_per_virtual_pipeline_stage is None,
+                "--num-layer-list cannot be combined with --num-layers-per-virtual-pipeline-stage",
+            )
         _require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",
@@ -662,10 +676,18 @@ def validate(config: EngineConfig, world_size: int) -> None:
         model.ffn_hidden_size % tp == 0,
         f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})",
     )
-    _require(
-        model.num_layers % pp == 0,
-        f"--num-layers ({model.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})",
-    )
+    if par.num_layer_list is None:
+        _require(
+            model.num_layers % pp == 0,
+            f"--num-layers ({model.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}); "
+            "pass --num-layer-list for an uneven split",
+        )
+    else:
+        _require(
+            sum(par.num_layer_list) == model.num_layers,
+            f"--num-layer-list {','.join(map(str, par.num_layer_list))} sums to {sum(par.num_layer_list)}, "
+            f"not --num-layers ({model.num_layers})",
+        )
     if par.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = model.num_layers // pp
         _require(
@@ -745,11 +767,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"])
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,5, got {text!r}") from None
+
+
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallel")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--num-layer-list", type=_int_list, metavar="N1,N2,...")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")

@@ -61,6 +61,8 @@ def layout_flags(args: dict[str, Any]) -> list[str]:
     flags = pretrain_flags(args)
     flags += ["--tensor-model-parallel-size", str(args["tensor_model_parallel_size"]),
               "--pipeline-model-parallel-size", str(args["pipeline_model_parallel_size"])]
+    if args.get("num_layer_list"):
+        flags += ["--num-layer-list", ",".join(map(str, args["num_layer_list"]))]
     if args.get("params_dtype") in ("bf16", "fp16"):
         flags.append(f"--{args['params_dtype']}")
     return flags

@@ -23,6 +23,16 @@ from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.platform import Platform
 
 
+def _pipeline_layout(num_layer_list: tuple[int, ...] | None) -> list[list[str]] | None:
+    """--num-layer-list as megatron's per-stage layout: embedding first, decoders, loss last."""
+    if num_layer_list is None:
+        return None
+    stages = [["decoder"] * n for n in num_layer_list]
+    stages[0].insert(0, "embedding")
+    stages[-1].append("loss")
+    return stages
+
+
 def transformer_config(config: EngineConfig, platform: Platform) -> TransformerConfig:
     m, par, prec = config.model, config.parallel, config.precision
     on_gpu = platform.is_cuda
@@ -46,6 +56,7 @@ def transformer_config(config: EngineConfig, platform: Platform) -> TransformerC
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_size,
+        pipeline_model_parallel_layout=_pipeline_layout(par.num_layer_list),
         sequence_parallel=par.sequence_parallel,
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,

@@ -99,6 +99,7 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
     state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size)
     path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
     check_model_args(state.get("args"), config.model, path)
+    check_stage_split(state.get("args"), config, path)
     keys = _model_keys(len(chunks))
     if all(key in state for key in keys):
         chunk_states = [state[key] for key in keys]
@@ -156,6 +157,22 @@ def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None
         raise CheckpointError(f"{path} was saved for a different model: " + "; ".join(mismatches))
 
 
+def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> None:
+    """Same pipeline size, different layers per stage (--num-layer-list): say so before loading fails."""
+    pp = config.parallel.pipeline_model_parallel_size
+    if not saved or saved.get("pipeline_model_parallel_size") != pp:
+        return
+    num_layers = config.model.num_layers
+    even = [num_layers // pp] * pp
+    theirs, ours = saved.get("num_layer_list") or even, list(config.parallel.num_layer_list or even)
+    if list(theirs) != ours:
+        raise CheckpointError(
+            f"{path} splits the layers over pipeline stages as {','.join(map(str, theirs))}, the run as "
+            f"{','.join(map(str, ours))}: pass --num-layer-list {','.join(map(str, theirs))}, or reshard the "
+            "checkpoint with tools/checkpoint/convert_ckpt.py --num-layer-list"
+        )
+
+
 class Checkpointer:
     """Saves and restores the policy's training state."""
 
@@ -163,9 +180,9 @@ class Checkpointer:
         self.config = config
         self.checkpoint = config.checkpoint
         self.inherited_args: dict = {}
+        """Provenance from the loaded checkpoint (family, tokenizer, HF config) that mg -> hf needs."""
         self.state_root: str | None = config.checkpoint.load
         """Where the training state comes from: --load, or --lora-load under LoRA."""
-        """Provenance from the loaded checkpoint (family, tokenizer, HF config) that mg -> hf needs."""
 
     def saved_args(self) -> dict:
         """Flat model fields and layout, as the converters read them, plus the whole run config."""
@@ -175,6 +192,7 @@ class Checkpointer:
             **asdict(self.config.model),
             "tensor_model_parallel_size": self.config.parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
+            "num_layer_list": list(self.config.parallel.num_layer_list) if self.config.parallel.num_layer_list else None,
             "padded_vocab_size": self.config.padded_vocab_size,
             "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
             "engine": plain_config(self.config),

@@ -57,11 +57,13 @@ def build_preference_data(root: Path, pairs: int = 64) -> tuple[str, str]:
     return tokenizer_dir, prefix
 
 
-def convert(hf_dir: Path, save_dir: Path, tp: int = 1, pp: int = 1) -> list[str]:
+def convert(hf_dir: Path, save_dir: Path, tp: int = 1, pp: int = 1,
+            num_layer_list: tuple[int, ...] | None = None) -> list[str]:
     """HF -> megatron at (tp, pp); returns the model flags convert_ckpt.py prints for pretrain_dpo.py."""
     from engine.convert.common import ConvertConfig
     from engine.convert.run import run_conversion
 
     return run_conversion(ConvertConfig(load_model_type="hf", save_model_type="mg", load_dir=str(hf_dir),
                                         save_dir=str(save_dir), target_tensor_parallel_size=tp,
-                                        target_pipeline_parallel_size=pp, make_vocab_size_divisible_by=16))
+                                        target_pipeline_parallel_size=pp, num_layer_list=num_layer_list,
+                                        make_vocab_size_divisible_by=16))

@@ -32,12 +32,14 @@ class Assets:
         self.hf_policy = build_tiny_llama(root / "hf_policy", self.vocab_size, seed=0)
         self._converted: dict[tuple, tuple[Path, list[str]]] = {}
 
-    def checkpoint(self, tp: int, pp: int, hf: Path | None = None) -> tuple[Path, list[str]]:
+    def checkpoint(self, tp: int, pp: int, hf: Path | None = None,
+                   num_layer_list: tuple[int, ...] | None = None) -> tuple[Path, list[str]]:
         hf = hf or self.hf_policy
-        key = (hf, tp, pp)
+        key = (hf, tp, pp, num_layer_list)
         if key not in self._converted:
-            target = self.root / f"mg_{hf.name}_tp{tp}pp{pp}"
-            flags = convert(hf, target, tp, pp)
+            split = "_" + "-".join(map(str, num_layer_list)) if num_layer_list else ""
+            target = self.root / f"mg_{hf.name}_tp{tp}pp{pp}{split}"
+            flags = convert(hf, target, tp, pp, num_layer_list)
             self._converted[key] = (target, _model_flags(flags))
         return self._converted[key]
 
@@ -54,7 +56,7 @@ def _model_flags(flags: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+        if flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layer-list"):
             skip = True
             continue
         out.append(flag)
@@ -256,6 +258,27 @@ def test_packed_sequences_give_the_same_losses_as_padded(assets, tmp_path):
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)
     assert [r["rewards/margins"] for r in packed] == pytest.approx([r["rewards/margins"] for r in padded], abs=1e-5)
     assert [r["logits/chosen"] for r in packed] == pytest.approx([r["logits/chosen"] for r in padded], abs=1e-5)
+
+
+def test_uneven_pipeline_stages_train_like_one_stage(assets, tmp_path):
+    """--num-layer-list 1,3: megatron's pipeline layout builds the stages convert_ckpt.py wrote."""
+    even = run_dpo(assets, tmp_path / "pp1", extra="--train-iters 3 --micro-batch-size 2")
+    checkpoint, _ = assets.checkpoint(1, 2, num_layer_list=(1, 3))
+    uneven = run_dpo(assets, tmp_path / "uneven", pp=2, nproc=2, load=checkpoint,
+                     extra="--train-iters 3 --micro-batch-size 2 --num-layer-list 1,3")
+    assert [r["loss"] for r in uneven] == pytest.approx([r["loss"] for r in even], abs=1e-5)
+    assert [r["grad_norm"] for r in uneven] == pytest.approx([r["grad_norm"] for r in even], rel=1e-5)
+    saved = torch.load(tmp_path / "uneven" / "iter_0000003" / "mp_rank_00_001" / "model_optim_rng.pt",
+                       weights_only=False)
+    assert saved["args"]["num_layer_list"] == [1, 3]  # what the converters and a resume read
+
+    # The run's split must be the checkpoint's: one clear line instead of a weights mismatch.
+    checkpoint_flags = assets.checkpoint(1, 2)[1]
+    args = [*checkpoint_flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--pipeline-model-parallel-size", "2",
+            "--load", str(checkpoint), "--save", str(tmp_path / "wrong"), "--train-iters", "1"]
+    wrong = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    assert wrong.returncode != 0
+    assert "splits the layers over pipeline stages as 1,3, the run as 2,2: pass --num-layer-list 1,3" in wrong.stderr
 
 
 def test_bf16_training_tracks_fp32(assets, tmp_path):

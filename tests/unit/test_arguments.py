@@ -43,6 +43,7 @@ def test_padded_vocab_rounds_to_multiple_times_tp():
         ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 3 "
          "--micro-batch-size 1", 2, r"interleaved schedule needs the number of micro-batches \(3\)"),
         ("--padded-vocab-size 999", 1, r"--padded-vocab-size \(999\) is smaller than --vocab-size \(1000\)"),
+        ("--pipeline-model-parallel-size 3 --num-layer-list 1,1,1", 3, r"--num-layer-list 1,1,1 sums to 3, not --num-layers \(4\)"),
     ],
 )
 def test_validate_names_the_flags_and_the_rule(extra, world, message):
@@ -61,6 +62,10 @@ def test_validate_names_the_flags_and_the_rule(extra, world, message):
         ("--lr-warmup-fraction 0.1 --lr-warmup-iters 5", r"mutually exclusive"),
         ("--save-interval 10", r"--save-interval needs --save"),
         ("--seq-length 64 --max-position-embeddings 32", r"--seq-length \(64\) exceeds --max-position-embeddings"),
+        ("--pipeline-model-parallel-size 2 --num-layer-list 1,2,1", r"--num-layer-list 1,2,1 needs one positive count per"),
+        ("--pipeline-model-parallel-size 2 --num-layer-list 4,0", r"needs one positive count per pipeline stage"),
+        ("--pipeline-model-parallel-size 2 --num-layer-list 1,3 --num-layers-per-virtual-pipeline-stage 1",
+         r"--num-layer-list cannot be combined with --num-layers-per-virtual-pipeline-stage"),
     ],
 )
 def test_section_checks_name_the_flag(extra, message):
@@ -76,6 +81,14 @@ def test_unknown_flags_and_config_errors_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--tensor-model-parallel-size", "3"], world_size=3)
     assert "--num-attention-heads (8) must be divisible" in capsys.readouterr().err
+
+
+def test_uneven_pipeline_split_is_accepted_and_parsed():
+    parsed = config("--pipeline-model-parallel-size 3 --num-layer-list 1,2,1")
+    validate(parsed, world_size=3)
+    assert parsed.parallel.num_layer_list == (1, 2, 1)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--num-layer-list", "1;3"])
 
 
 def test_megatron_lm_rope_scaling_spelling():
