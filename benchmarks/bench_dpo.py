@@ -114,7 +114,8 @@ def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix:
                "--pipeline-model-parallel-size", str(args.pp), "--micro-batch-size", str(args.micro_batch_size),
                "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
                "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
-               "--load", str(root / "mg"), "--save", str(save), "--peak-tflops", str(peak), *MODES[name]]
+               "--load", str(root / "mg"), "--save", str(save), "--peak-tflops", str(peak), *MODES[name],
+               *args.train_args.split()]
     if args.bf16:
         command.append("--bf16")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="default: measured with a dense matmul here")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--train-args", default="",
+                        help="more pretrain_dpo.py flags for every mode, e.g. '--transformer-impl local'")
     parser.add_argument("--output", default="benchmarks/results/bench_dpo.json")
     args = parser.parse_args()
 
