@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,17 +131,27 @@ def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[
     stage file of this TP rank once (a start-up cost, paid only in this case).
     """
     tp_rank, pp_rank, pp_size = _rank_coordinates()
-    num_layers = config.model.num_layers
-    saved = ShardLayout(num_layers, pipeline_model_parallel_size=pp_size, swiglu=config.model.swiglu,
-                        tied_embeddings=not config.model.untie_embeddings_and_output_weights)
+    # TP size 1 in these layouts: each tensor is already this TP rank's slice and stays whole.
+    target = replace(run_layout(config), tensor_model_parallel_size=1, padded_vocab_size=None)
+    saved = replace(target, virtual_pipeline_size=None)
     per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size)["model"]
                  for stage in range(pp_size)}
-    # TP size 1 in these layouts: each tensor is already this TP rank's slice and stays whole.
     full = merge_state_dicts(per_stage, saved)
-    target = ShardLayout(num_layers, pipeline_model_parallel_size=pp_size,
-                         virtual_pipeline_size=config.virtual_pipeline_size, swiglu=config.model.swiglu,
-                         tied_embeddings=saved.tied_embeddings)
     return [shard_state_dict(full, target, 0, pp_rank, v) for v in range(config.virtual_pipeline_size)]
+
+
+def run_layout(config: EngineConfig) -> ShardLayout:
+    """How this run splits the model, in the terms the converters use for checkpoints."""
+    return ShardLayout(
+        num_layers=config.model.num_layers,
+        tensor_model_parallel_size=config.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.parallel.pipeline_model_parallel_size,
+        virtual_pipeline_size=config.virtual_pipeline_size,
+        layers_per_stage=config.parallel.num_layer_list,
+        swiglu=config.model.swiglu,
+        tied_embeddings=not config.model.untie_embeddings_and_output_weights,
+        padded_vocab_size=config.padded_vocab_size,
+    )
 
 
 def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None:

@@ -10,27 +10,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from engine.arguments import EngineConfig, parse_args
-from engine.convert.sharding import ShardLayout, shard_state_dict
+from engine.convert.sharding import shard_state_dict
 from engine.initialize import initialize_distributed, set_random_seeds
 from engine.model.provider import build_frozen_model, build_trainable_model, unwrap_model
+from engine.training.checkpointing import run_layout
 from engine.training.optimizer import build_optimizer, build_scheduler
 from engine.training.step import prepare_model_config, train_step
 
 
-def layout_of(config: EngineConfig) -> ShardLayout:
-    return ShardLayout(
-        num_layers=config.model.num_layers,
-        tensor_model_parallel_size=config.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.parallel.pipeline_model_parallel_size,
-        virtual_pipeline_size=config.virtual_pipeline_size,
-        swiglu=config.model.swiglu,
-        tied_embeddings=not config.model.untie_embeddings_and_output_weights,
-        padded_vocab_size=config.padded_vocab_size,
-    )
-
-
 def load_full_state(chunks: list[torch.nn.Module], full: dict, config: EngineConfig) -> None:
-    layout = layout_of(config)
+    layout = run_layout(config)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     for index, chunk in enumerate(chunks):
