@@ -98,34 +98,23 @@ class DPOObjective:
         labels = batch.labels
         token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
         mask = labels != IGNORE_INDEX
-        if batch.sequence_ids is None:  # row r is sequence r
-            logps = SequenceLogps(token_logps.sum(dim=-1), mask.sum(dim=-1))
-            position = mask.cumsum(dim=-1)  # 1-based index among the row's answer tokens
-        else:  # packed rows: sum each sequence's segment
-            ids = batch.sequence_ids.clamp(min=0).flatten()
-            sequences = 2 * batch.num_pairs
-            total = token_logps.new_zeros(sequences).index_add(0, ids, token_logps.flatten())
-            count = ids.new_zeros(sequences).index_add(0, ids, mask.flatten().long())
-            logps = SequenceLogps(total, count)
-            running = mask.long().cumsum(dim=-1)
-            # Answer tokens of the row before each sequence starts, to restart the count per sequence.
-            before = ids.new_zeros(sequences).scatter_reduce(
-                0, ids, (running - mask.long()).flatten(), reduce="amin", include_self=False)
-            position = running - before[batch.sequence_ids.clamp(min=0)]
+        ids = _sequence_index(batch)
+        flat, sequences = ids.flatten(), 2 * batch.num_pairs
+        total = token_logps.new_zeros(sequences).index_add(0, flat, token_logps.flatten())
+        count = ids.new_zeros(sequences).index_add(0, flat, mask.flatten().long())
+        logps = SequenceLogps(total, count)
         if self.ld_alpha is not None:
+            # 1-based index of each answer token within its own sequence: the row's running count,
+            # restarted where the sequence starts.
+            running = mask.long().cumsum(dim=-1)
+            before = ids.new_zeros(sequences).scatter_reduce(
+                0, flat, (running - mask.long()).flatten(), reduce="amin", include_self=False)
+            position = running - before[ids]
             # Sequence i and i + n form a pair; tokens past the shorter answer's length are the excess.
             n = batch.num_pairs
-            public = torch.minimum(logps.count[:n], logps.count[n:]).repeat(2)
-            if batch.sequence_ids is None:
-                limit = public.unsqueeze(-1)
-            else:
-                limit = public[batch.sequence_ids.clamp(min=0)]
-            shared_tokens = token_logps * (position <= limit)
-            if batch.sequence_ids is None:
-                logps.shared = shared_tokens.sum(dim=-1)
-            else:
-                logps.shared = token_logps.new_zeros(2 * n).index_add(
-                    0, batch.sequence_ids.clamp(min=0).flatten(), shared_tokens.flatten())
+            public = torch.minimum(count[:n], count[n:]).repeat(2)
+            shared_tokens = token_logps * (position <= public[ids])
+            logps.shared = token_logps.new_zeros(sequences).index_add(0, flat, shared_tokens.flatten())
         return logps
 
     def _forward(self, model, batch):
@@ -187,11 +176,7 @@ class DPOObjective:
         chosen_rewards, rejected_rewards = rewards(reward_logps, self.beta)
         mask = batch.labels != IGNORE_INDEX
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
-        if batch.sequence_ids is None:
-            chosen = torch.zeros_like(mask)
-            chosen[:n] = True
-        else:
-            chosen = batch.sequence_ids < n
+        chosen = _sequence_index(batch) < n
         chosen_tokens, rejected_tokens = mask & chosen, mask & ~chosen
         totals = policy.total.detach()
         metrics = {
@@ -227,6 +212,15 @@ class DPOObjective:
     def load_state_dict(self, state: dict) -> None:
         self.bco_delta = float(state.get("bco_delta", 0.0))
         self.bco_steps = int(state.get("bco_steps", 0))
+
+
+def _sequence_index(batch) -> torch.Tensor:
+    """Which of the 2n sequences each position belongs to, [rows, L]: row r for padded rows; for a
+    packed row its `sequence_ids`, with the padding tail (no labels) counted under sequence 0."""
+    if batch.sequence_ids is None:
+        rows, length = batch.labels.shape
+        return torch.arange(rows, device=batch.labels.device).unsqueeze(1).expand(rows, length)
+    return batch.sequence_ids.clamp(min=0)
 
 
 def _mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
