@@ -128,6 +128,5 @@ def load_or_compute(path: Path, stamp: dict, splits: dict, build_reference, micr
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"fingerprint": stamp, "tables": tables}, tmp)
         os.replace(tmp, path)
-    dist.barrier()
-    stored = torch.load(path, weights_only=False)
-    return CachedReference(stored["tables"])
+    # Every last-stage rank already holds the whole tables (gathered over DP); other stages never read them.
+    return CachedReference(tables)
