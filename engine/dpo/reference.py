@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state
 
 from engine.dpo.objective import DPOObjective
+from engine.model.lora import adapters_disabled
 from engine.training.step import forward_only
 
 
@@ -41,8 +42,6 @@ class AdapterOffReference(ReferencePolicy):
 
     @torch.no_grad()
     def logps(self, micro_batches: list, split: str | None = None) -> list[torch.Tensor | None]:
-        from engine.model.lora import adapters_disabled
-
         modes = [chunk.training for chunk in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
