@@ -95,11 +95,7 @@ def _set_rng_state(state: dict) -> None:
 
 def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int, config: EngineConfig) -> dict:
     """Loads iteration `iteration` of `root` into this rank's chunks; returns the rank file's contents."""
-    tp_rank, pp_rank, pp_size = _rank_coordinates()
-    state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size)
-    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
-    check_model_args(state.get("args"), config.model, path)
-    check_stage_split(state.get("args"), config, path)
+    state, path = _checked_rank_state(root, iteration, config)
     keys = _model_keys(len(chunks))
     if all(key in state for key in keys):
         chunk_states = [state[key] for key in keys]
@@ -122,6 +118,24 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
                 f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
             )
     return state
+
+
+def _checked_rank_state(root: str, iteration: int, config: EngineConfig) -> tuple[dict, Path]:
+    """This rank's file of `iteration` under `root` and its path, once its recorded architecture and
+    stage split are known to match the run's flags."""
+    tp_rank, pp_rank, pp_size = _rank_coordinates()
+    state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size)
+    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
+    check_model_args(state.get("args"), config.model, path)
+    check_stage_split(state.get("args"), config, path)
+    return state, path
+
+
+def _latest_iteration(root: str, flag: str) -> int:
+    latest = read_tracker(root)
+    if latest is None:
+        raise CheckpointError(f"{flag} {root}: no latest_checkpointed_iteration.txt there")
+    return latest
 
 
 def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[dict]:
@@ -262,9 +276,7 @@ class Checkpointer:
         root = self.checkpoint.load
         for leftover in incomplete_checkpoints(root):
             logger.warning("ignoring %s: a save that was interrupted before it was published", leftover)
-        latest = read_tracker(root)
-        if latest is None:
-            raise CheckpointError(f"--load {root}: no latest_checkpointed_iteration.txt there")
+        latest = _latest_iteration(root, "--load")
         state = load_model_weights(model, root, latest, self.config)
         args = state.get("args") or {}
         self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
@@ -284,13 +296,8 @@ class Checkpointer:
         """--lora-load: adapters (from an adapter-only or a full checkpoint) on top of --load's base weights;
         the training state of that directory, if it has one, is the run's."""
         root = self.config.lora.lora_load
-        latest = read_tracker(root)
-        if latest is None:
-            raise CheckpointError(f"--lora-load {root}: no latest_checkpointed_iteration.txt there")
-        tp_rank, pp_rank, pp_size = _rank_coordinates()
-        state = load_rank_state(root, latest, tp_rank, pp_rank, pp_size)
-        path = rank_file(Path(root) / iteration_dir_name(latest), tp_rank, pp_rank, pp_size)
-        check_model_args(state.get("args"), self.config.model, path)
+        latest = _latest_iteration(root, "--lora-load")
+        state, path = _checked_rank_state(root, latest, self.config)
         for key, chunk in zip(_model_keys(len(model)), model):
             module = unwrap_model(chunk)
             wanted = [k for k in module.state_dict() if is_adapter_key(k)]
