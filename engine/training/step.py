@@ -21,9 +21,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from engine.platform import current_device
-
 from engine.model.lora import allreduce_partial_adapter_grads
+from engine.platform import current_device
 
 
 @dataclass

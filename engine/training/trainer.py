@@ -23,9 +23,9 @@ from engine.arguments import EngineConfig
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets, parse_data_path
 from engine.data.sampler import PairwiseBatchSampler
+from engine.dpo import reference_cache
 from engine.dpo.objective import DPOObjective
 from engine.dpo.reference import AdapterOffReference, ReferencePolicy
-from engine.dpo import reference_cache
 from engine.dpo.reference_cache import CachedReference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
@@ -33,8 +33,8 @@ from engine.model.provider import build_frozen_model, build_trainable_model
 from engine.platform import current_device
 from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
-from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
 from engine.training.exit_conditions import ExitConditions
+from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
 from engine.training.optimizer import build_optimizer, build_scheduler
 from engine.training.run_lock import SaveDirLock
 from engine.training.step import chunk_iterators, forward_only, prepare_model_config, reduce_metrics, train_step
@@ -246,7 +246,7 @@ class DPOTrainer:
                 self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
             if train.eval_interval and self.state.iteration % train.eval_interval == 0:
                 self.evaluate()
-            saved = bool(ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0)
+            saved = self._save_due()
             if saved:
                 self.save()
             reason = self.exit_conditions.check(self.state.iteration)
@@ -255,9 +255,14 @@ class DPOTrainer:
                     self.save()
                 logger.info("stopping after iteration %d: %s", self.state.iteration, reason)
                 return self.state
-        if ckpt.save is not None and not (ckpt.save_interval and self.state.iteration % ckpt.save_interval == 0):
+        if ckpt.save is not None and not self._save_due():
             self.save()
         return self.state
+
+    def _save_due(self) -> bool:
+        """--save-interval divides the current iteration (so the loop has saved it)."""
+        interval = self.config.checkpoint.save_interval
+        return bool(interval and self.state.iteration % interval == 0)
 
     def _account_for_skips(self, result, indices: list[list[int]]) -> None:
         """Counts updates skipped for non-finite values, names the pairs involved, and stops a run
