@@ -767,7 +767,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"])
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type for comma-separated counts such as --num-layer-list 3,5 (training and convert_ckpt.py)."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -779,7 +780,7 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
-    g.add_argument("--num-layer-list", type=_int_list, metavar="N1,N2,...")
+    g.add_argument("--num-layer-list", type=int_list, metavar="N1,N2,...")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from engine.arguments import int_list  # noqa: E402
 from engine.convert.common import ConvertConfig, parse_size  # noqa: E402
 from engine.convert.run import run_conversion  # noqa: E402
 from engine.model.families import FAMILIES, UnsupportedModelError  # noqa: E402
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-dir", required=True)
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
-    parser.add_argument("--num-layer-list", help="layers per pipeline stage, e.g. 3,5")
+    parser.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 3,5")
     parser.add_argument("--model-type-hf", help=f"one of {', '.join(FAMILIES)}; default from config.json")
     parser.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], help="default: keep the stored dtype")
     parser.add_argument("--add-qkv-bias", action="store_true")
@@ -54,11 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
-    layers = tuple(int(n) for n in args.num_layer_list.split(",")) if args.num_layer_list else None
     return ConvertConfig(
         load_model_type=args.load_model_type, save_model_type=args.save_model_type, load_dir=args.load_dir,
         save_dir=args.save_dir, target_tensor_parallel_size=args.target_tensor_parallel_size,
-        target_pipeline_parallel_size=args.target_pipeline_parallel_size, num_layer_list=layers,
+        target_pipeline_parallel_size=args.target_pipeline_parallel_size, num_layer_list=args.num_layer_list,
         model_type_hf=args.model_type_hf, params_dtype=args.params_dtype, add_qkv_bias=args.add_qkv_bias,
         tokenizer_model=args.tokenizer_model, load_iteration=args.load_iteration,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, padded_vocab_size=args.padded_vocab_size,
