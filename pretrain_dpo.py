@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from engine.data.readers import DataError
-    from engine.training.checkpoint_layout import CheckpointError
+    from engine.checkpoint.layout import CheckpointError
     from engine.training.run_lock import SaveDirLockedError
     from engine.training.trainer import DPOTrainer, TrainingDivergedError
 

@@ -84,7 +84,7 @@ def build_data(root: Path, args) -> str:
     """Random token pairs: prompt 8-32 tokens, answers from L/10 to L (a 10x spread), L = --max-answer."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from engine.data.preprocess import OUTPUT_KEYS, output_path_prefix
+    from engine.formats import OUTPUT_KEYS, output_path_prefix
 
     rng = np.random.default_rng(0)
     prefix = str(root / "data" / "pairs")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from engine.training.checkpoint_layout import CheckpointError
+from engine.checkpoint.layout import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}

@@ -19,7 +19,7 @@ from engine.convert.common import ConvertConfig, ConversionError, staged_output
 from engine.convert.hf_io import HFCheckpoint, has_tokenizer
 from engine.convert.mapping import hf_to_mcore_units
 from engine.convert.mg_io import MegatronWriter, padded_vocab
-from engine.convert.sharding import ShardLayout
+from engine.checkpoint.sharding import ShardLayout
 from engine.model.families import UnsupportedModelError, detect_family, get_family, model_args, pretrain_flags
 
 log = logging.getLogger(__name__)

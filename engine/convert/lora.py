@@ -1,7 +1,7 @@
 """LoRA adapters in conversions: merge them into the base weights, or export them as a PEFT adapter.
 
 Adapters come from a LoRA training checkpoint (`--lora-load`, adapter-only or full),
-merged over TP like the weights they adapt (engine/convert/sharding.py knows their
+merged over TP like the weights they adapt (engine/checkpoint/sharding.py knows their
 split dims: column-parallel B on dim 0, gated fc1 B as [gate; up], row-parallel A on
 dim 1, the rest replicated). In megatron-core's layout `W' = W + (alpha / r) B A`
 is one product per linear, since B's rows follow W's rows ([q|k|v] per query group
@@ -25,7 +25,7 @@ import torch
 from engine.convert.common import ConversionError, ConvertConfig, staged_output
 from engine.convert.mapping import unpack_qkv
 from engine.convert.mg_io import MegatronCheckpoint, _model_chunks
-from engine.convert.sharding import merge_chunk
+from engine.checkpoint.sharding import merge_chunk
 from engine.model.families import get_family
 from engine.model.lora import is_adapter_key
 

@@ -2,7 +2,7 @@
 
 Works on *full* (TP1 x PP1) megatron tensors, one unit at a time: the embedding, one
 decoder layer, or the final norm with the output layer. Sharding over TP/PP is
-engine/convert/sharding.py's job. Two layouts differ from HF:
+engine/checkpoint/sharding.py's job. Two layouts differ from HF:
 - linear_qkv stacks, per query group g, [q heads of g ; k_g ; v_g] (weight rows and bias);
 - linear_fc1 is [gate ; up].
 HF's rotary embedding and megatron-core's default rope share the rotate-half

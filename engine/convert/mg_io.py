@@ -18,8 +18,8 @@ import torch
 
 from engine.convert.common import ConversionError
 from engine.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT
-from engine.convert.sharding import ShardLayout, merge_chunk, shard_state_dict
-from engine.training.checkpoint_layout import (
+from engine.checkpoint.sharding import ShardLayout, merge_chunk, shard_state_dict
+from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
     CheckpointError,
     discover_parallel_layout,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from engine.data.preprocess import IGNORE_INDEX
+from engine.formats import IGNORE_INDEX
 from engine.data.readers import DataError
 
 

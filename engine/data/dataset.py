@@ -19,8 +19,9 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
-from engine.data.preprocess import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix, truncate_lengths
 from engine.data.readers import DataError
+from engine.data.truncation import truncate_lengths
+from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -29,21 +29,16 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from engine.data.handlers import HANDLERS, RecordError, build_handler
 from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
 from engine.data.templates import ChatEncoder, get_template
+from engine.data.truncation import truncate_lengths
+from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 CHUNK_SIZE = 32
 """Records per worker task: large enough to amortise IPC, small enough to keep workers busy."""
 MAX_LISTED_BAD = 10
 WRITE_BUFFER = 1 << 20
-
-
-def output_path_prefix(output_prefix: str, key: str) -> str:
-    """Path prefix (without .bin/.idx) of one output dataset."""
-    return f"{output_prefix}_packed_{key}_document"
 
 
 @dataclass
@@ -125,25 +120,6 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--skip-bad-records", action="store_true")
     add_tokenizer_args(parser)
     return parser
-
-
-def truncate_lengths(prompt: int, response: int, seq_length: int) -> tuple[int, int]:
-    """Tokens kept of (prompt, longest response) so that their sum fits ``seq_length``.
-
-    The response start is always kept. A short response (under half the budget)
-    is kept whole and the prompt is cut; else a short prompt is kept whole and
-    the response is cut; else both are cut in proportion to their lengths.
-    The prompt loses its beginning (the final user turn and the assistant
-    header stay next to the answer); responses lose their end.
-    """
-    if prompt + response <= seq_length:
-        return prompt, response
-    if 2 * response < seq_length:
-        return seq_length - response, response
-    if 2 * prompt < seq_length:
-        return prompt, seq_length - prompt
-    kept_response = max(1, seq_length * response // (prompt + response))
-    return seq_length - kept_response, kept_response
 
 
 class EncodedPair(NamedTuple):

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-IGNORE_INDEX = -100
+from engine.formats import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 1 << 24
 """fp32 elements per chunk (64 MiB): bounds the temporaries whatever the sequence length."""
 

@@ -19,7 +19,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
-from engine.dpo.logprobs import IGNORE_INDEX, vocab_parallel_logprobs, vocab_parallel_mean_logits
+from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
+from engine.formats import IGNORE_INDEX
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
 
 

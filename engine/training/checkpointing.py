@@ -1,4 +1,4 @@
-"""Saving and loading training state in the Megatron-LM layout (see checkpoint_layout.py).
+"""Saving and loading training state in the Megatron-LM layout (see engine/checkpoint/layout.py).
 
 Each (TP, PP) rank's file is written by its data-parallel rank 0 and holds the model
 chunk(s), the optimizer (its non-sharded part; the distributed optimizer's sharded
@@ -22,10 +22,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from engine.arguments import EngineConfig, ModelConfig, plain_config
-from engine.convert.sharding import ShardLayout, merge_state_dicts, shard_state_dict
+from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 from engine.model.lora import is_adapter_key
 from engine.model.provider import unwrap_model
-from engine.training.checkpoint_layout import (
+from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
     CheckpointError,
     incomplete_checkpoints,

@@ -23,15 +23,15 @@ from engine.arguments import EngineConfig
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets, parse_data_path
 from engine.data.sampler import PairwiseBatchSampler
-from engine.dpo import reference_cache
+from engine.training import reference_cache
 from engine.dpo.objective import DPOObjective
-from engine.dpo.reference import AdapterOffReference, ReferencePolicy
-from engine.dpo.reference_cache import CachedReference
+from engine.training.reference import AdapterOffReference, ReferencePolicy
+from engine.training.reference_cache import CachedReference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_frozen_model, build_trainable_model
 from engine.platform import current_device
-from engine.training.checkpoint_layout import CheckpointError, iteration_dir_name, read_tracker
+from engine.checkpoint.layout import CheckpointError, iteration_dir_name, read_tracker
 from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
 from engine.training.exit_conditions import ExitConditions
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops

@@ -10,7 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from engine.arguments import EngineConfig, parse_args
-from engine.convert.sharding import shard_state_dict
+from engine.checkpoint.sharding import shard_state_dict
 from engine.initialize import initialize_distributed, set_random_seeds
 from engine.model.provider import build_frozen_model, build_trainable_model, unwrap_model
 from engine.training.checkpointing import run_layout

@@ -72,7 +72,7 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor) ->
     from engine.arguments import parse_args
     from engine.initialize import initialize_distributed, set_random_seeds
     from engine.model.provider import build_frozen_model, unwrap_model
-    from engine.training.checkpoint_layout import load_rank_state
+    from engine.checkpoint.layout import load_rank_state
 
     world = int(os.environ["WORLD_SIZE"])
     configs = [parse_args(flags, world_size=world) for flags, _ in runs]

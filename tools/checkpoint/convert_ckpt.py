@@ -21,7 +21,7 @@ from engine.arguments import int_list  # noqa: E402
 from engine.convert.common import ConvertConfig, parse_size  # noqa: E402
 from engine.convert.run import run_conversion  # noqa: E402
 from engine.model.families import FAMILIES, UnsupportedModelError  # noqa: E402
-from engine.training.checkpoint_layout import CheckpointError  # noqa: E402
+from engine.checkpoint.layout import CheckpointError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

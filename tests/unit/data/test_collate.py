@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.data.collate import PairBatch, collate_pairs
-from engine.data.preprocess import IGNORE_INDEX
+from engine.formats import IGNORE_INDEX
 from engine.data.readers import DataError
 
 M = IGNORE_INDEX

@@ -15,7 +15,9 @@ from engine.data.dataset import (
     parse_split,
     split_ranges,
 )
-from engine.data.preprocess import IGNORE_INDEX, PairShardWriter, output_path_prefix, truncate_lengths
+from engine.data.preprocess import PairShardWriter
+from engine.data.truncation import truncate_lengths
+from engine.formats import IGNORE_INDEX, output_path_prefix
 from engine.data.readers import DataError
 
 

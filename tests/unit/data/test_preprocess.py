@@ -11,17 +11,11 @@ from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 import preprocess_data
-from engine.data.preprocess import (
-    IGNORE_INDEX,
-    OUTPUT_KEYS,
-    PreprocessConfig,
-    add_preprocess_args,
-    output_path_prefix,
-    preprocess,
-    truncate_lengths,
-)
+from engine.data.preprocess import PreprocessConfig, add_preprocess_args, preprocess
 from engine.data.readers import DataError
 from engine.data.templates import ChatEncoder, Conversation, get_template
+from engine.data.truncation import truncate_lengths
+from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
 from engine.tokenizer import TokenizerConfig, build_tokenizer
 
 

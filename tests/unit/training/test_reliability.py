@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from engine.training.checkpoint_layout import (
+from engine.checkpoint.layout import (
     incomplete_checkpoints,
     load_rank_state,
     publish,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.convert.sharding import ShardLayout, merge_state_dicts, shard_state_dict
+from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 
 
 def full_state(num_layers=4, hidden=8, ffn=12, vocab=20, tied=True):
