@@ -11,6 +11,7 @@ import os
 import sys
 
 from engine.arguments import parse_args, plain_config
+from engine.tokenizer import vocab_size_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines list every parameter
-    config = parse_args(argv)
+    config = parse_args(argv, vocab_size_of=vocab_size_of, for_training=True)
     if config.logging.validate_only:
         print(json.dumps(plain_config(config), indent=1, default=str))
         return 0

@@ -6,6 +6,10 @@ declarations, can check a --data-path without loading the data code.
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt tokens, padding): torch's cross-entropy default."""
 
@@ -16,3 +20,26 @@ OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejec
 def output_path_prefix(output_prefix: str, key: str) -> str:
     """Path prefix (without .bin/.idx) of one preprocessed dataset: the layout MindSpeed-LLM uses."""
     return f"{output_prefix}_packed_{key}_document"
+
+
+def missing_shards_message(prefix: str) -> str | None:
+    """None when all eight files of a preprocessed prefix exist; else which are missing, or, when none
+    is there, that the prefix is not a preprocessing prefix, with a guess at the intended one."""
+    paths = [output_path_prefix(prefix, k) + ext for k in OUTPUT_KEYS for ext in (".bin", ".idx")]
+    present = [p for p in paths if os.path.exists(p)]
+    if len(present) == len(paths):
+        return None
+    if present:
+        missing = [p for p in paths if p not in present]
+        return f"--data-path {prefix!r}: incomplete preprocessed data set; missing {missing}, present {present}"
+    hint = ""
+    match = re.fullmatch(r"(.*)_packed_\w+?_document(\.bin|\.idx)?", prefix)
+    if match:
+        hint = f" (did you mean {match.group(1)!r}?)"
+    elif os.path.isdir(prefix):
+        suffix = "_packed_chosen_input_ids_document.idx"
+        found = sorted(glob.glob(os.path.join(glob.escape(prefix), "*" + suffix)))
+        if found:
+            hint = f" (the directory holds {[f[:-len(suffix)] for f in found]})"
+    return (f"--data-path {prefix!r}: no preprocessed pairwise files (expected {paths[0]} and seven more); "
+            f"pass the prefix given to preprocess_data.py --output-prefix{hint}")

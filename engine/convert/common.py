@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from engine.arguments import LORA_TARGETS
 from engine.checkpoint.layout import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,7 +79,7 @@ class ConvertConfig:
     """--lora-r: the adapters' rank (checked against the checkpoint)."""
     lora_alpha: float | None = None
     """--lora-alpha: merged as W + (alpha / r) B A."""
-    lora_target_modules: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
     """--lora-target-modules: the megatron linears the adapters may adapt."""
     save_lora_to_hf: bool = False
     """--save-lora-to-hf: write the adapters as a PEFT adapter folder (--save-dir) instead of merged weights."""

@@ -19,35 +19,16 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
+from engine.arguments import DataConfig
 from engine.data.readers import DataError
 from engine.data.truncation import truncate_lengths
-from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
+from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, missing_shards_message, output_path_prefix
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 CHECK_CHUNK = 1 << 24
 """Tokens per vectorized check step: bounds the temporary arrays to a few hundred MB."""
-
-
-def _missing_files_error(prefix: str) -> DataError:
-    """Say which of the eight files are missing, or that the prefix is not a preprocessing prefix at all."""
-    paths = [output_path_prefix(prefix, k) + ext for k in OUTPUT_KEYS for ext in (".bin", ".idx")]
-    present = [p for p in paths if os.path.exists(p)]
-    if present:
-        missing = [p for p in paths if p not in present]
-        return DataError(f"--data-path {prefix!r}: incomplete preprocessed data set; missing {missing}, "
-                         f"present {present}")
-    hint = ""
-    match = re.fullmatch(r"(.*)_packed_\w+?_document(\.bin|\.idx)?", prefix)
-    if match:
-        hint = f" (did you mean {match.group(1)!r}?)"
-    elif os.path.isdir(prefix):
-        found = sorted(glob.glob(os.path.join(glob.escape(prefix), "*_packed_chosen_input_ids_document.idx")))
-        if found:
-            hint = f" (the directory holds {[f[:-len('_packed_chosen_input_ids_document.idx')] for f in found]})"
-    return DataError(f"--data-path {prefix!r}: no preprocessed pairwise files (expected {paths[0]} and seven "
-                     f"more); pass the prefix given to preprocess_data.py --output-prefix{hint}")
 
 
 def _check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
@@ -97,7 +78,7 @@ class PairwiseDataset(Dataset):
         self.seq_length = seq_length
         paths = {k: output_path_prefix(prefix, k) for k in OUTPUT_KEYS}
         if not all(IndexedDataset.exists(p) for p in paths.values()):
-            raise _missing_files_error(prefix)
+            raise DataError(missing_shards_message(prefix))
         empty = [p + ".bin" for p in paths.values() if not os.path.getsize(p + ".bin")]
         if empty:  # megatron cannot memory-map an empty file
             raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
@@ -208,19 +189,6 @@ class _Range(Dataset):
         return self.dataset[self.start + i]
 
 
-def parse_split(split: str) -> list[float]:
-    """``--split`` "98,2,0" -> normalized train/valid/test weights."""
-    parts = [p.strip() for p in re.split(r"[,/]", split)]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--split {split!r} must be up to three comma-separated numbers, e.g. 98,2,0") from None
-    if not 1 <= len(weights) <= 3 or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--split {split!r} must be one to three non-negative numbers with a positive sum")
-    weights += [0.0] * (3 - len(weights))
-    return [w / sum(weights) for w in weights]
-
-
 def split_ranges(num_documents: int, split: list[float]) -> list[tuple[int, int]]:
     """Contiguous [start, stop) per split, rounded as Megatron does (``round(cumulative * n)``)."""
     bounds = np.rint(np.cumsum([0.0] + split) * num_documents).astype(np.int64)
@@ -228,41 +196,7 @@ def split_ranges(num_documents: int, split: list[float]) -> list[tuple[int, int]
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """``--data-path``: prefixes, or weight/prefix pairs; returns (prefixes, weights or None)."""
-    if not data_path:
-        raise ValueError("--data-path is empty")
-    if len(data_path) == 1:
-        return [data_path[0]], None
-    weights = []
-    for w in data_path[0::2]:
-        try:
-            weights.append(float(w))
-        except ValueError:
-            weights = None
-            break
-    if weights is None or len(data_path) % 2:
-        if any(_is_number(p) for p in data_path):
-            raise ValueError(f"--data-path {data_path}: give either prefixes only or weight/prefix pairs "
-                             f"('0.3 A 0.7 B')")
-        return list(data_path), None
-    prefixes = list(data_path[1::2])
-    if any(_is_number(p) for p in prefixes):
-        raise ValueError(f"--data-path {data_path}: expected weight/prefix pairs, found a number in a prefix slot")
-    if any(not np.isfinite(w) or w <= 0 for w in weights):
-        raise ValueError(f"--data-path {data_path}: blend weights must be positive numbers, got {weights}")
-    return prefixes, weights
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def build_pairwise_datasets(data_path: list[str], split: str, seq_length: int, vocab_size: int | None,
+def build_pairwise_datasets(data: DataConfig, seq_length: int, vocab_size: int | None,
                             seed: int) -> dict[str, Dataset | None]:
     """train/valid/test pair data sets from ``--data-path`` and ``--split``.
 
@@ -270,8 +204,8 @@ def build_pairwise_datasets(data_path: list[str], split: str, seq_length: int, v
     the prefixes' ranges of one split are blended by weight (unweighted
     prefixes: by size, i.e. each pair once). A split with no pairs is None.
     """
-    prefixes, weights = parse_data_path(data_path)
-    fractions = parse_split(split)
+    prefixes, weights = data.prefixes_and_weights
+    fractions, split = data.split_fractions, data.split
     datasets = [PairwiseDataset(p, seq_length, vocab_size) for p in prefixes]
     out: dict[str, Dataset | None] = {}
     for s, name in enumerate(SPLIT_NAMES):

@@ -44,11 +44,9 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from engine.arguments import LORA_TARGETS
 from engine.platform import current_device
 
-TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""Megatron-core linear names LoRA can adapt (--lora-target-modules)."""
-COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
 
 
@@ -166,7 +164,7 @@ def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
             param.requires_grad_(is_adapter_key(f"{name}."))
         for layer in chunk.decoder.layers:
             for name, module in lora_layers(layer):
-                target = TARGET_MODULES.index(name.rsplit(".", 1)[-1])
+                target = LORA_TARGETS.index(name.rsplit(".", 1)[-1])
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.layer_number * 8 + target)
                 module.reset_adapters(generator, tp_rank)
     found = sum(1 for chunk in chunks for _ in lora_layers(chunk))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import abc
 import argparse
-import os
 import re
-from dataclasses import dataclass
 from typing import Iterable
 
-TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePieceTokenizer", "TiktokenTokenizer")
+from engine.arguments import TokenizerConfig
+from engine.options import add_options
+
 
 
 class Tokenizer(abc.ABC):
@@ -70,54 +70,9 @@ def special_token_splitter(tokens: Iterable[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")")
 
 
-@dataclass
-class TokenizerConfig:
-    """Which tokenizer to load; built once from the ``tokenizer`` argparse group."""
-
-    tokenizer_type: str = "PretrainedFromHF"
-    """--tokenizer-type: backend, one of TOKENIZER_TYPES."""
-    tokenizer_name_or_path: str | None = None
-    """--tokenizer-name-or-path: HF tokenizer directory (PretrainedFromHF)."""
-    tokenizer_model: str | None = None
-    """--tokenizer-model: SentencePiece .model or tiktoken rank file."""
-    tokenizer_not_use_fast: bool = False
-    """--tokenizer-not-use-fast: load the slow (Python) HF tokenizer."""
-
-    def __post_init__(self) -> None:
-        if self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {self.tokenizer_type!r}")
-        if self.tokenizer_type == "PretrainedFromHF":
-            if not self.tokenizer_name_or_path:
-                raise ValueError("--tokenizer-name-or-path is required with --tokenizer-type PretrainedFromHF")
-            if not os.path.isdir(self.tokenizer_name_or_path):
-                raise ValueError(
-                    f"--tokenizer-name-or-path {self.tokenizer_name_or_path!r} is not a directory "
-                    "(hub names are not resolved: download the tokenizer first)"
-                )
-        else:
-            if not self.tokenizer_model:
-                raise ValueError(f"--tokenizer-model is required with --tokenizer-type {self.tokenizer_type}")
-            if not os.path.isfile(self.tokenizer_model):
-                raise ValueError(f"--tokenizer-model {self.tokenizer_model!r} is not a file")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TokenizerConfig":
-        return cls(
-            tokenizer_type=args.tokenizer_type or "PretrainedFromHF",
-            tokenizer_name_or_path=args.tokenizer_name_or_path,
-            tokenizer_model=args.tokenizer_model,
-            tokenizer_not_use_fast=bool(args.tokenizer_not_use_fast),
-        )
-
-
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``tokenizer`` group; defaults are None so a parser may leave it unset."""
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
-    group.add_argument("--tokenizer-name-or-path", default=None, help="HF tokenizer directory")
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tiktoken rank file")
-    group.add_argument("--tokenizer-not-use-fast", action="store_true", default=None,
-                       help="use the slow HF tokenizer")
+    """Add the ``tokenizer`` group (declared in engine.arguments.TokenizerConfig)."""
+    add_options(parser, TokenizerConfig, "tokenizer")
     return parser
 
 
@@ -134,3 +89,8 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
     from engine.tokenizer.tiktoken_tokenizer import TiktokenTokenizer
 
     return TiktokenTokenizer(config.tokenizer_model)
+
+
+def vocab_size_of(config: TokenizerConfig) -> int:
+    """The tokenizer's vocabulary size: what training uses when --vocab-size is not given."""
+    return build_tokenizer(config).vocab_size

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from engine.arguments import EngineConfig
+from engine.arguments import EngineConfig, check_inputs
 from engine.data.collate import collate_pairs, pack_pairs
-from engine.data.dataset import build_pairwise_datasets, parse_data_path
+from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
 from engine.training import reference_cache
 from engine.dpo.objective import DPOObjective
@@ -63,13 +63,7 @@ class DPOTrainer:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.data.data_path is None:
-            raise ValueError("pretrain_dpo.py needs --data-path (the --output-prefix given to preprocess_data.py)")
-        if config.checkpoint.load is None:
-            raise ValueError("pretrain_dpo.py needs --load: a checkpoint from tools/checkpoint/convert_ckpt.py "
-                             "or a previous run (the policy starts from it and the reference is a copy)")
-        if config.training.train_iters is None:
-            raise ValueError("pretrain_dpo.py needs --train-iters")
+        check_inputs(config)
         self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
         self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
         if self.save_lock is not None:
@@ -78,10 +72,8 @@ class DPOTrainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = config.training.global_batch_size // (config.training.micro_batch_size * self.dp_size)
-        self.datasets = build_pairwise_datasets(
-            config.data.data_path, config.data.split, config.model.seq_length, config.model.vocab_size,
-            config.training.seed,
-        )
+        self.datasets = build_pairwise_datasets(config.data, config.model.seq_length, config.model.vocab_size,
+                                                config.training.seed)
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
         self.objective = DPOObjective(config.preference, config.model.vocab_size or config.padded_vocab_size,
@@ -135,7 +127,7 @@ class DPOTrainer:
     def _cached_reference(self, build_reference) -> CachedReference:
         """--precompute-ref-logps: the reference's log-probs for every pair, from the cache or one pass."""
         config = self.config
-        prefixes, _ = parse_data_path(config.data.data_path)
+        prefixes, _ = config.data.prefixes_and_weights
         data_files = [p for prefix in prefixes for p in Path(prefix).parent.glob(Path(prefix).name + "_packed_*")]
         stamp = reference_cache.fingerprint(
             data_files, config.data.split, config.model.seq_length, self.reference_source.root,

@@ -168,3 +168,90 @@ def test_stage_defaults():
     assert (cpo.dpo_beta, cpo.cpo_alpha, cpo.loss_terms, cpo.simpo_gamma) == (0.1, 1.0, [(1.0, "sigmoid")], None)
     dpo = config("--dpo-loss-type robust apo_zero --dpo-loss-weights 0.5 2 --dpo-label-smoothing 0.1").preference
     assert dpo.loss_terms == [(0.5, "robust"), (2.0, "apo_zero")] and dpo.nll_weight == 0.0
+
+
+# -- one declaration per flag ------------------------------------------------------------------------------
+
+
+def test_every_config_field_is_one_flag_with_help_and_its_default():
+    from engine.arguments import SECTIONS
+    from engine.options import declared_fields, flag_name
+
+    parser = build_parser()
+    actions = parser._option_string_actions
+    for section, _ in SECTIONS.values():
+        for f in declared_fields(section):
+            action = actions[flag_name(f.name)]
+            assert action.dest == f.name and action.help, f.name
+    # Defaults come from the dataclass alone: a flag not given leaves the field's default.
+    cfg = config()
+    assert (cfg.training.lr, cfg.model.rotary_base, cfg.lora.lora_target_modules) == (
+        1e-5, 10000, ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    assert "(default: 1e-05)" in actions["--lr"].help
+    assert config("--use-rope-scaling").model.rope_scaling_type == "llama3"
+
+
+def test_flag_layer_loads_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.arguments, engine.loss_catalog; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_loss_catalog_equals_the_formula_registry():
+    from engine.dpo.losses import LOSSES
+    from engine.loss_catalog import LOSS_TRAITS
+
+    assert set(LOSSES) == set(LOSS_TRAITS)
+    for name, spec in LOSSES.items():
+        assert (spec.average_logps, spec.label_smoothing) == (
+            LOSS_TRAITS[name].average_logps, LOSS_TRAITS[name].label_smoothing), name
+
+
+# -- --validate-only fails where a real start would ---------------------------------------------------------
+
+
+def _shards(prefix):
+    from engine.formats import OUTPUT_KEYS, output_path_prefix
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for key in OUTPUT_KEYS:
+        for ext in (".bin", ".idx"):
+            (prefix.parent / (prefix.name + output_path_prefix("", key) + ext)).touch()
+    return str(prefix)
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda a: a.remove_flag("--data-path"), r"needs --data-path"),
+    (lambda a: a.remove_flag("--load"), r"needs --load"),
+    (lambda a: a.remove_flag("--train-iters"), r"needs --train-iters"),
+    (lambda a: a.set("--load", "nowhere"), r"--load nowhere: no such directory"),
+    (lambda a: a.set("--data-path", "data/other"), r"--data-path 'data/other': no preprocessed pairwise files"),
+    (lambda a: a.set("--split", "98,x"), r"--split '98,x' must be up to three comma-separated numbers"),
+])
+def test_training_start_needs_its_inputs(tmp_path, monkeypatch, capsys, break_it, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    _shards(tmp_path / "data" / "pairs")
+    flags = _Flags(TINY + "--data-path data/pairs --load ckpt --train-iters 3 --split 98,2,0".split())
+    parse_args(flags.argv, world_size=1, for_training=True)  # the intact flags pass
+    break_it(flags)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags.argv, world_size=1, for_training=True)
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+class _Flags:
+    def __init__(self, argv):
+        self.argv = list(argv)
+
+    def remove_flag(self, flag):
+        i = self.argv.index(flag)
+        del self.argv[i:i + 2]
+
+    def set(self, flag, value):
+        self.argv[self.argv.index(flag) + 1] = value

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.arguments import ModelConfig, build_parser, config_from_args, validate
+from engine.arguments import DataConfig, ModelConfig, build_parser, config_from_args, validate
 from engine.data.handlers import build_handler
 from engine.data.preprocess import add_preprocess_args
 from engine.data.templates import get_template
+from engine.formats import OUTPUT_KEYS, output_path_prefix
 from engine.model.families import get_family, model_args, pretrain_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,6 @@ KINDS = ("data_convert_{}_pairwise.sh", "ckpt_convert_{}_hf2mcore.sh", "ckpt_con
          "dpo_{}_full_ptd.sh", "dpo_{}_lora_ptd.sh")
 PROGRAMS = {"pretrain_dpo.py": "pretrain_dpo.py", "preprocess_data.py": "preprocess_data.py",
             "convert_ckpt.py": "tools/checkpoint/convert_ckpt.py"}
-LORA_FLAGS = {"--lora-r", "--lora-alpha", "--lora-target-modules", "--lora-ckpt-filter", "--lora-load"}
 
 # Published config.json values of each model (huggingface.co/<repo>/blob/main/config.json), as the
 # converter reads them: the scripts' MODEL_ARGS must equal the flags it derives from these.
@@ -107,10 +107,6 @@ def _load(path: Path, name: str):
     return module
 
 
-def _parser_knows(flag: str) -> bool:
-    return flag in build_parser()._option_string_actions
-
-
 def _world_size(launcher: list[str]) -> tuple[int, argparse.Namespace]:
     from torch.distributed.run import get_args_parser
 
@@ -119,12 +115,9 @@ def _world_size(launcher: list[str]) -> tuple[int, argparse.Namespace]:
     return int(args.nproc_per_node) * int(args.nnodes), args
 
 
-def _model_flags_known(flags: list[str]) -> argparse.Namespace:
-    """The training flags parsed without LoRA flags (known to the parser or not): the rest must all parse."""
-    args, unknown = build_parser().parse_known_args(flags)
-    stray = [t for t in unknown if t.startswith("--") and t not in LORA_FLAGS]
-    assert not stray, f"flags the training parser does not know: {stray}"
-    return args
+def _training_flags(flags: list[str]) -> argparse.Namespace:
+    """The training flags, parsed by the training parser (an unknown flag fails the test)."""
+    return build_parser().parse_args(flags)
 
 
 def _dpo(key: str, kind: str, **env: str) -> tuple[list[str], list[str]]:
@@ -155,9 +148,27 @@ def test_script_is_strict_and_runs_commands_through_run(script):
 DPO_SCRIPTS = [p for p in SCRIPTS if p.name.startswith("dpo_")]
 
 
-def _validate_only(flags: list[str], world_size: int, monkeypatch, capsys) -> dict:
-    """Runs `pretrain_dpo.py FLAGS --validate-only` in-process with WORLD_SIZE set; returns the printed config."""
+def _make_inputs(flags: list[str], root: Path) -> None:
+    """Empty stand-ins, under `root`, for the checkpoints and shards the flags name: --validate-only
+    checks that a start would find them."""
+    args = build_parser().parse_args(flags)
+    for directory in (args.load, getattr(args, "ref_model", None), getattr(args, "lora_load", None)):
+        if directory:
+            (root / directory).mkdir(parents=True, exist_ok=True)
+    for prefix in DataConfig(args.data_path).prefixes_and_weights[0]:
+        for key in OUTPUT_KEYS:
+            for ext in (".bin", ".idx"):
+                path = root / (output_path_prefix(prefix, key) + ext)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+
+
+def _validate_only(flags: list[str], world_size: int, monkeypatch, capsys, root: Path) -> dict:
+    """Runs `pretrain_dpo.py FLAGS --validate-only` in-process with WORLD_SIZE set, in `root` holding
+    stand-ins for the inputs the flags name; returns the printed config."""
     pretrain = _load(REPO / "pretrain_dpo.py", "_launch_pretrain_dpo")
+    _make_inputs(flags, root)
+    monkeypatch.chdir(root)
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     try:
         code = pretrain.main(flags + ["--validate-only"])
@@ -168,12 +179,10 @@ def _validate_only(flags: list[str], world_size: int, monkeypatch, capsys) -> di
 
 
 @pytest.mark.parametrize("script", DPO_SCRIPTS, ids=lambda p: p.name)
-def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys):
-    if "_lora_" in script.name and not _parser_knows("--lora-r"):
-        pytest.skip("LoRA flags (--lora-r ...) are not in engine/arguments.py yet; checked once they land")
+def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys, tmp_path):
     launcher, flags = entry(dry_run(script), "pretrain_dpo.py")
     world, torchrun = _world_size(launcher)
-    config = _validate_only(flags, world, monkeypatch, capsys)
+    config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
     # what the trainer needs beyond validate() (DPOTrainer refuses to start without them)
     assert config["data"]["data_path"] and config["checkpoint"]["load"] and config["training"]["train_iters"]
     assert config["checkpoint"]["save"] and config["preference"]["stage"] == "dpo"
@@ -185,7 +194,7 @@ def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("script", [p for p in DPO_SCRIPTS if "_full_" in p.name], ids=lambda p: p.name)
-def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, capsys):
+def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, capsys, tmp_path):
     launcher, _ = entry(dry_run(script), "pretrain_dpo.py")
     default_nodes = _world_size(launcher)[1].nnodes
     nodes = 2 * int(default_nodes)
@@ -193,7 +202,7 @@ def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, 
                                     MASTER_PORT="29600"), "pretrain_dpo.py")
     world, torchrun = _world_size(launcher)
     assert (world, torchrun.node_rank, torchrun.master_addr, torchrun.master_port) == (8 * nodes, 1, "10.1.2.3", 29600)
-    _validate_only(flags, world, monkeypatch, capsys)  # twice the data-parallel size still divides the batch
+    _validate_only(flags, world, monkeypatch, capsys, tmp_path)  # twice the data-parallel size still divides the batch
 
 
 # -- converter and preprocessing scripts: their own parsers, nothing converted ------------------------
@@ -231,7 +240,7 @@ def test_model_scripts_fit_together(key):
     convert = _load(REPO / "tools" / "checkpoint" / "convert_ckpt.py", "_launch_convert_ckpt")
     to_hf = convert.build_parser().parse_args(entry(dry_run(_script(key, KINDS[2])), "convert_ckpt.py")[1])
     for kind in KINDS[3:]:
-        train = _model_flags_known(_dpo(key, kind)[1])
+        train = _training_flags(_dpo(key, kind)[1])
         tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
         to_mg = convert.build_parser().parse_args(
             entry(dry_run(_script(key, KINDS[1]), TP=str(tp), PP=str(pp)), "convert_ckpt.py")[1])
@@ -251,7 +260,7 @@ def test_model_flags_equal_what_the_converter_prints(key):
     family = get_family(MODELS[key])
     printed = pretrain_flags(model_args(family, HF_CONFIGS[(MODELS[key], key)]))
     for kind in KINDS[3:]:
-        train = _model_flags_known(_dpo(key, kind)[1])
+        train = _training_flags(_dpo(key, kind)[1])
         expected = config_from_args(build_parser().parse_args(printed + ["--seq-length", str(train.seq_length)]))
         assert asdict(_model(train)) == asdict(expected.model), kind.format(key)
 

@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from engine.data.dataset import (
-    BlendedPairwiseDataset,
-    PairwiseDataset,
-    build_pairwise_datasets,
-    parse_data_path,
-    parse_split,
-    split_ranges,
-)
+from engine.arguments import ConfigError, DataConfig
+from engine.data.dataset import BlendedPairwiseDataset, PairwiseDataset, build_pairwise_datasets, split_ranges
 from engine.data.preprocess import PairShardWriter
+from engine.data.readers import DataError
 from engine.data.truncation import truncate_lengths
 from engine.formats import IGNORE_INDEX, output_path_prefix
-from engine.data.readers import DataError
 
 
 def write_pairs(prefix, pairs):
@@ -187,11 +181,15 @@ def test_vocab_check_is_fast_on_millions_of_tokens(tmp_path):
     assert len(ds) == n and ds[n - 1]["chosen_input_ids"].tolist() == tokens[-1].tolist()
 
 
+def parse_split(split: str) -> list[float]:
+    return DataConfig(split=split).split_fractions
+
+
 def test_parse_split():
     assert parse_split("98,2,0") == pytest.approx([0.98, 0.02, 0.0])
     assert parse_split("3") == [1.0, 0.0, 0.0]
     for bad in ("a,b", "1,2,3,4", "-1,2", "0,0,0", ""):
-        with pytest.raises(ValueError, match="--split"):
+        with pytest.raises(ConfigError, match="--split"):
             parse_split(bad)
 
 
@@ -205,7 +203,7 @@ def test_split_ranges_are_contiguous_megatron_rounding():
 
 def test_build_splits_single_prefix(tmp_path):
     prefix = write_pairs(tmp_path / "d", tagged_pairs(10))
-    out = build_pairwise_datasets([prefix], "8,2,0", 16, 200, seed=1)
+    out = build_pairwise_datasets(DataConfig([prefix], "8,2,0"), 16, 200, seed=1)
     assert out["test"] is None
     assert [pair_id(out["train"][i]) for i in range(len(out["train"]))] == list(range(8))
     assert [pair_id(out["valid"][i]) for i in range(len(out["valid"]))] == [8, 9]
@@ -214,12 +212,12 @@ def test_build_splits_single_prefix(tmp_path):
 
 
 def test_parse_data_path():
-    assert parse_data_path(["A"]) == (["A"], None)
-    assert parse_data_path(["0.3", "A", "0.7", "B"]) == (["A", "B"], [0.3, 0.7])
-    assert parse_data_path(["A", "B"]) == (["A", "B"], None)
+    assert DataConfig(["A"]).prefixes_and_weights == (["A"], None)
+    assert DataConfig(["0.3", "A", "0.7", "B"]).prefixes_and_weights == (["A", "B"], [0.3, 0.7])
+    assert DataConfig(["A", "B"]).prefixes_and_weights == (["A", "B"], None)
     for bad in (["0.3", "A", "B"], ["0", "A", "1", "B"], ["1", "A", "2", "3"], []):
-        with pytest.raises(ValueError, match="--data-path"):
-            parse_data_path(bad)
+        with pytest.raises(ConfigError, match="--data-path"):
+            DataConfig(bad)
 
 
 def blend_sources(tmp_path):
@@ -228,7 +226,7 @@ def blend_sources(tmp_path):
 
 def test_blend_proportions_and_determinism(tmp_path):
     a, b = blend_sources(tmp_path)
-    train = build_pairwise_datasets(["0.3", a, "0.7", b], "100,0,0", 16, None, seed=5)["train"]
+    train = build_pairwise_datasets(DataConfig(["0.3", a, "0.7", b], "100,0,0"), 16, None, seed=5)["train"]
     ids = [pair_id(train[i]) for i in range(len(train))]
     assert len(ids) == 50
     source = np.array([i // 100 for i in ids])
@@ -239,15 +237,15 @@ def test_blend_proportions_and_determinism(tmp_path):
     assert sorted(b_ids[:10]) == list(range(10)) and sorted(b_ids[10:20]) == list(range(10))  # whole cycles
     assert len(set(i for i in ids if i // 100 == 1)) == 15  # subsampled without repeats
 
-    again = build_pairwise_datasets(["0.3", a, "0.7", b], "100,0,0", 16, None, seed=5)["train"]
+    again = build_pairwise_datasets(DataConfig(["0.3", a, "0.7", b], "100,0,0"), 16, None, seed=5)["train"]
     assert [pair_id(again[i]) for i in range(len(again))] == ids
-    other = build_pairwise_datasets(["0.3", a, "0.7", b], "100,0,0", 16, None, seed=6)["train"]
+    other = build_pairwise_datasets(DataConfig(["0.3", a, "0.7", b], "100,0,0"), 16, None, seed=6)["train"]
     assert [pair_id(other[i]) for i in range(len(other))] != ids
 
 
 def test_blend_splits_each_prefix_first(tmp_path):
     a, b = blend_sources(tmp_path)
-    out = build_pairwise_datasets(["1", a, "1", b], "80,20,0", 16, None, seed=0)
+    out = build_pairwise_datasets(DataConfig(["1", a, "1", b], "80,20,0"), 16, None, seed=0)
     valid = {pair_id(out["valid"][i]) for i in range(len(out["valid"]))}
     assert valid <= {100 + i for i in range(32, 40)} | {200 + i for i in range(8, 10)}
     train = {pair_id(out["train"][i]) for i in range(len(out["train"]))}
@@ -257,7 +255,7 @@ def test_blend_splits_each_prefix_first(tmp_path):
 
 def test_unweighted_prefixes_use_each_pair_once(tmp_path):
     a, b = blend_sources(tmp_path)
-    train = build_pairwise_datasets([a, b], "1", 16, None, seed=0)["train"]
+    train = build_pairwise_datasets(DataConfig([a, b], "1"), 16, None, seed=0)["train"]
     ids = sorted(pair_id(train[i]) for i in range(len(train)))
     assert ids == sorted([100 + i for i in range(40)] + [200 + i for i in range(10)])
 
