@@ -621,6 +621,27 @@ class EngineConfig:
         return self.model.padded_vocab(self.parallel.tensor_model_parallel_size)
 
 
+def check_layout(model: ModelConfig, tp: int, pp: int, num_layer_list: tuple[int, ...] | None,
+                 tp_flag: str = "--tensor-model-parallel-size", pp_flag: str = "--pipeline-model-parallel-size") -> None:
+    """Whether a TP x PP layout can hold the model: the one copy of these rules, for training and for the
+    converters (which name their own layout flags, --target-tensor-parallel-size ...)."""
+    for flag, value in (("--num-attention-heads", model.num_attention_heads),
+                        ("--num-query-groups", model.num_query_groups), ("--ffn-hidden-size", model.ffn_hidden_size)):
+        require(value % tp == 0, f"{flag} ({value}) must be divisible by {tp_flag} ({tp})")
+    if num_layer_list is None:
+        require(model.num_layers % pp == 0, f"--num-layers ({model.num_layers}) must be divisible by {pp_flag} "
+                                            f"({pp}); pass --num-layer-list for an uneven split")
+    else:
+        require(sum(num_layer_list) == model.num_layers,
+                f"--num-layer-list {','.join(map(str, num_layer_list))} sums to {sum(num_layer_list)}, not "
+                f"--num-layers ({model.num_layers})")
+    if model.padded_vocab_size is not None:
+        require(model.padded_vocab_size % tp == 0,
+                f"--padded-vocab-size ({model.padded_vocab_size}) must be divisible by {tp_flag} ({tp})")
+        require(model.vocab_size is None or model.padded_vocab_size >= model.vocab_size,
+                f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})")
+
+
 def validate(config: EngineConfig, world_size: int) -> None:
     """Rules that span sections; raises ConfigError naming the flags before any work is done."""
     model, par, train = config.model, config.parallel, config.training
@@ -631,46 +652,13 @@ def validate(config: EngineConfig, world_size: int) -> None:
         f"--pipeline-model-parallel-size ({pp})",
     )
     dp = world_size // (tp * pp)
-    require(
-        model.num_attention_heads % tp == 0,
-        f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
-        f"--tensor-model-parallel-size ({tp})",
-    )
-    require(
-        model.num_query_groups % tp == 0,
-        f"--num-query-groups ({model.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})",
-    )
-    require(
-        model.ffn_hidden_size % tp == 0,
-        f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})",
-    )
-    if par.num_layer_list is None:
-        require(
-            model.num_layers % pp == 0,
-            f"--num-layers ({model.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}); "
-            "pass --num-layer-list for an uneven split",
-        )
-    else:
-        require(
-            sum(par.num_layer_list) == model.num_layers,
-            f"--num-layer-list {','.join(map(str, par.num_layer_list))} sums to {sum(par.num_layer_list)}, "
-            f"not --num-layers ({model.num_layers})",
-        )
+    check_layout(model, tp, pp, par.num_layer_list)
     if par.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = model.num_layers // pp
         require(
             per_stage % par.num_layers_per_virtual_pipeline_stage == 0,
             f"layers per pipeline stage ({per_stage} = --num-layers / --pipeline-model-parallel-size) must be "
             f"divisible by --num-layers-per-virtual-pipeline-stage ({par.num_layers_per_virtual_pipeline_stage})",
-        )
-    if model.padded_vocab_size is not None:
-        require(
-            model.padded_vocab_size % tp == 0,
-            f"--padded-vocab-size ({model.padded_vocab_size}) must be divisible by --tensor-model-parallel-size ({tp})",
-        )
-        require(
-            model.vocab_size is None or model.padded_vocab_size >= model.vocab_size,
-            f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})",
         )
     require(
         not (config.lora.enabled and config.preference.ref_model),

@@ -47,10 +47,6 @@ class Platform:
     def is_cuda(self) -> bool:
         return self.device_type == "cuda"
 
-    def device(self) -> torch.device:
-        """This rank's device (the current CUDA device, set by initialize from LOCAL_RANK)."""
-        return torch.device("cuda", torch.cuda.current_device()) if self.is_cuda else torch.device("cpu")
-
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize()
@@ -65,8 +61,14 @@ class Platform:
 
 
 def current_device() -> torch.device:
-    """Where this rank's tensors, and the tensors of its collectives, live: NCCL needs CUDA tensors."""
+    """Where this rank's tensors, and the tensors of its collectives, live (the current CUDA device, set by
+    initialize from LOCAL_RANK; NCCL needs CUDA tensors), else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def accelerator_name() -> str | None:
+    """The GPU's product name (for its datasheet peak), None without CUDA."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def detect_platform(backend: str | None = None) -> Platform:

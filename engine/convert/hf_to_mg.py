@@ -11,42 +11,45 @@ already read. benchmarks/RESULTS.md has the measured figures (1.1B bf16: 1.3 GiB
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+from engine.arguments import ConfigError, ModelConfig, check_layout
 from engine.convert.common import ConvertConfig, ConversionError, staged_output
 from engine.convert.hf_io import HFCheckpoint, has_tokenizer
 from engine.convert.mapping import hf_to_mcore_units
-from engine.convert.mg_io import MegatronWriter, padded_vocab
+from engine.convert.mg_io import MegatronWriter
 from engine.checkpoint.sharding import ShardLayout
 from engine.model.families import UnsupportedModelError, detect_family, get_family, model_args, pretrain_flags
 
 log = logging.getLogger(__name__)
 
 
-def _check_divisible(args: dict[str, Any], config: ConvertConfig) -> None:
-    tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
-    for key, value in (("num_attention_heads", args["num_attention_heads"]),
-                       ("num_key_value_heads", args["num_query_groups"]),
-                       ("intermediate_size", args["ffn_hidden_size"])):
-        if value % tp:
-            raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {key} ({value})")
-    if config.num_layer_list is None and args["num_layers"] % pp:
-        raise ConversionError(f"--target-pipeline-parallel-size {pp} does not divide the {args['num_layers']} "
-                              "layers; pass --num-layer-list")
-    if config.num_layer_list is not None and sum(config.num_layer_list) != args["num_layers"]:
-        raise ConversionError(f"--num-layer-list sums to {sum(config.num_layer_list)}, "
-                              f"the model has {args['num_layers']} layers")
+def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
+    """The training description (engine.arguments.ModelConfig) of the converted model, padded for the
+    target layout; the layout rules are training's own (`check_layout`), named by the converter's flags."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        model = ModelConfig(**{k: v for k, v in args.items() if k in fields},
+                            seq_length=args["max_position_embeddings"],
+                            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+                            padded_vocab_size=config.padded_vocab_size)
+        check_layout(model, config.target_tensor_parallel_size, config.target_pipeline_parallel_size,
+                     config.num_layer_list, tp_flag="--target-tensor-parallel-size",
+                     pp_flag="--target-pipeline-parallel-size")
+    except ConfigError as err:
+        raise ConversionError(f"{config.load_dir}: {err}") from None
+    return model
 
 
 def target_layout(args: dict[str, Any], config: ConvertConfig) -> ShardLayout:
-    """The output layout; also records it (and the padded vocab) in `args`."""
-    _check_divisible(args, config)
+    """The output layout; also records it (and the padding rule) in `args`."""
     tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
+    padded = model_config(args, config).padded_vocab(tp)
     args["make_vocab_size_divisible_by"] = config.make_vocab_size_divisible_by
     args["padded_vocab_size"] = config.padded_vocab_size
-    padded = padded_vocab(args["vocab_size"], config.make_vocab_size_divisible_by, tp, config.padded_vocab_size)
     args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 num_layer_list=list(config.num_layer_list) if config.num_layer_list else None)
     return ShardLayout(

@@ -149,16 +149,6 @@ class MegatronCheckpoint:
         return full
 
 
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int, explicit: int | None) -> int:
-    if explicit is not None:
-        if explicit % tp or explicit < vocab_size:
-            raise ConversionError(f"--padded-vocab-size {explicit} must be >= vocab size {vocab_size} "
-                                  f"and divisible by --target-tensor-parallel-size {tp}")
-        return explicit
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 class MegatronWriter:
     """Shards a unit stream for `layout` and writes each pipeline stage's rank files once it is complete.
 

@@ -48,11 +48,6 @@ class PairwiseBatchSampler:
         self._cached_epoch: int | None = None
         self._cached_order = np.empty(0, dtype=np.int64)
 
-    @property
-    def num_micro_batches(self) -> int:
-        """Micro-batches per global batch on each rank (gradient accumulation steps)."""
-        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample order of one epoch."""
         if not self.shuffle:

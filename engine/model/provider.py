@@ -20,7 +20,7 @@ from megatron.core.transformer.module import Float16Module
 from engine.arguments import EngineConfig
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
-from engine.platform import Platform
+from engine.platform import Platform, current_device
 
 
 def _pipeline_layout(num_layer_list: tuple[int, ...] | None) -> list[list[str]] | None:
@@ -133,7 +133,7 @@ def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTMode
         )
         if config.model.rope_scaling_type == "llama3":
             _apply_llama3_rope_scaling(model, config)
-        chunks.append(model.to(platform.device()))
+        chunks.append(model.to(current_device()))
     return chunks
 
 

@@ -15,9 +15,9 @@ import logging
 import math
 from pathlib import Path
 
-import torch
 
 from engine.arguments import ModelConfig
+from engine.platform import accelerator_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ def detect_peak_tflops(override: float | None) -> float | None:
     """--peak-tflops, else the GPU's datasheet peak when its name is known; None on CPU."""
     if override is not None:
         return override
-    if not torch.cuda.is_available():
+    name = accelerator_name()
+    if name is None:
         return None
-    name = torch.cuda.get_device_name()
     return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
 
 

@@ -200,7 +200,7 @@ class DPOTrainer:
         else:
             batch = collate_pairs(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
-        return batch.to(self.platform.device())
+        return batch.to(current_device())
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
         """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""

@@ -72,10 +72,10 @@ def test_weights_the_config_does_not_describe(hf_copy, tmp_path):
 
 
 @pytest.mark.parametrize(("tp", "pp", "layers", "match"), [
-    (8, 1, None, "--target-tensor-parallel-size 8 does not divide num_attention_heads"),
-    (3, 1, None, "--target-tensor-parallel-size 3 does not divide"),
-    (1, 3, None, "--target-pipeline-parallel-size 3 does not divide the 4 layers"),
-    (1, 2, (1, 2), "--num-layer-list sums to 3"),
+    (8, 1, None, r"--num-attention-heads \(4\) must be divisible by --target-tensor-parallel-size \(8\)"),
+    (3, 1, None, r"must be divisible by --target-tensor-parallel-size \(3\)"),
+    (1, 3, None, r"--num-layers \(4\) must be divisible by --target-pipeline-parallel-size \(3\)"),
+    (1, 2, (1, 2), r"--num-layer-list 1,2 sums to 3, not --num-layers \(4\)"),
 ])
 def test_layout_that_does_not_fit_the_model(hf_copy, tmp_path, tp, pp, layers, match):
     config = ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out"), tp, pp, num_layer_list=layers)
@@ -85,7 +85,7 @@ def test_layout_that_does_not_fit_the_model(hf_copy, tmp_path, tp, pp, layers, m
 def test_tp_not_dividing_query_groups(hf_copy, tmp_path):
     _edit_config(hf_copy, num_key_value_heads=2)  # shapes now mismatch too, but the layout is checked first
     _assert_fails(tmp_path, ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out"), 4, 1),
-                  r"does not divide num_key_value_heads \(2\)")
+                  r"--num-query-groups \(2\) must be divisible by --target-tensor-parallel-size \(4\)")
 
 
 def test_unsupported_family_lists_the_supported_ones(hf_copy, tmp_path):
