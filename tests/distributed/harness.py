@@ -15,12 +15,35 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One multi-rank case, declared as data and run by a parametrized test (its `name` is the test id)."""
+
+    name: str
+    ranks: int
+    flags: str = ""
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def argv(self) -> list[str]:
+        return self.flags.split()
+
+
+def layout_cases(layouts: list[Layout]):
+    """pytest.mark.parametrize over `layouts`, one named test per case, so one failure hides no other."""
+    import pytest
+
+    return pytest.mark.parametrize("layout", layouts, ids=[layout.name for layout in layouts])
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.harness import REPO_ROOT, run_torchrun
+from tests.distributed.harness import REPO_ROOT, Layout, layout_cases, run_torchrun
 from tests.e2e.dpo_assets import build_preference_data, build_tiny_llama, convert
 
 SEQ = ["--seq-length", "128"]
@@ -79,26 +79,31 @@ def read_metrics(save: Path, split: str = "train") -> list[dict]:
     return [row for row in map(json.loads, lines) if row["split"] == split]
 
 
-LAYOUTS = [  # (name, TP, PP, ranks, extra flags)
-    ("tp2", 2, 1, 2, ""),
-    ("pp2", 1, 2, 2, ""),
-    ("dp2", 1, 1, 2, ""),
-    ("pp2vpp2", 1, 2, 2, "--num-layers-per-virtual-pipeline-stage 1"),
-    ("tp2pp2dp2", 2, 2, 8, "--use-distributed-optimizer"),
+LAYOUTS = [
+    Layout("tp2", 2, tp=2),
+    Layout("pp2", 2, pp=2),
+    Layout("dp2", 2),
+    Layout("pp2vpp2", 2, "--num-layers-per-virtual-pipeline-stage 1", pp=2),
+    Layout("tp2pp2dp2", 8, "--use-distributed-optimizer", tp=2, pp=2),
 ]
 
 
-def test_step1_is_ln2_and_losses_agree_across_layouts(assets, tmp_path):
-    reference = run_dpo(assets, tmp_path / "tp1", extra="--train-iters 5 --micro-batch-size 1")
-    losses = [row["loss"] for row in reference]
+@pytest.fixture(scope="module")
+def tp1_rows(assets, tmp_path_factory):
+    rows = run_dpo(assets, tmp_path_factory.mktemp("tp1"), extra="--train-iters 5 --micro-batch-size 1")
+    losses = [row["loss"] for row in rows]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses[-1] < losses[0]
-    for name, tp, pp, nproc, extra in LAYOUTS:
-        rows = run_dpo(assets, tmp_path / name, tp, pp, nproc, f"--train-iters 5 --micro-batch-size 1 {extra}")
-        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name
-        assert [r["loss"] for r in rows] == pytest.approx(losses, abs=1e-5), name
-        assert [r["rewards/margins"] for r in rows] == pytest.approx([r["rewards/margins"] for r in reference],
-                                                                     abs=1e-5), name
+    return rows
+
+
+@layout_cases(LAYOUTS)
+def test_step1_is_ln2_and_losses_agree_across_layouts(layout, assets, tp1_rows, tmp_path):
+    rows = run_dpo(assets, tmp_path, layout.tp, layout.pp, layout.ranks,
+                   f"--train-iters 5 --micro-batch-size 1 {layout.flags}")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in tp1_rows], abs=1e-5)
+    assert [r["rewards/margins"] for r in rows] == pytest.approx([r["rewards/margins"] for r in tp1_rows], abs=1e-5)
 
 
 def test_micro_batch_split_does_not_change_loss_or_update(assets, tmp_path):
