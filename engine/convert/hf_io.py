@@ -118,7 +118,7 @@ class HFShardWriter:
             self._total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self._buffer, self.path / f".shard{len(self._shards)}", metadata={"format": "pt"})
+        save_safetensors(self._buffer, self.path / f".shard{len(self._shards)}")
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -136,6 +136,19 @@ class HFShardWriter:
             weight_map.update(dict.fromkeys(names, file))
         index_doc = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.path / INDEX_FILE).write_text(json.dumps(index_doc, indent=2) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file` (pt metadata, as transformers writes), then the mode `open` gives a file.
+
+    safetensors 0.8 creates its files 0600 whatever the umask: teammates on a shared cluster could
+    not read a converted model. The umask is read by setting it and setting it back, as Python offers
+    no other way; nothing else in a conversion creates files meanwhile.
+    """
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0o077)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def has_tokenizer(path: str | Path) -> bool:
