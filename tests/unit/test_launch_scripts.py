@@ -219,6 +219,7 @@ def test_data_script_parses(script):
     get_template(args.prompt_type, args.prompt_type_path)
     build_handler(args.handler_name, json.loads(args.map_keys) if args.map_keys else None)
     assert args.tokenizer_type == "PretrainedFromHF" and args.tokenizer_name_or_path
+    assert args.overwrite, "re-running the script must replace its own data set, not stop at it"
 
 
 # -- the scripts of one model fit together -------------------------------------------------------------
