@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +124,19 @@ def staged_output(save_dir: str | Path) -> Iterator[Path]:
     """Yields a hidden sibling directory to write into; renamed to `save_dir` only if the body succeeds.
 
     A failed conversion leaves no partial output, and never touches an existing non-empty directory.
+    The staging directory is made like `mkdir` makes one (0777 less the umask), not private as
+    `tempfile.mkdtemp` would (0700): a converted checkpoint on a shared cluster is for teammates to
+    read. An existing empty `save_dir` is replaced by the rename, so its mode is carried over.
     """
     final = Path(save_dir)
     _check(not final.exists() or (final.is_dir() and not any(final.iterdir())),
            f"--save-dir {final} already exists and is not empty")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
+        if final.exists():
+            staging.chmod(stat.S_IMODE(final.stat().st_mode))
         yield staging
         if final.exists():
             final.rmdir()

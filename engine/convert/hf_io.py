@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.convert.common import ConversionError
@@ -45,7 +45,7 @@ class HFCheckpoint:
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.path / SINGLE_FILE).is_file():
-            with safe_open(self.path / SINGLE_FILE, framework="pt") as handle:
+            with self._open(SINGLE_FILE) as handle:
                 weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
         else:
             raise ConversionError(f"--load-dir {self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
@@ -64,8 +64,16 @@ class HFCheckpoint:
             raise ConversionError(f"{self.path}: tensor {name} is missing (config.json / weights mismatch?)")
         file = self._weight_map[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")
+            self._handles[file] = self._open(file)
         return self._handles[file]
+
+    def _open(self, file: str):
+        """safe_open, naming the file when it is not a whole safetensors file (mostly a download cut short)."""
+        try:
+            return safe_open(self.path / file, framework="pt")
+        except SafetensorError as err:
+            raise ConversionError(f"--load-dir {self.path}: {file} is truncated or corrupt ({err}); "
+                                  "download it again") from None
 
     def dtype_name(self, name: str) -> str:
         """Stored dtype of a tensor without reading it: fp32, bf16, fp16 (or safetensors' own name)."""
@@ -118,7 +126,7 @@ class HFShardWriter:
             self._total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self._buffer, self.path / f".shard{len(self._shards)}", metadata={"format": "pt"})
+        save_safetensors(self._buffer, self.path / f".shard{len(self._shards)}")
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -136,6 +144,19 @@ class HFShardWriter:
             weight_map.update(dict.fromkeys(names, file))
         index_doc = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.path / INDEX_FILE).write_text(json.dumps(index_doc, indent=2) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file` (pt metadata, as transformers writes), then the mode `open` gives a file.
+
+    safetensors 0.8 creates its files 0600 whatever the umask: teammates on a shared cluster could
+    not read a converted model. The umask is read by setting it and setting it back, as Python offers
+    no other way; nothing else in a conversion creates files meanwhile.
+    """
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0o077)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def has_tokenizer(path: str | Path) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from engine.convert.common import ConversionError, ConvertConfig, staged_output
+from engine.convert.hf_io import save_safetensors
 from engine.convert.mapping import unpack_qkv
 from engine.convert.mg_io import MegatronCheckpoint, _model_chunks
 from engine.checkpoint.sharding import merge_chunk
@@ -114,8 +115,6 @@ def _hf_modules(family_names, layer: int, linear: str, a: torch.Tensor, b: torch
 
 def write_peft_adapter(config: ConvertConfig) -> Path:
     """--save-lora-to-hf: adapter_config.json + adapter_model.safetensors under HF module names."""
-    from safetensors.torch import save_file
-
     adapters, args = read_adapters(config.lora_load)
     _check_settings(adapters, args, config)
     base = MegatronCheckpoint(config.load_dir, config.load_iteration).args
@@ -145,7 +144,7 @@ def write_peft_adapter(config: ConvertConfig) -> Path:
         "init_lora_weights": True, "use_rslora": False, "use_dora": False,
     }
     with staged_output(config.save_dir) as staging:
-        save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, staging / ADAPTER_FILE)
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     log.info("wrote a PEFT LoRA adapter (r %d, alpha %g, %s) for %s -> %s", config.lora_r, config.lora_alpha,
              ", ".join(sorted(targets)), family_name, config.save_dir)

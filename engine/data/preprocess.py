@@ -4,7 +4,10 @@ Reading and writing stay in the calling process; decoding, JSON parsing,
 tokenizing and truncation run in ``--workers`` processes whose results come
 back in input order (``imap``), so the output is byte-identical for any number
 of workers. Shards are written under temporary names and renamed only when the
-whole input went through, so a failed run leaves no output files.
+whole input went through, so a failed run leaves no output files. A run holds a
+lock on its prefix, so it can tell staging files of a killed run (removed, and
+logged) from those of a live one; an existing data set is replaced only with
+``--overwrite``.
 
 Output: ``PREFIX_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}``
 (int32); document i of each is pair i; labels are input_ids with prompt
@@ -14,10 +17,13 @@ positions set to -100 (aligned, not shifted: the trainer shifts).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import multiprocessing
 import os
+import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +75,8 @@ class PreprocessConfig:
     """--log-interval: log progress every this many records."""
     skip_bad_records: bool = False
     """--skip-bad-records: skip and count malformed records instead of stopping."""
+    overwrite: bool = False
+    """--overwrite: replace an existing data set at --output-prefix (kept until the new one is complete)."""
 
     def __post_init__(self) -> None:
         if not self.output_prefix or self.output_prefix.endswith(os.sep):
@@ -100,7 +108,7 @@ class PreprocessConfig:
             input=args.input, output_prefix=args.output_prefix, tokenizer=TokenizerConfig.from_args(args),
             handler_name=args.handler_name, prompt_type=args.prompt_type, prompt_type_path=args.prompt_type_path,
             map_keys=map_keys, seq_length=args.seq_length, drop_long=args.drop_long, workers=args.workers,
-            log_interval=args.log_interval, skip_bad_records=args.skip_bad_records,
+            log_interval=args.log_interval, skip_bad_records=args.skip_bad_records, overwrite=args.overwrite,
         )
 
 
@@ -118,6 +126,8 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--workers", type=int, default=1)
     group.add_argument("--log-interval", type=int, default=1000)
     group.add_argument("--skip-bad-records", action="store_true")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an existing data set at --output-prefix (without it, that is an error)")
     add_tokenizer_args(parser)
     return parser
 
@@ -264,22 +274,90 @@ class PreprocessSummary:
         return out
 
 
-class PairShardWriter:
-    """The four indexed datasets of a run, under temporary names until ``commit``."""
+class PrefixLock:
+    """An exclusive ``flock`` on DIR/.NAME.lock while a run writes --output-prefix DIR/NAME.
 
-    def __init__(self, output_prefix: str) -> None:
+    The kernel drops the lock when its holder dies, even by SIGKILL, so the run that takes it knows
+    that staging files of the prefix left in DIR belong to a dead run, and two runs never write one
+    prefix at once. The file is removed on release; a run that opened it just before takes the lock
+    on a deleted file, which ``_open_locked`` notices (another inode at the path) and starts over.
+    """
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.path = os.path.join(directory, f".{name}.lock")
+        self.prefix = os.path.join(directory, name)
+        self.fd = self._open_locked()
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+
+    def _open_locked(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace") or "holder unknown"
+                os.close(fd)
+                raise DataError(f"--output-prefix {self.prefix} is being written by another preprocess_data.py "
+                                f"run ({holder}); wait for it to finish or choose another --output-prefix") from None
+            except OSError as err:
+                os.close(fd)
+                raise DataError(f"--output-prefix {self.prefix}: cannot lock {self.path} ({err.strerror}); write "
+                                "to a filesystem with flock support (local disk, NFSv4) and copy the files") from None
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):  # not if someone removed it meanwhile
+                os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+class PairShardWriter:
+    """The four indexed datasets of a run, under temporary names until ``commit``.
+
+    Staging names are ``.NAME.tmpPID_packed_*``. Made under the prefix lock, the writer removes
+    those of killed runs first (and logs them), and refuses an existing data set unless
+    ``overwrite``. ``commit`` removes the old files before renaming the new ones in, so a crash in
+    between leaves an incomplete set (which the trainer reports), never a mix of old and new files.
+    """
+
+    def __init__(self, output_prefix: str, overwrite: bool = False) -> None:
         directory, name = os.path.split(os.path.abspath(output_prefix))
         os.makedirs(directory, exist_ok=True)
         self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in OUTPUT_KEYS}
         temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
         self.temp = {k: output_path_prefix(temp, k) for k in OUTPUT_KEYS}
         self.builders = {}
-        for k in OUTPUT_KEYS:
-            builder = IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32)
-            # megatron opens the .bin with Python's 8 KiB buffer: a 1 MiB one makes writes ~4x cheaper
-            builder.data_file.close()
-            builder.data_file = open(self.temp[k] + ".bin", "wb", buffering=WRITE_BUFFER)
-            self.builders[k] = builder
+        self.lock = PrefixLock(directory, name)
+        try:
+            _remove_stale_staging(directory, name)
+            self.replaced = [self.final[k] + ext for k in OUTPUT_KEYS for ext in (".bin", ".idx")
+                             if os.path.exists(self.final[k] + ext)]
+            if self.replaced and not overwrite:
+                more = f" and {len(self.replaced) - 1} more" if len(self.replaced) > 1 else ""
+                raise DataError(f"--output-prefix {output_prefix} holds a data set already ({self.replaced[0]}{more}); "
+                                "pass --overwrite to replace it, or choose another --output-prefix")
+            for k in OUTPUT_KEYS:
+                builder = IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32)
+                # megatron opens the .bin with Python's 8 KiB buffer: a 1 MiB one makes writes ~4x cheaper
+                builder.data_file.close()
+                builder.data_file = open(self.temp[k] + ".bin", "wb", buffering=WRITE_BUFFER)
+                self.builders[k] = builder
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
         for side, ids in (("chosen", chosen), ("rejected", rejected)):
@@ -291,11 +369,17 @@ class PairShardWriter:
     def commit(self) -> list[str]:
         for k, builder in self.builders.items():
             builder.finalize(self.temp[k] + ".idx")
+        for path in self.replaced:
+            os.remove(path)
         files = []
         for k in OUTPUT_KEYS:
             for ext in (".bin", ".idx"):
                 os.replace(self.temp[k] + ext, self.final[k] + ext)
                 files.append(self.final[k] + ext)
+        if self.replaced:
+            logger.info("--overwrite: replaced %d existing file(s) of --output-prefix %s", len(self.replaced),
+                        self.lock.prefix)
+        self.lock.release()
         return files
 
     def abort(self) -> None:
@@ -304,6 +388,19 @@ class PairShardWriter:
             for ext in (".bin", ".idx"):
                 if os.path.exists(self.temp[k] + ext):
                     os.remove(self.temp[k] + ext)
+        self.lock.release()
+
+
+def _remove_stale_staging(directory: str, name: str) -> None:
+    """Removes the staging files of --output-prefix DIR/NAME left by killed runs (call under its lock)."""
+    staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({'|'.join(OUTPUT_KEYS)})_document\.(bin|idx)")
+    stale = sorted(f for f in os.listdir(directory) if staging.fullmatch(f))
+    for file in stale:
+        os.remove(os.path.join(directory, file))
+    if stale:
+        pids = sorted({int(staging.fullmatch(f).group(1)) for f in stale})
+        logger.warning("removed %d staging file(s) of --output-prefix %s left by a killed run (pid %s): %s",
+                       len(stale), os.path.join(directory, name), ", ".join(map(str, pids)), ", ".join(stale))
 
 
 class _Progress:
@@ -382,16 +479,17 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     summary = PreprocessSummary()
     progress = _Progress(config.log_interval, total_bytes(sources))
     feeder = _Feeder(read_records(sources), limit=CHUNK_SIZE * config.workers * 8)
-    pool = None
-    if config.workers == 1:
-        results = map(encoder, feeder)
-    else:
-        fork = "fork" in multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if fork else "spawn")
-        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
-        results = pool.imap(_encode_in_worker, feeder, chunksize=CHUNK_SIZE)
-    writer = PairShardWriter(config.output_prefix)
+    pool = writer = None
     try:
+        if config.workers == 1:
+            results = map(encoder, feeder)
+        else:
+            fork = "fork" in multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
+            pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
+            results = pool.imap(_encode_in_worker, feeder, chunksize=CHUNK_SIZE)
+        # after the fork: workers a killed run leaves behind must not inherit (and keep) the prefix lock
+        writer = PairShardWriter(config.output_prefix, config.overwrite)
         for result in results:
             nbytes = feeder.done(result.source, result.index)
             if isinstance(result, RecordFailure):
@@ -421,7 +519,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             raise DataError(f"--input {config.input!r}: no pairs to write")
         summary.output_files = writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     finally:
         feeder.stop()

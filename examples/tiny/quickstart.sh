@@ -2,18 +2,35 @@
 # The whole pipeline on CPU in a few minutes, offline:
 #   tiny tokenizer + HF Llama + preference data -> HF->megatron (TP2) -> pairwise shards ->
 #   DPO on 2 ranks (TP2, gloo) -> megatron->HF -> metrics plot.
-# Re-runnable: each run starts from a clean $OUT (default runs/quickstart).
+# Writes into $OUT (default runs/quickstart): a new or empty folder, or one an earlier run made.
+# Re-runnable: a re-run removes what the quickstart made there, and nothing else.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${OUT:-$repo/runs/quickstart}"
 cd "$repo"
 
+# $OUT may come from the environment and name a folder of the user's: the marker file says this script
+# made the folder, and a re-run removes only what the steps below write there (and the hidden staging
+# folders a killed conversion leaves), never $OUT itself.
+marker=".quickstart"
+made=(hf_model tokenizer pairs.jsonl mg_tp2 convert.log data dpo tensorboard hf_dpo dpo_metrics.png)
+if [[ -e "$OUT" && ! -d "$OUT" ]]; then
+    echo "quickstart.sh: OUT=$OUT is not a folder; set OUT to a new or empty folder" >&2
+    exit 1
+fi
+if [[ -d "$OUT" && ! -f "$OUT/$marker" && -n "$(ls -A "$OUT")" ]]; then
+    echo "quickstart.sh: OUT=$OUT is not empty and was not made by the quickstart (no $marker file in it);" \
+         "set OUT to a new or empty folder" >&2
+    exit 1
+fi
+mkdir -p "$OUT"
+echo "made by examples/tiny/quickstart.sh; a re-run removes what it made here, and nothing else" > "$OUT/$marker"
+(cd "$OUT" && rm -rf -- "${made[@]}" .mg_tp2.staging-* .hf_dpo.staging-*)
+
 echo "== [1/6] set up .venv"
 bash scripts/setup_env.sh
 py="$repo/.venv/bin/python"
 export PYTHONWARNINGS="ignore::UserWarning"
-rm -rf "$OUT"
-mkdir -p "$OUT"
 
 echo "== [2/6] build a tiny tokenizer, a tiny HF Llama and 256 preference pairs (offline)"
 "$py" examples/tiny/build_assets.py --out "$OUT"

@@ -190,6 +190,8 @@ def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys, tm
     tp, pp = config["parallel"]["tensor_model_parallel_size"], config["parallel"]["pipeline_model_parallel_size"]
     assert config["parallel"]["sequence_parallel"] == (tp > 1)
     assert tp <= int(torchrun.nproc_per_node), "keep tensor parallelism inside a node"
+    # torchrun itself exits 1 on any failure: each rank's own message must land in a file, and on the console
+    assert (torchrun.redirects, torchrun.tee) == ("3", "3") and torchrun.log_dir
     assert config["training"]["global_batch_size"] % (config["training"]["micro_batch_size"] * world // (tp * pp)) == 0
 
 
@@ -228,6 +230,7 @@ def test_data_script_parses(script):
     get_template(args.prompt_type, args.prompt_type_path)
     build_handler(args.handler_name, json.loads(args.map_keys) if args.map_keys else None)
     assert args.tokenizer_type == "PretrainedFromHF" and args.tokenizer_name_or_path
+    assert args.overwrite, "re-running the script must replace its own data set, not stop at it"
 
 
 # -- the scripts of one model fit together -------------------------------------------------------------

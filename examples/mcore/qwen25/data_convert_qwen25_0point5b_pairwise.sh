@@ -6,6 +6,7 @@
 # For Alpaca-style JSONL (instruction/input/chosen/rejected) use --handler-name AlpacaStylePairwiseHandler
 # and drop --map-keys; formats: README.md "Data formats".
 # Writes ${OUTPUT_PREFIX}_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}.
+# Re-running replaces that data set (--overwrite); its old files stay until the new ones are complete.
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
@@ -23,4 +24,4 @@ run "$PYTHON" "$ENGINE_ROOT/preprocess_data.py" \
     --input "$INPUT" --output-prefix "$OUTPUT_PREFIX" \
     --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$TOKENIZER_DIR" \
     --handler-name TrlStylePairwiseHandler --map-keys '{"prompt":""}' \
-    --prompt-type qwen --seq-length "$SEQ_LEN" --workers "$WORKERS" --log-interval 1000
+    --prompt-type qwen --seq-length "$SEQ_LEN" --workers "$WORKERS" --log-interval 1000 --overwrite

@@ -6,6 +6,8 @@
 # LoRA flags as the LoRA work defines them: rank 16, alpha 32 on every linear layer of each block;
 # --lora-ckpt-filter saves only the adapter weights; add --lora-load DIR to resume from saved adapters.
 # Layout and memory: docs/parallelism.md. Hyperparameters are a starting point, not a tuned recipe.
+# A failure: torchrun exits 1 and prints ChildFailedError, whose "Root Cause" names the first failing rank,
+# its host and exit code; that rank's message is in $LOG_DIR/<run>/attempt_0/<local rank>/stderr.log there.
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
@@ -14,6 +16,7 @@ CKPT_LOAD_DIR="${CKPT_LOAD_DIR:-./model_weights/qwen25-0point5b-mcore-tp1pp1}"
 CKPT_SAVE_DIR="${CKPT_SAVE_DIR:-./ckpt/qwen25-0point5b-dpo-lora}"
 DATA_PATH="${DATA_PATH:-./dataset/qwen25-0point5b/ultrafeedback}"
 TENSORBOARD_DIR="${TENSORBOARD_DIR:-$CKPT_SAVE_DIR/tensorboard}"
+LOG_DIR="${LOG_DIR:-$CKPT_SAVE_DIR/logs}"   # each rank's stdout.log and stderr.log (torchrun --log-dir)
 
 # ---- cluster: set on every node (same MASTER_ADDR/MASTER_PORT/NNODES, its own NODE_RANK) ----
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
@@ -35,6 +38,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 DISTRIBUTED_ARGS=(
     --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+    --log-dir "$LOG_DIR" --redirects 3 --tee 3   # per-rank log files, and the console as before
 )
 
 # Qwen2.5-0.5B-Instruct: the model flags tools/checkpoint/convert_ckpt.py prints for its config.json.

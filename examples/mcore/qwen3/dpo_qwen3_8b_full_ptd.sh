@@ -5,6 +5,8 @@
 #   bash examples/mcore/qwen3/ckpt_convert_qwen3_8b_hf2mcore.sh   (TP4 PP1 checkpoint)
 # After: bash examples/mcore/qwen3/ckpt_convert_qwen3_8b_mcore2hf.sh turns $CKPT_SAVE_DIR into an HF folder.
 # Layout and memory: docs/parallelism.md. Hyperparameters are a starting point, not a tuned recipe.
+# A failure: torchrun exits 1 and prints ChildFailedError, whose "Root Cause" names the first failing rank,
+# its host and exit code; that rank's message is in $LOG_DIR/<run>/attempt_0/<local rank>/stderr.log there.
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
@@ -13,6 +15,7 @@ CKPT_LOAD_DIR="${CKPT_LOAD_DIR:-./model_weights/qwen3-8b-mcore-tp4pp1}"
 CKPT_SAVE_DIR="${CKPT_SAVE_DIR:-./ckpt/qwen3-8b-dpo-full}"
 DATA_PATH="${DATA_PATH:-./dataset/qwen3-8b/ultrafeedback}"
 TENSORBOARD_DIR="${TENSORBOARD_DIR:-$CKPT_SAVE_DIR/tensorboard}"
+LOG_DIR="${LOG_DIR:-$CKPT_SAVE_DIR/logs}"   # each rank's stdout.log and stderr.log (torchrun --log-dir)
 
 # ---- cluster: set on every node (same MASTER_ADDR/MASTER_PORT/NNODES, its own NODE_RANK) ----
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
@@ -34,6 +37,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 DISTRIBUTED_ARGS=(
     --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+    --log-dir "$LOG_DIR" --redirects 3 --tee 3   # per-rank log files, and the console as before
 )
 
 # Qwen3-8B: the model flags tools/checkpoint/convert_ckpt.py prints for its config.json.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.convert.common import ConversionError, ConvertConfig
 from engine.convert.run import run_conversion
@@ -146,3 +147,41 @@ def test_cli_converts_and_prints_the_pretrain_flags(tiny_hf, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert "--num-layers 4" in printed and "--tensor-model-parallel-size 2" in printed and "--bf16" in printed
     assert (tmp_path / "mg" / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
+
+
+def _split_into_two_shards(folder: Path) -> list[str]:
+    """Rewrites the model as two safetensors shards with an index, as large models are published."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    for file, half in zip(files, halves):
+        save_file({n: tensors[n] for n in half}, folder / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, half in zip(files, halves) for n in half}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return files
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 4], ids=["half", "last-bytes-missing", "header-cut"])
+def test_truncated_single_file_names_it(hf_copy, tmp_path, keep):
+    weights = hf_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    _assert_fails(tmp_path, ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out")),
+                  f"--load-dir {hf_copy}: model.safetensors is truncated or corrupt .*download it again")
+
+
+def test_truncated_shard_names_it(hf_copy, tmp_path):
+    files = _split_into_two_shards(hf_copy)
+    shard = hf_copy / files[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    _assert_fails(tmp_path, ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out")),
+                  f"{files[1]} is truncated or corrupt")
+
+
+def test_two_whole_shards_convert(hf_copy, tmp_path):
+    """The shard split above is a valid model: the error comes from the truncation alone."""
+    _split_into_two_shards(hf_copy)
+    run_conversion(ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out")))
+    assert (tmp_path / "out" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
