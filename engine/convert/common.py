@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import shutil
@@ -13,8 +14,10 @@ from typing import Iterator
 
 import torch
 
-from engine.arguments import LORA_TARGETS
+from engine.arguments import LORA_TARGETS, int_list
 from engine.checkpoint.layout import CheckpointError
+from engine.model.families import FAMILIES
+from engine.options import ConfigError, Section, option
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -30,64 +33,55 @@ def _check(condition: bool, message: str) -> None:
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1000000' -> bytes (decimal units, as HF's max_shard_size)."""
+    """argparse type of --max-shard-size: '5GB', '500MB', '1000000' -> bytes (decimal units, as HF's)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     upper = text.strip().upper()
     for suffix, scale in units.items():
         if upper.endswith(suffix) and upper[: -len(suffix)].strip().replace(".", "", 1).isdigit():
             return int(float(upper[: -len(suffix)]) * scale)
-    _check(upper.isdigit(), f"--max-shard-size {text!r}: expected bytes or a size like 5GB")
+    if not upper.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes or a size like 5GB")
     return int(upper)
 
 
 @dataclass
-class ConvertConfig:
-    """One conversion: hf -> mg, mg -> hf, or mg -> mg (reshard)."""
+class ConvertConfig(Section):
+    """One conversion: hf -> mg, mg -> hf, or mg -> mg (reshard). MindSpeed-LLM flag names."""
 
-    load_model_type: str
-    """--load-model-type: hf or mg."""
-    save_model_type: str
-    """--save-model-type: hf or mg."""
-    load_dir: str
-    """--load-dir: HF folder or Megatron checkpoint root."""
-    save_dir: str
-    """--save-dir: created by the conversion; must not exist or be empty."""
-    target_tensor_parallel_size: int = 1
-    """--target-tensor-parallel-size (mg output)."""
-    target_pipeline_parallel_size: int = 1
-    """--target-pipeline-parallel-size (mg output)."""
-    num_layer_list: tuple[int, ...] | None = None
-    """--num-layer-list: layers per pipeline stage (uneven PP); default an even split."""
-    model_type_hf: str | None = None
-    """--model-type-hf: family; default detected from config.json (hf input) or the checkpoint args."""
-    params_dtype: str | None = None
-    """--params-dtype fp32/bf16/fp16: cast the weights; default keep the stored dtype."""
-    add_qkv_bias: bool = False
-    """--add-qkv-bias: accepted for MindSpeed-LLM scripts; must agree with the family."""
-    tokenizer_model: str | None = None
-    """--tokenizer-model: tokenizer folder or file to record (hf -> mg) or copy (mg -> hf)."""
-    load_iteration: int | None = None
-    """--load-iteration: mg input iteration; default the tracker's."""
-    make_vocab_size_divisible_by: int = 128
-    """--make-vocab-size-divisible-by: padded vocab is a multiple of this x target TP."""
-    padded_vocab_size: int | None = None
-    """--padded-vocab-size: explicit padded vocab (mg output)."""
-    max_shard_size: int = 5 * 10**9
-    """--max-shard-size: bytes per HF safetensors shard."""
-    lora_load: str | None = None
-    """--lora-load: LoRA training checkpoint whose adapters are merged into --load-dir's base (or exported)."""
-    lora_r: int | None = None
-    """--lora-r: the adapters' rank (checked against the checkpoint)."""
-    lora_alpha: float | None = None
-    """--lora-alpha: merged as W + (alpha / r) B A."""
-    lora_target_modules: tuple[str, ...] = LORA_TARGETS
-    """--lora-target-modules: the megatron linears the adapters may adapt."""
-    save_lora_to_hf: bool = False
-    """--save-lora-to-hf: write the adapters as a PEFT adapter folder (--save-dir) instead of merged weights."""
+    load_model_type: str = option(help="input format", choices=("hf", "mg"))
+    save_model_type: str = option(help="output format", choices=("hf", "mg"))
+    load_dir: str = option(help="HF folder or Megatron checkpoint root")
+    save_dir: str = option(help="created by the conversion; must not exist or be empty")
+    target_tensor_parallel_size: int = option(1, "TP of the mg output")
+    target_pipeline_parallel_size: int = option(1, "PP of the mg output")
+    num_layer_list: tuple[int, ...] | None = option(None, "layers per pipeline stage (uneven PP), e.g. 3,5; "
+                                                          "default an even split", type=int_list, metavar="N1,N2,...")
+    model_type_hf: str | None = option(None, f"family, one of {', '.join(FAMILIES)}; default from config.json "
+                                             "(hf input) or the checkpoint's args")
+    params_dtype: str | None = option(None, "cast the weights; default keep the stored dtype", choices=tuple(DTYPES))
+    add_qkv_bias: bool = option(False, "accepted for MindSpeed-LLM scripts; must agree with the family")
+    tokenizer_model: str | None = option(None, "tokenizer folder or file to record (hf -> mg) or copy (mg -> hf)")
+    load_iteration: int | None = option(None, "mg input iteration; default the tracker's")
+    make_vocab_size_divisible_by: int = option(128, "padded vocab is a multiple of this x target TP")
+    padded_vocab_size: int | None = option(None, "explicit padded vocab (mg output)")
+    max_shard_size: int = option(5 * 10**9, "bytes per HF safetensors shard, e.g. 5GB", type=parse_size)
+    lora_load: str | None = option(None, "LoRA training checkpoint (adapter-only or full) whose adapters are "
+                                         "merged into --load-dir's base, or exported")
+    lora_r: int | None = option(None, "the adapters' rank (checked against the checkpoint)")
+    lora_alpha: float | None = option(None, "merged as W + (alpha / r) B A")
+    lora_target_modules: list[str] = option(default_factory=lambda: list(LORA_TARGETS), choices=LORA_TARGETS,
+                                            help="the megatron linears the adapters may adapt")
+    save_lora_to_hf: bool = option(False, "write the adapters as a PEFT adapter folder (adapter_config.json, "
+                                          "adapter_model.safetensors) to --save-dir instead of merged weights")
+    model_type: str = option("GPT", "accepted for MindSpeed-LLM scripts", choices=("GPT",))
 
     def __post_init__(self) -> None:
-        _check(self.load_model_type in ("hf", "mg"), "--load-model-type must be hf or mg")
-        _check(self.save_model_type in ("hf", "mg"), "--save-model-type must be hf or mg")
+        try:
+            super().__post_init__()
+        except ConfigError as err:
+            raise ConversionError(str(err)) from None
+
+    def check(self) -> None:
         _check(
             (self.load_model_type, self.save_model_type) != ("hf", "hf"),
             "--load-model-type hf --save-model-type hf is not a conversion",
@@ -100,7 +94,6 @@ class ConvertConfig:
                 f"--num-layer-list {','.join(map(str, self.num_layer_list))} needs "
                 f"{self.target_pipeline_parallel_size} positive entries (--target-pipeline-parallel-size)",
             )
-        _check(self.params_dtype in (None, *DTYPES), "--params-dtype must be fp32, bf16 or fp16")
         _check(self.make_vocab_size_divisible_by >= 1, "--make-vocab-size-divisible-by must be >= 1")
         _check(self.max_shard_size > 0, "--max-shard-size must be positive")
         _check(self.lora_load is None or (self.lora_r is not None and self.lora_alpha is not None),

@@ -32,10 +32,10 @@ def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
     target layout; the layout rules are training's own (`check_layout`), named by the converter's flags."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        model = ModelConfig(**{k: v for k, v in args.items() if k in fields},
-                            seq_length=args["max_position_embeddings"],
-                            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-                            padded_vocab_size=config.padded_vocab_size)
+        model = ModelConfig(**{**{k: v for k, v in args.items() if k in fields},
+                               "seq_length": args["max_position_embeddings"],
+                               "make_vocab_size_divisible_by": config.make_vocab_size_divisible_by,
+                               "padded_vocab_size": config.padded_vocab_size})
         check_layout(model, config.target_tensor_parallel_size, config.target_pipeline_parallel_size,
                      config.num_layer_list, tp_flag="--target-tensor-parallel-size",
                      pp_flag="--target-pipeline-parallel-size")

@@ -37,6 +37,7 @@ from engine.data.readers import DataError, Source, find_sources, first_record_co
 from engine.data.templates import ChatEncoder, get_template
 from engine.data.truncation import truncate_lengths
 from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
+from engine.options import Section, add_options, option, require, section_from_args
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,87 +48,61 @@ MAX_LISTED_BAD = 10
 WRITE_BUFFER = 1 << 20
 
 
+def json_object(text: str) -> dict[str, str]:
+    """argparse type of --map-keys: a JSON object of strings."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise argparse.ArgumentTypeError("must be a JSON object of strings, e.g. '{\"prompt\": \"question\"}'")
+    return value
+
+
 @dataclass
-class PreprocessConfig:
-    """Everything one preprocessing run needs."""
+class PreprocessConfig(Section):
+    """Everything one preprocessing run needs (MindSpeed-LLM flag names)."""
 
-    input: str
-    """--input: a JSONL, JSON-array or parquet file, or a directory/glob of them."""
-    output_prefix: str
-    """--output-prefix: OUT/name; files are OUT/name_packed_*_document.{bin,idx}."""
-    tokenizer: TokenizerConfig
-    """The ``tokenizer`` argument group."""
-    handler_name: str = "AlpacaStylePairwiseHandler"
-    """--handler-name: input data shape."""
-    prompt_type: str = "empty"
-    """--prompt-type: chat template name."""
-    prompt_type_path: str | None = None
-    """--prompt-type-path: JSON file of extra templates (same schema as engine/data/templates.json)."""
-    map_keys: dict[str, str] = field(default_factory=dict)
-    """--map-keys: logical field -> column name ('' disables a column)."""
-    seq_length: int | None = None
-    """--seq-length: longest chosen/rejected sequence to write; longer pairs are truncated or dropped."""
-    drop_long: bool = False
-    """--drop-long: drop pairs longer than --seq-length instead of truncating them."""
-    workers: int = 1
-    """--workers: tokenizing processes (1 = in the calling process)."""
-    log_interval: int = 1000
-    """--log-interval: log progress every this many records."""
-    skip_bad_records: bool = False
-    """--skip-bad-records: skip and count malformed records instead of stopping."""
-    overwrite: bool = False
-    """--overwrite: replace an existing data set at --output-prefix (kept until the new one is complete)."""
+    input: str = option(help="a JSONL, JSON-array or parquet file, or a directory/glob of them")
+    output_prefix: str = option(help="OUT/name; files are OUT/name_packed_*_document.{bin,idx}")
+    tokenizer: TokenizerConfig = option(cli=False, help="the tokenizer flags")
+    handler_name: str = option("AlpacaStylePairwiseHandler", "input data shape", choices=sorted(HANDLERS))
+    prompt_type: str = option("empty", "chat template (see engine/data/templates.json)")
+    prompt_type_path: str | None = option(None, "JSON file of extra templates (same schema as templates.json)")
+    map_keys: dict[str, str] = option(default_factory=dict, type=json_object,
+                                      help="logical field -> column name ('' disables a column), as JSON, "
+                                           "e.g. '{\"prompt\":\"question\",\"query\":\"\"}'")
+    seq_length: int | None = option(None, "longest chosen/rejected sequence to write; longer pairs are "
+                                          "truncated (or dropped with --drop-long)")
+    drop_long: bool = option(False, "drop pairs longer than --seq-length instead of truncating them")
+    workers: int = option(1, "tokenizing processes (1 = in the calling process)")
+    log_interval: int = option(1000, "log progress every this many records")
+    skip_bad_records: bool = option(False, "skip and count malformed records instead of stopping")
+    overwrite: bool = option(False, "replace an existing data set at --output-prefix (without it, that is an "
+                                    "error); the old one is kept until the new one is complete")
 
-    def __post_init__(self) -> None:
-        if not self.output_prefix or self.output_prefix.endswith(os.sep):
-            raise ValueError(f"--output-prefix must name files (OUT/name), got {self.output_prefix!r}")
-        if self.handler_name not in HANDLERS:
-            raise ValueError(f"--handler-name {self.handler_name!r} is not known; known: {sorted(HANDLERS)}")
-        if not isinstance(self.map_keys, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.map_keys.items()
-        ):
-            raise ValueError("--map-keys must be a JSON object of strings")
-        if self.seq_length is not None and self.seq_length < 2:
-            raise ValueError(f"--seq-length must be at least 2, got {self.seq_length}")
-        if self.drop_long and self.seq_length is None:
-            raise ValueError("--drop-long needs --seq-length")
-        if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if self.log_interval < 1:
-            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
-        if self.prompt_type_path is not None and not os.path.isfile(self.prompt_type_path):
-            raise ValueError(f"--prompt-type-path {self.prompt_type_path!r} is not a file")
+    def check(self) -> None:
+        require(bool(self.output_prefix) and not self.output_prefix.endswith(os.sep),
+                f"--output-prefix must name files (OUT/name), got {self.output_prefix!r}")
+        require(isinstance(self.map_keys, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in self.map_keys.items()),
+                "--map-keys must be a JSON object of strings")
+        require(self.seq_length is None or self.seq_length >= 2,
+                f"--seq-length must be at least 2, got {self.seq_length}")
+        require(not self.drop_long or self.seq_length is not None, "--drop-long needs --seq-length")
+        require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(self.log_interval >= 1, f"--log-interval must be >= 1, got {self.log_interval}")
+        require(self.prompt_type_path is None or os.path.isfile(self.prompt_type_path),
+                f"--prompt-type-path {self.prompt_type_path!r} is not a file")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PreprocessConfig":
-        try:
-            map_keys = json.loads(args.map_keys) if args.map_keys else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--map-keys is not valid JSON: {e}") from None
-        return cls(
-            input=args.input, output_prefix=args.output_prefix, tokenizer=TokenizerConfig.from_args(args),
-            handler_name=args.handler_name, prompt_type=args.prompt_type, prompt_type_path=args.prompt_type_path,
-            map_keys=map_keys, seq_length=args.seq_length, drop_long=args.drop_long, workers=args.workers,
-            log_interval=args.log_interval, skip_bad_records=args.skip_bad_records, overwrite=args.overwrite,
-        )
+    def from_args(cls, args: argparse.Namespace) -> PreprocessConfig:
+        return section_from_args(cls, args, tokenizer=TokenizerConfig.from_args(args))
 
 
 def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``data`` and ``tokenizer`` groups (MindSpeed-LLM flag names)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--input", required=True, help="JSONL/JSON/parquet file, directory or glob")
-    group.add_argument("--output-prefix", required=True, help="OUT/name")
-    group.add_argument("--handler-name", default="AlpacaStylePairwiseHandler", choices=sorted(HANDLERS))
-    group.add_argument("--prompt-type", default="empty", help="chat template (see engine/data/templates.json)")
-    group.add_argument("--prompt-type-path", default=None, help="JSON file with extra templates")
-    group.add_argument("--map-keys", default=None, help='JSON, e.g. \'{"prompt":"question","query":""}\'')
-    group.add_argument("--seq-length", type=int, default=None)
-    group.add_argument("--drop-long", action="store_true")
-    group.add_argument("--workers", type=int, default=1)
-    group.add_argument("--log-interval", type=int, default=1000)
-    group.add_argument("--skip-bad-records", action="store_true")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace an existing data set at --output-prefix (without it, that is an error)")
+    """Add the ``data`` and ``tokenizer`` groups."""
+    add_options(parser, PreprocessConfig, "data")
     add_tokenizer_args(parser)
     return parser
 

@@ -19,16 +19,17 @@ import json
 import os
 import shlex
 import subprocess
-from dataclasses import asdict
+from dataclasses import MISSING, asdict
 from pathlib import Path
 
 import pytest
 
-from engine.arguments import DataConfig, ModelConfig, build_parser, config_from_args, validate
+from engine.arguments import DataConfig, ModelConfig, TokenizerConfig, build_parser, config_from_args, validate
 from engine.data.handlers import build_handler
-from engine.data.preprocess import add_preprocess_args
+from engine.data.preprocess import PreprocessConfig, add_preprocess_args
 from engine.data.templates import get_template
 from engine.formats import OUTPUT_KEYS, output_path_prefix
+from engine.options import declared_fields
 from engine.model.families import get_family, model_args, pretrain_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,21 +215,20 @@ def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, 
 def test_convert_script_parses(script):
     convert = _load(REPO / "tools" / "checkpoint" / "convert_ckpt.py", "_launch_convert_ckpt")
     _, flags = entry(dry_run(script), "convert_ckpt.py")
-    args = convert.build_parser().parse_args(flags)
-    config = convert.config_from_args(args)  # ConvertConfig validates itself
+    config = _convert_config(convert, flags)  # ConvertConfig validates itself
     direction = ("hf", "mg") if script.name.endswith("_hf2mcore.sh") else ("mg", "hf")
     assert (config.load_model_type, config.save_model_type) == direction
-    if args.model_type_hf is not None:
-        family = get_family(args.model_type_hf)
-        assert not args.add_qkv_bias or family.qkv_bias
+    if config.model_type_hf is not None:
+        family = get_family(config.model_type_hf)
+        assert not config.add_qkv_bias or family.qkv_bias
 
 
 @pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name.startswith("data_convert_")], ids=lambda p: p.name)
 def test_data_script_parses(script):
     _, flags = entry(dry_run(script), "preprocess_data.py")
-    args = add_preprocess_args(argparse.ArgumentParser()).parse_args(flags)
+    args = _preprocess_flags(flags)
     get_template(args.prompt_type, args.prompt_type_path)
-    build_handler(args.handler_name, json.loads(args.map_keys) if args.map_keys else None)
+    build_handler(args.handler_name, args.map_keys or None)
     assert args.tokenizer_type == "PretrainedFromHF" and args.tokenizer_name_or_path
     assert args.overwrite, "re-running the script must replace its own data set, not stop at it"
 
@@ -238,23 +238,21 @@ def test_data_script_parses(script):
 
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_model_scripts_fit_together(key):
-    data = add_preprocess_args(argparse.ArgumentParser()).parse_args(
-        entry(dry_run(_script(key, KINDS[0])), "preprocess_data.py")[1])
+    data = _preprocess_flags(entry(dry_run(_script(key, KINDS[0])), "preprocess_data.py")[1])
     convert = _load(REPO / "tools" / "checkpoint" / "convert_ckpt.py", "_launch_convert_ckpt")
-    to_hf = convert.build_parser().parse_args(entry(dry_run(_script(key, KINDS[2])), "convert_ckpt.py")[1])
+    to_hf = _convert_config(convert, entry(dry_run(_script(key, KINDS[2])), "convert_ckpt.py")[1])
     for kind in KINDS[3:]:
         train = _training_flags(_dpo(key, kind)[1])
         tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
-        to_mg = convert.build_parser().parse_args(
-            entry(dry_run(_script(key, KINDS[1]), TP=str(tp), PP=str(pp)), "convert_ckpt.py")[1])
+        to_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1]), TP=str(tp), PP=str(pp)),
+                                               "convert_ckpt.py")[1])
         assert (to_mg.target_tensor_parallel_size, to_mg.target_pipeline_parallel_size) == (tp, pp)
         assert train.load == to_mg.save_dir, f"{kind.format(key)} --load is not the hf2mcore --save-dir"
         assert train.data_path == [data.output_prefix]
         assert train.seq_length == data.seq_length
         if kind == KINDS[3]:
             assert to_hf.load_dir == train.save
-            default_mg = convert.build_parser().parse_args(
-                entry(dry_run(_script(key, KINDS[1])), "convert_ckpt.py")[1])
+            default_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1])), "convert_ckpt.py")[1])
             assert default_mg.save_dir == train.load, "hf2mcore's default layout is the full run's"
 
 
@@ -266,6 +264,20 @@ def test_model_flags_equal_what_the_converter_prints(key):
         train = _training_flags(_dpo(key, kind)[1])
         expected = config_from_args(build_parser().parse_args(printed + ["--seq-length", str(train.seq_length)]))
         assert asdict(_model(train)) == asdict(expected.model), kind.format(key)
+
+
+def _preprocess_flags(flags: list[str]) -> argparse.Namespace:
+    """preprocess_data.py's flags with the declared defaults filled in (the tokenizer folder need not exist)."""
+    args = add_preprocess_args(argparse.ArgumentParser()).parse_args(flags)
+    for section in (PreprocessConfig, TokenizerConfig):
+        for f in declared_fields(section):
+            if not hasattr(args, f.name):
+                setattr(args, f.name, f.default_factory() if f.default is MISSING else f.default)
+    return args
+
+
+def _convert_config(convert, flags: list[str]):
+    return convert.config_from_args(convert.build_parser().parse_args(flags))
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:

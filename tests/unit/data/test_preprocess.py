@@ -241,11 +241,13 @@ def test_cli_parses_mindspeed_flags_and_reports_errors_in_one_line(tmp_path, lla
     assert len(err) == 1 and err[0].startswith("error: --map-keys: column 'nope'")
 
 
-def test_config_errors_name_the_flag():
-    args = add_preprocess_args(__import__("argparse").ArgumentParser()).parse_args(
-        ["--input", "x", "--output-prefix", "y", "--map-keys", "{bad", "--tokenizer-name-or-path", "/"])
-    with pytest.raises(ValueError, match="--map-keys is not valid JSON"):
-        PreprocessConfig.from_args(args)
+def test_config_errors_name_the_flag(capsys):
+    parser = add_preprocess_args(__import__("argparse").ArgumentParser())
+    for bad, message in (("{bad", "not valid JSON"), ('["prompt"]', "must be a JSON object of strings")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--input", "x", "--output-prefix", "y", "--map-keys", bad,
+                               "--tokenizer-name-or-path", "/"])
+        assert f"argument --map-keys: {message}" in capsys.readouterr().err
     tok = TokenizerConfig(tokenizer_name_or_path="/")
     for kwargs, flag in [(dict(workers=0), "--workers"), (dict(drop_long=True), "--drop-long"),
                          (dict(seq_length=1), "--seq-length"), (dict(handler_name="X"), "--handler-name")]:
