@@ -411,7 +411,8 @@ class PreferenceConfig:
     """--ld-alpha: LD-DPO: log-probs of the answer tokens past the pair's shorter answer are scaled by
     alpha in [0, 1], for policy and reference alike (--stage dpo, losses on summed log-probs)."""
     rpo_alpha: float | None = None
-    """--rpo-alpha: RPO: weight of the chosen answers' NLL (token mean per pair) added to a --stage dpo loss."""
+    """--rpo-alpha: RPO: weight of the chosen answers' NLL (token mean per pair, as the RPO paper and
+    MindSpeed-LLM; --dpo-loss-type sft is TRL's mean over the batch's tokens) added to a --stage dpo loss."""
     pref_ftx: float = 0.0
     """--pref-ftx: the same NLL weight under LLaMA-Factory's name (exclusive with --rpo-alpha)."""
     simpo_beta: float | None = None
@@ -420,10 +421,14 @@ class PreferenceConfig:
     """--simpo-gamma: SimPO's target reward margin, in reward units: loss -logsigmoid(beta * (mean logp_c -
     mean logp_r) - gamma) (--stage simpo, or cpo with --dpo-loss-type simpo); default 1.0."""
     cpo_alpha: float | None = None
-    """--cpo-alpha: weight of the chosen answers' NLL (token mean per pair): --stage cpo (default 1.0) and
-    simpo (default 0.0: pure SimPO)."""
+    """--cpo-alpha: weight of the chosen answers' NLL (token mean over the global batch's answer tokens, as
+    TRL's CPOTrainer): --stage cpo (default 1.0) and simpo (default 0.0: pure SimPO)."""
     orpo_beta: float | None = None
     """--orpo-beta: ORPO's lambda, the weight of the odds-ratio term beside the NLL (--stage orpo); default 0.1."""
+    orpo_prompt_loss: bool | None = None
+    """--orpo-prompt-loss / --no-orpo-prompt-loss: ORPO's NLL over the chosen sequences' prompt and answer
+    tokens (the ORPO authors' default and TRL's), or over their answer tokens only; a token mean over the
+    global batch either way (--stage orpo); default on."""
     ref_model: str | None = None
     """--ref-model: checkpoint directory of the reference policy (default: --load's)."""
     refer_model_iter: int | None = None
@@ -440,7 +445,7 @@ class PreferenceConfig:
         self._only_for(dpo, "dpo_loss_weights", "ld_alpha", "rpo_alpha")
         self._only_for(stage == "simpo", "simpo_beta")
         self._only_for(stage in ("simpo", "cpo"), "cpo_alpha")
-        self._only_for(stage == "orpo", "orpo_beta")
+        self._only_for(stage == "orpo", "orpo_beta", "orpo_prompt_loss")
         _require(dpo or not self.reference_free, f"--reference-free: --stage {stage} is reference-free already")
         _require(dpo or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
                  + (" (use --cpo-alpha)" if stage in ("simpo", "cpo") else " (its NLL term is built in)"))
@@ -477,6 +482,7 @@ class PreferenceConfig:
             _require(self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
         if stage == "orpo":
             self.orpo_beta = 0.1 if self.orpo_beta is None else self.orpo_beta
+            self.orpo_prompt_loss = True if self.orpo_prompt_loss is None else self.orpo_prompt_loss
             _require(self.orpo_beta > 0, "--orpo-beta must be > 0")
 
         _require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
@@ -538,7 +544,8 @@ class PreferenceConfig:
 
     @property
     def nll_weight(self) -> float:
-        """Weight of the chosen answers' NLL (token mean per pair) added to the preference loss."""
+        """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
+        (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
         if self.stage == "orpo":
             return 1.0
         if self.stage in ("simpo", "cpo"):
@@ -567,6 +574,13 @@ class PreferenceConfig:
         if averaged:
             params.append(f"token-averaged log-probs for {' '.join(averaged)}")
         params.append("reference model" if self.uses_reference else "reference-free")
+        dpo = self.stage == "dpo"
+        if dpo and self.nll_weight > 0:
+            params.append("nll: chosen answer tokens, mean per pair")
+        if (not dpo and self.nll_weight > 0) or "sft" in types:
+            tokens = {None: "answer tokens", False: "answer tokens (--no-orpo-prompt-loss)",
+                      True: "prompt and answer tokens (--orpo-prompt-loss)"}[self.orpo_prompt_loss]
+            params.append(f"{'sft' if dpo else 'nll'}: mean over the global batch's chosen {tokens}")
         return f"{self.stage}: loss = {' + '.join(terms)} | {', '.join(params)}"
 
 
@@ -875,6 +889,8 @@ def _add_preference_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--simpo-gamma", type=float, help="target reward margin, default 1.0")
     g.add_argument("--cpo-alpha", type=float, help="chosen NLL weight: default 1.0 (cpo), 0.0 (simpo)")
     g.add_argument("--orpo-beta", type=float, help="ORPO's lambda, default 0.1 (--stage orpo)")
+    g.add_argument("--orpo-prompt-loss", action=argparse.BooleanOptionalAction,
+                   help="ORPO's NLL over the prompt and answer tokens (default), or the answer only (--no-...)")
     g.add_argument("--ref-model")
     g.add_argument("--refer-model-iter", type=int, help="default 1")
     g.add_argument("--precompute-ref-logps", action="store_true")

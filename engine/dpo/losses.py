@@ -23,8 +23,8 @@ d_r = log pi_r - log ref_r and h = d_c - d_r (the DPO margin):
 - discopop     (1 - m) (-logsig(b h)) + m exp(-b h), m = sig(b h / tau)  (DiscoPOP)
 - sigmoid_norm the sigmoid loss on token-averaged log-probs          (length-normalized DPO)
 - aot          sigmoid loss on sorted(pi_c - pi_r) - sorted(ref_c - ref_r)   (AOT, paired)
-- aot_unpaired sigmoid loss on sorted(d_c) - sorted(d_r)             (AOT, unpaired; TRL's "aot_pair")
-- sft          the chosen answer's NLL, a token mean per pair
+- aot_unpaired sigmoid loss on sorted(d_c) - sorted(d_r)             (AOT, unpaired; "aot_pair" in TRL 0.x)
+- sft          the chosen answers' NLL, a token mean over the global batch (TRL's "sft")
 - simpo        -(1-e) logsig(b (a_c - a_r) - g) - e logsig(-(...)) on averages a (SimPO; g the margin)
 - orpo         -b logsig(log odds_c - log odds_r), odds = p / (1 - p), p = exp(a)   (ORPO's OR term)
 """
@@ -56,6 +56,10 @@ class PairLogps:
     chosen_nll: torch.Tensor | None = None
     """Token-mean NLL of the chosen answer from raw (not length-desensitized) log-probs; default
     -policy_chosen / chosen_count."""
+    chosen_nll_share: torch.Tensor | None = None
+    """Each pair's share of the chosen NLL averaged over the tokens of the whole global batch: its
+    NLL sum x N / T (N pairs, T tokens in the global batch), so that the mean over the N pairs, the
+    reduction megatron applies, is the token mean. Default: this micro-batch taken as the batch."""
 
     @property
     def logits(self) -> torch.Tensor:
@@ -78,7 +82,7 @@ class PairLogps:
         return replace(self, policy_chosen=self.policy_chosen / c, policy_rejected=self.policy_rejected / r,
                        reference_chosen=self.reference_chosen / c, reference_rejected=self.reference_rejected / r,
                        chosen_count=torch.ones_like(c), rejected_count=torch.ones_like(r),
-                       chosen_nll=self.nll())
+                       chosen_nll=self.nll(), chosen_nll_share=self.nll_share())
 
     def nll(self) -> torch.Tensor:
         if self.chosen_nll is not None:
@@ -86,6 +90,14 @@ class PairLogps:
         if self.chosen_count is None:
             raise ValueError("the chosen NLL needs PairLogps.chosen_count")
         return -self.policy_chosen / self.chosen_count.clamp(min=1)
+
+    def nll_share(self) -> torch.Tensor:
+        if self.chosen_nll_share is not None:
+            return self.chosen_nll_share
+        if self.chosen_count is None:
+            raise ValueError("the chosen NLL needs PairLogps.chosen_count")
+        sums = self.nll() * self.chosen_count
+        return sums * sums.shape[0] / self.chosen_count.sum().clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,7 @@ def _aot(logps: PairLogps, p: LossParams) -> torch.Tensor:
 
 
 def _aot_unpaired(logps: PairLogps, p: LossParams) -> torch.Tensor:
-    """AOT for unpaired data (TRL's "aot_pair"): chosen and rejected log-ratios sorted independently
+    """AOT for unpaired data ("aot_pair" in TRL 0.x): chosen and rejected log-ratios sorted independently
     within the micro-batch, then the sigmoid loss on their difference."""
     chosen = torch.sort(logps.chosen_logratios, dim=0).values
     rejected = torch.sort(logps.rejected_logratios, dim=0).values
@@ -206,8 +218,10 @@ def _aot_unpaired(logps: PairLogps, p: LossParams) -> torch.Tensor:
 
 
 def _sft(logps: PairLogps, p: LossParams) -> torch.Tensor:
-    """The chosen answer's NLL (token mean per pair): TRL's "sft" term of a multi-loss objective."""
-    return logps.nll()
+    """TRL's "sft" term: the chosen answers' NLL averaged over all their tokens in the global batch
+    (a cross-entropy over the batch's tokens), returned as each pair's share of it. --rpo-alpha /
+    --pref-ftx add the per-pair token mean instead (the RPO paper, MindSpeed-LLM)."""
+    return logps.nll_share()
 
 
 def _simpo(logps: PairLogps, p: LossParams) -> torch.Tensor:

@@ -211,12 +211,15 @@ class DPOTrainer:
         return batch.to(self.platform.device())
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
-        """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""
+        """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
+        and the unpadded length of every sequence in them."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
         lengths = [len(s[key]) for micro in samples for s in micro
                    for key in ("chosen_input_ids", "rejected_input_ids")]
-        return [self._batch(micro, ids) for micro, ids in zip(samples, indices)], lengths
+        micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
+        self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
+        return micro_batches, lengths
 
     def _with_reference(self, micro_batches: list, split: str) -> list:
         if self.reference is None:

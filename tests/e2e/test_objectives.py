@@ -16,12 +16,15 @@ COMMON = ("--is-pairwise-dataset --split 100,0,0 --lr 1e-3 --lr-decay-style cons
           "--log-interval 1 --global-batch-size 8 --train-iters 5").split()
 
 CASES = [  # (name, TP, PP, flags, what the startup log must say, extra metrics)
-    ("simpo", 2, 1, "--stage simpo --micro-batch-size 4",
-     "objective simpo: loss = simpo | --simpo-beta 2, --dpo-label-smoothing 0, --simpo-gamma 1", ["nll_loss"]),
+    ("simpo", 2, 1, "--stage simpo --micro-batch-size 4",  # --cpo-alpha 0: no NLL term, no nll_loss
+     "objective simpo: loss = simpo | --simpo-beta 2, --dpo-label-smoothing 0, --simpo-gamma 1", []),
     ("orpo", 1, 2, "--stage orpo --orpo-beta 0.2 --micro-batch-size 2",
-     "objective orpo: loss = orpo + 1*nll | --orpo-beta 0.2", ["nll_loss", "log_odds_ratio", "log_odds_chosen"]),
+     "objective orpo: loss = orpo + 1*nll | --orpo-beta 0.2, token-averaged log-probs for orpo, reference-free, "
+     "nll: mean over the global batch's chosen prompt and answer tokens (--orpo-prompt-loss)",
+     ["nll_loss", "log_odds_ratio", "log_odds_chosen"]),
     ("cpo", 2, 1, "--stage cpo --micro-batch-size 4",
-     "objective cpo: loss = sigmoid + 1*nll | --dpo-beta 0.1, --dpo-label-smoothing 0", ["nll_loss"]),
+     "objective cpo: loss = sigmoid + 1*nll | --dpo-beta 0.1, --dpo-label-smoothing 0, reference-free, "
+     "nll: mean over the global batch's chosen answer tokens", ["nll_loss"]),
     ("dpo_weighted", 2, 1, "--dpo-loss-type robust apo_zero --dpo-loss-weights 0.5 1 --dpo-label-smoothing 0.1 "
      "--ld-alpha 0.7 --rpo-alpha 0.1 --micro-batch-size 4",
      "objective dpo: loss = 0.5*robust + 1*apo_zero + 0.1*nll | --dpo-beta 0.1, --dpo-label-smoothing 0.1, "

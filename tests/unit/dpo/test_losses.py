@@ -80,7 +80,7 @@ def test_rewards_at_the_reference_point_and_equal_policy_gives_ln2():
          + 1 / (1 + math.exp(0.3)) * (-softplus(0.3) - math.log(1e-3))),
         # BCO with a reward shift delta 0.05: softplus(-(0.1 - 0.05)) + softplus(-0.2 - 0.05)
         ("bco_pair", LossParams(beta=0.1, bco_delta=0.05), softplus(-0.05) + softplus(-0.25)),
-        ("sft", LossParams(), 2.0),  # -(-10) / 5
+        ("sft", LossParams(), 2.0),  # -(-10) / 5: one pair is its own batch
         ("robust", LossParams(beta=0.1), 0.554355),  # e = 0: the sigmoid loss
     ],
 )
@@ -152,12 +152,19 @@ def _pair_batch(chosen: list[float], rejected: list[float]):
         pad = width - 1 - len(answer)
         rows.append([0.0, *answer, *[0.0] * pad])
         labels.append([-100, *[1] * len(answer), *[-100] * pad])
-    batch = SimpleNamespace(labels=torch.tensor(labels), num_pairs=1, sequence_ids=None)
+    batch = SimpleNamespace(labels=torch.tensor(labels), tokens=torch.ones(2, width, dtype=torch.long), num_pairs=1,
+                            sequence_ids=None)
     return batch, torch.tensor(rows, dtype=torch.float64).unsqueeze(-1)
 
 
 def _objective(**flags) -> DPOObjective:
     return DPOObjective(PreferenceConfig(**flags), vocab_size=10)
+
+
+def _loss(objective: DPOObjective, batch, reference, policy):
+    """loss_func on a micro-batch that is the whole global batch."""
+    objective.share_global_counts([batch])
+    return objective.loss_func(batch, reference, policy)
 
 
 def test_ld_alpha_down_weights_the_excess_over_the_shorter_answer(plain_logprobs):
@@ -188,7 +195,7 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
     _, reference = _pair_batch([-2.0, -2.0, -2.0], [-1.0, -1.0])
     h, nll = (-6.0 + 2.0) - (-6.0 + 2.0), 6.0 / 3
     objective = _objective(dpo_loss_type=["sigmoid", "sft"], dpo_loss_weights=[0.7, 0.3], rpo_alpha=0.5)
-    loss, _, metrics = objective.loss_func(batch, objective._reference_logps(batch, reference), policy)
+    loss, _, metrics = _loss(objective, batch, objective._reference_logps(batch, reference), policy)
     assert loss.item() == pytest.approx(0.7 * softplus(-0.1 * h) + 0.3 * nll + 0.5 * nll)
     assert metrics["nll_loss"][0].item() == pytest.approx(nll)
     # reference-free DPO: the reference is zeros, rewards are beta x policy log-probs
@@ -196,19 +203,20 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
     loss, _, metrics = free.loss_func(batch, None, policy)
     assert loss.item() == pytest.approx(1 - 1 / (1 + math.exp(0.6)) + 1 / (1 + math.exp(0.2)))
     assert metrics["rewards/chosen"][0].item() == pytest.approx(-0.6)
-    # ORPO: NLL + lambda x odds-ratio term on averages a_c = -2, a_r = -1; TRL's metric names
-    orpo = _objective(stage="orpo")
+    # ORPO (answer-only NLL here; the prompt's is tested in test_objective.py): NLL + lambda x odds-ratio
+    # term on averages a_c = -2, a_r = -1; TRL's metric names
+    orpo = _objective(stage="orpo", orpo_prompt_loss=False)
     odds = (-2 + 1) - (math.log(1 - math.exp(-2)) - math.log(1 - math.exp(-1)))
-    loss, _, metrics = orpo.loss_func(batch, None, policy)
+    loss, _, metrics = _loss(orpo, batch, None, policy)
     assert loss.item() == pytest.approx(nll + 0.1 * softplus(-odds))
     assert metrics["log_odds_chosen"][0].item() == pytest.approx(odds)
     assert metrics["log_odds_ratio"][0].item() == pytest.approx(-softplus(-odds))
-    assert metrics["rewards/chosen"][0].item() == pytest.approx(0.1 * -2)  # beta x average log-prob
+    assert metrics["rewards/chosen"][0].item() == pytest.approx(0.1 * -6)  # beta x summed log-prob (issue #22)
     # SimPO with a CPO-style NLL mix; CPO's default NLL weight is 1
     simpo = _objective(stage="simpo", cpo_alpha=0.2)
-    assert simpo.loss_func(batch, None, policy)[0].item() == pytest.approx(softplus(-(2.0 * (-2 + 1) - 1.0)) + 0.2 * nll)
+    assert _loss(simpo, batch, None, policy)[0].item() == pytest.approx(softplus(-(2.0 * (-2 + 1) - 1.0)) + 0.2 * nll)
     cpo = _objective(stage="cpo")
-    assert cpo.loss_func(batch, None, policy)[0].item() == pytest.approx(softplus(-0.1 * (-6 + 2)) + nll)
+    assert _loss(cpo, batch, None, policy)[0].item() == pytest.approx(softplus(-0.1 * (-6 + 2)) + nll)
     with pytest.raises(ValueError, match="needs reference log-probs"):
         _objective().loss_func(batch, None, policy)
 
