@@ -569,7 +569,7 @@ class PreferenceConfig:
         if self.ld_alpha is not None:
             params.append(f"--ld-alpha {self.ld_alpha:g}")
         if "bco_pair" in types:
-            params.append("bco delta: running mean reward")
+            params.append("bco delta: running mean reward, current batch included")
         averaged = [t for t in types if LOSSES[t].average_logps]
         if averaged:
             params.append(f"token-averaged log-probs for {' '.join(averaged)}")

@@ -16,7 +16,7 @@ d_r = log pi_r - log ref_r and h = d_c - d_r (the DPO margin):
 - robust       ((1-e)(-logsig(b h)) + e logsig(-b h)) / (1 - 2e)     (rDPO, unbiased under label noise e)
 - exo_pair     sig(b h)(logsig(b h) - log(1-e)) + sig(-b h)(logsig(-b h) - log e), e = 1e-3 when 0 (EXO)
 - nca_pair     -logsig(b d_c) - logsig(-b d_c)/2 - logsig(-b d_r)/2 (NCA)
-- bco_pair     -logsig(b d_c - delta) - logsig(-(b d_r - delta))    (BCO; delta: see `bco_pair`)
+- bco_pair     -logsig(b d_c - delta) - logsig(-(b d_r - delta))    (BCO; delta: see `_bco_pair`)
 - sppo_hard    (d_c - 1/(2b))^2 + (d_r + 1/(2b))^2                  (SPPO, hard labels)
 - apo_zero     1 - sig(b d_c) + sig(b d_r)                           (APO-zero)
 - apo_down     sig(b d_c) + 1 - sig(b h)                             (APO-down)
@@ -113,7 +113,7 @@ class LossParams:
     simpo_gamma: float = 1.0
     """--simpo-gamma: SimPO's target reward margin, in reward units (the paper's gamma)."""
     bco_delta: float = 0.0
-    """BCO's reward shift: the running mean reward of the previous global batches."""
+    """BCO's reward shift: the running mean reward of the global batches so far, the current one included."""
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,13 @@ def _nca_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
 def _bco_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
     """BCO (Jung et al. 2024), pairwise: each answer classified against the reward shift delta.
 
-    delta is the running mean of the mean reward (chosen and rejected) of the previous global
-    batches, 0 on the first (the reference value 1.242536 is delta = 0). TRL folds the current
-    batch into the mean before using it; here it is folded in after the step, from the
-    globally reduced rewards, so every rank and every micro-batch split uses the same delta.
+    delta is the paper's reward shift: the running mean of the implicit rewards b d (chosen and
+    rejected) seen in training so far, the current global batch included, detached. The reference
+    implementation (TRL 0.x's bco_pair, by the paper's first author, and TRL's BCOTrainer) folds each
+    micro-batch's rewards into the mean before using it; the objective does so per global batch, from
+    a forward-only pass of the policy before the step (`DPOObjective.update_reward_shift`), so every
+    micro-batch, rank and split of the batch uses one delta. TRL 1.x's DPOTrainer bco_pair applies no
+    shift (delta 0). Evaluation uses the delta of the last training step without updating it.
     """
     c, r = p.beta * logps.chosen_logratios, p.beta * logps.rejected_logratios
     return -F.logsigmoid(c - p.bco_delta) - F.logsigmoid(-(r - p.bco_delta))

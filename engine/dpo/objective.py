@@ -260,6 +260,8 @@ class DPOObjective:
             "logits/chosen": torch.stack([(mean_logits * chosen_tokens).sum(), chosen_tokens.sum().float()]),
             "logits/rejected": torch.stack([(mean_logits * rejected_tokens).sum(), rejected_tokens.sum().float()]),
         }
+        if self.needs_current_rewards:  # the reward shift this loss used, under TRL's BCOTrainer name
+            metrics["delta"] = chosen_rewards.new_tensor([self.bco_delta * n, n], dtype=torch.float32)
         if self.preference.stage == "orpo":
             # TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio.
             odds = log_odds(pair_logps.averaged()).detach()
@@ -268,12 +270,33 @@ class DPOObjective:
         return metrics
 
     # BCO's reward shift: state carried across steps (and checkpoints).
-    def observe_step(self, metrics: dict[str, float]) -> None:
-        """Fold a finished training step's global mean reward into BCO's running mean delta."""
-        if not any(name == "bco_pair" for _, name in self.terms) or "rewards/chosen" not in metrics:
-            return
-        mean_reward = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2
-        if math.isfinite(mean_reward):  # a skipped (non-finite) step does not poison delta
+    @property
+    def needs_current_rewards(self) -> bool:
+        """The loss shifts rewards by a mean that includes the current batch (bco_pair): before each
+        training step, the policy's log-probs of the batch go to `update_reward_shift`."""
+        return any(name == "bco_pair" for _, name in self.terms)
+
+    def update_reward_shift(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
+        """Fold the global batch's mean reward into BCO's running mean delta before its step.
+
+        `items` are the (batch, reference log-probs) micro-batches of this rank, `policy_logps` the
+        policy's packed log-probs of the same batches from a forward-only pass (None before the last
+        pipeline stage, which then adds zeros). The (sum, count) of the rewards is summed over
+        `groups` (data parallel, then pipeline), so every rank folds in the same mean. Each global
+        batch weighs the same, which is the mean over all rewards seen when batches are equal.
+        """
+        device = items[0][0].labels.device
+        local = torch.zeros(2, dtype=torch.float64, device=device)
+        for (batch, reference), packed in zip(items, policy_logps):
+            if packed is None:
+                continue
+            chosen, rejected = rewards(self.pair_logps(SequenceLogps.unpack(packed), reference), self.beta)
+            local += torch.stack([chosen.sum() + rejected.sum(), chosen.new_tensor(2.0 * batch.num_pairs)]).double()
+        for group in groups:
+            dist.all_reduce(local, group=group)
+        total, count = local.tolist()
+        mean_reward = total / count if count else math.nan
+        if math.isfinite(mean_reward):  # a non-finite batch (its update is skipped) does not poison delta
             self.bco_steps += 1
             self.bco_delta += (mean_reward - self.bco_delta) / self.bco_steps
 

@@ -31,6 +31,9 @@ CASES = [  # (name, TP, PP, flags, what the startup log must say, extra metrics)
      "--ld-alpha 0.7, reference model", ["nll_loss"]),
     ("dpo_free_aot", 1, 2, "--reference-free --dpo-loss-type aot_unpaired --micro-batch-size 2",
      "objective dpo: loss = aot_unpaired | --dpo-beta 0.1, --dpo-label-smoothing 0, reference-free", []),
+    ("dpo_bco", 1, 2, "--dpo-loss-type bco_pair --micro-batch-size 2",
+     "objective dpo: loss = bco_pair | --dpo-beta 0.1, bco delta: running mean reward, current batch included, "
+     "reference model", []),
 ]
 
 
@@ -61,3 +64,9 @@ def test_stage_trains_with_falling_loss(assets, tmp_path, name, tp, pp, flags, d
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     if name == "dpo_weighted":  # step 1, policy = reference (both length-desensitized): robust ln 2, apo_zero 1
         assert rows[0]["loss"] == pytest.approx(0.5 * math.log(2) + 1 + 0.1 * rows[0]["nll_loss"], abs=1e-5)
+    if name == "dpo_bco":  # step 1: rewards 0, so delta 0 and each answer's term is ln 2
+        assert rows[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
+        # delta is the running mean reward of the batches so far, the current one included
+        means = [(row["rewards/chosen"] + row["rewards/rejected"]) / 2 for row in rows]
+        assert [row["delta"] for row in rows] == pytest.approx(
+            [sum(means[:k + 1]) / (k + 1) for k in range(len(rows))], abs=1e-6)

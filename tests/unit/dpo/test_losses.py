@@ -221,16 +221,30 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
         _objective().loss_func(batch, None, policy)
 
 
-def test_bco_delta_is_the_running_mean_of_previous_steps():
+def test_bco_delta_is_the_running_mean_of_the_batches_so_far_including_the_current_one(plain_logprobs):
     objective = _objective(dpo_loss_type="bco_pair")
-    assert objective.params().bco_delta == 0.0
-    objective.observe_step({"rewards/chosen": 0.1, "rewards/rejected": -0.2})
-    objective.observe_step({"rewards/chosen": 0.3, "rewards/rejected": 0.1})
-    objective.observe_step({"rewards/chosen": float("nan"), "rewards/rejected": 0.1})  # skipped step
-    assert objective.params().bco_delta == pytest.approx((-0.05 + 0.2) / 2)
+    assert objective.params().bco_delta == 0.0 and objective.needs_current_rewards
+    batch, policy = _pair_batch([-1.0, -2.0, -3.0], [-0.5, -1.5])
+    _, reference = _pair_batch([-2.0, -2.0, -3.0], [-1.0, -1.0])
+    ref = objective._reference_logps(batch, reference)
+    # d_c = -6 + 7 = 1, d_r = -2 + 2 = 0: rewards 0.1 and 0, mean 0.05; the step's own batch is in delta
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, policy)])
+    assert objective.params().bco_delta == pytest.approx(0.05)
+    loss, _, metrics = objective.loss_func(batch, ref, policy)
+    assert loss.item() == pytest.approx(2 * softplus(-0.05))  # softplus(-(0.1 - 0.05)) + softplus(0 - 0.05)
+    assert metrics["delta"].tolist() == pytest.approx([0.05, 1.0])
+    loss = loss.item()
+    assert loss != pytest.approx(softplus(-0.1) + softplus(0.0))  # TRL 1.x's bco_pair: no shift
+    # the next batch: rewards 0.1 x (d_c, d_r) = (0.3, 0.2), mean 0.25; delta = (0.05 + 0.25) / 2
+    _, later = _pair_batch([-0.5, -1.5, -2.0], [0.0, 0.0])
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, later)])
+    assert objective.params().bco_delta == pytest.approx(0.15)
+    _, broken = _pair_batch([float("nan"), -1.0, -2.0], [0.0, 0.0])  # a non-finite batch leaves delta
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, broken)])
+    assert objective.params().bco_delta == pytest.approx(0.15)
     restored = _objective(dpo_loss_type="bco_pair")
     restored.load_state_dict(objective.state_dict())
-    assert restored.params().bco_delta == objective.params().bco_delta
+    assert restored.params().bco_delta == objective.params().bco_delta and restored.bco_steps == 2
 
 
 def test_dpo_loss_types_cover_the_issue():
