@@ -359,17 +359,23 @@ class PreferenceConfig(Section):
     ld_alpha: float | None = option(None, "LD-DPO: log-probs of the answer tokens past the pair's shorter answer "
                                           "are scaled by alpha in [0, 1], for policy and reference alike (--stage "
                                           "dpo, losses on summed log-probs)")
-    rpo_alpha: float | None = option(None, "RPO: weight of the chosen answers' NLL (token mean per pair) added to a "
-                                           "--stage dpo loss")
+    rpo_alpha: float | None = option(None, "RPO: weight of the chosen answers' NLL (token mean per pair, as the RPO "
+                                           "paper and MindSpeed-LLM; --dpo-loss-type sft is TRL's mean over the "
+                                           "batch's tokens) added to a --stage dpo loss")
     pref_ftx: float = option(0.0, "the same NLL weight under LLaMA-Factory's name (exclusive with --rpo-alpha)")
     simpo_beta: float | None = option(None, "SimPO's reward scale (--stage simpo); default 2.0")
     simpo_gamma: float | None = option(None, "SimPO's target reward margin, in reward units: loss -logsigmoid(beta "
                                              "(mean logp_c - mean logp_r) - gamma) (--stage simpo, or cpo with "
                                              "--dpo-loss-type simpo); default 1.0")
-    cpo_alpha: float | None = option(None, "weight of the chosen answers' NLL (token mean per pair): --stage cpo "
-                                           "(default 1.0) and simpo (default 0.0: pure SimPO)")
+    cpo_alpha: float | None = option(None, "weight of the chosen answers' NLL (token mean over the global batch's "
+                                           "answer tokens, as TRL's CPOTrainer): --stage cpo (default 1.0) and simpo "
+                                           "(default 0.0: pure SimPO)")
     orpo_beta: float | None = option(None, "ORPO's lambda, the weight of the odds-ratio term beside the NLL "
                                            "(--stage orpo); default 0.1")
+    orpo_prompt_loss: bool | None = option(None, "ORPO's NLL over the chosen sequences' prompt and answer tokens "
+                                                 "(the ORPO authors' default and TRL's), or with --no-orpo-prompt-loss "
+                                                 "over their answer tokens only; a token mean over the global batch "
+                                                 "either way (--stage orpo); default on", negatable=True)
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
     refer_model_iter: int | None = option(None, "iteration of the reference checkpoint used when resuming "
                                                 "(default 1)")
@@ -384,7 +390,7 @@ class PreferenceConfig(Section):
         self._only_for(dpo, "dpo_loss_weights", "ld_alpha", "rpo_alpha")
         self._only_for(stage == "simpo", "simpo_beta")
         self._only_for(stage in ("simpo", "cpo"), "cpo_alpha")
-        self._only_for(stage == "orpo", "orpo_beta")
+        self._only_for(stage == "orpo", "orpo_beta", "orpo_prompt_loss")
         require(dpo or not self.reference_free, f"--reference-free: --stage {stage} is reference-free already")
         require(dpo or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
                  + (" (use --cpo-alpha)" if stage in ("simpo", "cpo") else " (its NLL term is built in)"))
@@ -421,6 +427,7 @@ class PreferenceConfig(Section):
             require(self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
         if stage == "orpo":
             self.orpo_beta = 0.1 if self.orpo_beta is None else self.orpo_beta
+            self.orpo_prompt_loss = True if self.orpo_prompt_loss is None else self.orpo_prompt_loss
             require(self.orpo_beta > 0, "--orpo-beta must be > 0")
 
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
@@ -482,7 +489,8 @@ class PreferenceConfig(Section):
 
     @property
     def nll_weight(self) -> float:
-        """Weight of the chosen answers' NLL (token mean per pair) added to the preference loss."""
+        """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
+        (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
         if self.stage == "orpo":
             return 1.0
         if self.stage in ("simpo", "cpo"):
@@ -506,11 +514,18 @@ class PreferenceConfig(Section):
         if self.ld_alpha is not None:
             params.append(f"--ld-alpha {self.ld_alpha:g}")
         if "bco_pair" in types:
-            params.append("bco delta: running mean reward")
+            params.append("bco delta: running mean reward, current batch included")
         averaged = [t for t in types if LOSS_TRAITS[t].average_logps]
         if averaged:
             params.append(f"token-averaged log-probs for {' '.join(averaged)}")
         params.append("reference model" if self.uses_reference else "reference-free")
+        dpo = self.stage == "dpo"
+        if dpo and self.nll_weight > 0:
+            params.append("nll: chosen answer tokens, mean per pair")
+        if (not dpo and self.nll_weight > 0) or "sft" in types:
+            tokens = {None: "answer tokens", False: "answer tokens (--no-orpo-prompt-loss)",
+                      True: "prompt and answer tokens (--orpo-prompt-loss)"}[self.orpo_prompt_loss]
+            params.append(f"{'sft' if dpo else 'nll'}: mean over the global batch's chosen {tokens}")
         return f"{self.stage}: loss = {' + '.join(terms)} | {', '.join(params)}"
 
 

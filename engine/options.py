@@ -32,15 +32,16 @@ def require(condition: bool, message: str) -> None:
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
            type: Callable | None = None, metavar: str | None = None,
            aliases: dict[str, Any] | None = None, default_factory: Callable | Any = dataclasses.MISSING,
-           cli: bool = True) -> Any:
+           negatable: bool = False, cli: bool = True) -> Any:
     """A config field that is also a command-line flag.
 
     `type` overrides the argparse type derived from the annotation (e.g. comma-separated lists);
     `aliases` maps extra flag spellings to the constant they set (Megatron-LM's --use-rope-scaling);
+    `negatable` gives a bool both --flag and --no-flag (None when neither is given);
     `cli=False` declares a field that is filled in by code, not by a flag.
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "type": type,
-                "metavar": metavar, "aliases": aliases or {}, "cli": cli}
+                "metavar": metavar, "aliases": aliases or {}, "negatable": negatable, "cli": cli}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -76,7 +77,7 @@ def _argparse_kwargs(f: dataclasses.Field, annotation: Any) -> dict:
         help_text += f" (default: {shown})"
     kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
     if annotation is bool:
-        return {**kwargs, "action": "store_true"}
+        return {**kwargs, "action": argparse.BooleanOptionalAction if meta["negatable"] else "store_true"}
     if typing.get_origin(annotation) is list:
         kwargs["nargs"] = "+"
         annotation = typing.get_args(annotation)[0]

@@ -36,6 +36,11 @@ class PairBatch:
     if any, is the last segment), for THD attention."""
     max_seqlen: int | None = None
     """Longest segment under packing."""
+    global_pairs: torch.Tensor | None = None
+    """Pairs in the whole global batch (every micro-batch, every DP rank), a 0-dim tensor on the
+    device; set with `global_nll_tokens` when the objective averages a term over the batch's tokens."""
+    global_nll_tokens: torch.Tensor | None = None
+    """Tokens that term averages over in the whole global batch."""
 
     @property
     def loss_mask(self) -> torch.Tensor:

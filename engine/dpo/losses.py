@@ -16,15 +16,15 @@ d_r = log pi_r - log ref_r and h = d_c - d_r (the DPO margin):
 - robust       ((1-e)(-logsig(b h)) + e logsig(-b h)) / (1 - 2e)     (rDPO, unbiased under label noise e)
 - exo_pair     sig(b h)(logsig(b h) - log(1-e)) + sig(-b h)(logsig(-b h) - log e), e = 1e-3 when 0 (EXO)
 - nca_pair     -logsig(b d_c) - logsig(-b d_c)/2 - logsig(-b d_r)/2 (NCA)
-- bco_pair     -logsig(b d_c - delta) - logsig(-(b d_r - delta))    (BCO; delta: see `bco_pair`)
+- bco_pair     -logsig(b d_c - delta) - logsig(-(b d_r - delta))    (BCO; delta: see `_bco_pair`)
 - sppo_hard    (d_c - 1/(2b))^2 + (d_r + 1/(2b))^2                  (SPPO, hard labels)
 - apo_zero     1 - sig(b d_c) + sig(b d_r)                           (APO-zero)
 - apo_down     sig(b d_c) + 1 - sig(b h)                             (APO-down)
 - discopop     (1 - m) (-logsig(b h)) + m exp(-b h), m = sig(b h / tau)  (DiscoPOP)
 - sigmoid_norm the sigmoid loss on token-averaged log-probs          (length-normalized DPO)
 - aot          sigmoid loss on sorted(pi_c - pi_r) - sorted(ref_c - ref_r)   (AOT, paired)
-- aot_unpaired sigmoid loss on sorted(d_c) - sorted(d_r)             (AOT, unpaired; TRL's "aot_pair")
-- sft          the chosen answer's NLL, a token mean per pair
+- aot_unpaired sigmoid loss on sorted(d_c) - sorted(d_r)             (AOT, unpaired; "aot_pair" in TRL 0.x)
+- sft          the chosen answers' NLL, a token mean over the global batch (TRL's "sft")
 - simpo        -(1-e) logsig(b (a_c - a_r) - g) - e logsig(-(...)) on averages a (SimPO; g the margin)
 - orpo         -b logsig(log odds_c - log odds_r), odds = p / (1 - p), p = exp(a)   (ORPO's OR term)
 """
@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from engine.loss_catalog import LOSS_TRAITS, LossTraits
 
 
 @dataclass
@@ -56,6 +58,10 @@ class PairLogps:
     chosen_nll: torch.Tensor | None = None
     """Token-mean NLL of the chosen answer from raw (not length-desensitized) log-probs; default
     -policy_chosen / chosen_count."""
+    chosen_nll_share: torch.Tensor | None = None
+    """Each pair's share of the chosen NLL averaged over the tokens of the whole global batch: its
+    NLL sum x N / T (N pairs, T tokens in the global batch), so that the mean over the N pairs, the
+    reduction megatron applies, is the token mean. Default: this micro-batch taken as the batch."""
 
     @property
     def logits(self) -> torch.Tensor:
@@ -78,7 +84,7 @@ class PairLogps:
         return replace(self, policy_chosen=self.policy_chosen / c, policy_rejected=self.policy_rejected / r,
                        reference_chosen=self.reference_chosen / c, reference_rejected=self.reference_rejected / r,
                        chosen_count=torch.ones_like(c), rejected_count=torch.ones_like(r),
-                       chosen_nll=self.nll())
+                       chosen_nll=self.nll(), chosen_nll_share=self.nll_share())
 
     def nll(self) -> torch.Tensor:
         if self.chosen_nll is not None:
@@ -86,6 +92,14 @@ class PairLogps:
         if self.chosen_count is None:
             raise ValueError("the chosen NLL needs PairLogps.chosen_count")
         return -self.policy_chosen / self.chosen_count.clamp(min=1)
+
+    def nll_share(self) -> torch.Tensor:
+        if self.chosen_nll_share is not None:
+            return self.chosen_nll_share
+        if self.chosen_count is None:
+            raise ValueError("the chosen NLL needs PairLogps.chosen_count")
+        sums = self.nll() * self.chosen_count
+        return sums * sums.shape[0] / self.chosen_count.sum().clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -101,17 +115,23 @@ class LossParams:
     simpo_gamma: float = 1.0
     """--simpo-gamma: SimPO's target reward margin, in reward units (the paper's gamma)."""
     bco_delta: float = 0.0
-    """BCO's reward shift: the running mean reward of the previous global batches."""
+    """BCO's reward shift: the running mean reward of the global batches so far, the current one included."""
 
 
 @dataclass(frozen=True)
 class LossSpec:
     formula: Callable[[PairLogps, LossParams], torch.Tensor]
     """(logps, params) -> loss per pair."""
-    average_logps: bool = False
-    """True when the loss is defined on token-averaged log-probs."""
-    label_smoothing: bool = False
-    """True when the formula reads --dpo-label-smoothing."""
+    traits: LossTraits
+    """What flag validation knows of the loss too (engine/loss_catalog.py)."""
+
+    @property
+    def average_logps(self) -> bool:
+        return self.traits.average_logps
+
+    @property
+    def label_smoothing(self) -> bool:
+        return self.traits.label_smoothing
 
 
 def _smoothed_sigmoid(x: torch.Tensor, e: float) -> torch.Tensor:
@@ -155,10 +175,13 @@ def _nca_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
 def _bco_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
     """BCO (Jung et al. 2024), pairwise: each answer classified against the reward shift delta.
 
-    delta is the running mean of the mean reward (chosen and rejected) of the previous global
-    batches, 0 on the first (the reference value 1.242536 is delta = 0). TRL folds the current
-    batch into the mean before using it; here it is folded in after the step, from the
-    globally reduced rewards, so every rank and every micro-batch split uses the same delta.
+    delta is the paper's reward shift: the running mean of the implicit rewards b d (chosen and
+    rejected) seen in training so far, the current global batch included, detached. The reference
+    implementation (TRL 0.x's bco_pair, by the paper's first author, and TRL's BCOTrainer) folds each
+    micro-batch's rewards into the mean before using it; the objective does so per global batch, from
+    a forward-only pass of the policy before the step (`DPOObjective.update_reward_shift`), so every
+    micro-batch, rank and split of the batch uses one delta. TRL 1.x's DPOTrainer bco_pair applies no
+    shift (delta 0). Evaluation uses the delta of the last training step without updating it.
     """
     c, r = p.beta * logps.chosen_logratios, p.beta * logps.rejected_logratios
     return -F.logsigmoid(c - p.bco_delta) - F.logsigmoid(-(r - p.bco_delta))
@@ -198,7 +221,7 @@ def _aot(logps: PairLogps, p: LossParams) -> torch.Tensor:
 
 
 def _aot_unpaired(logps: PairLogps, p: LossParams) -> torch.Tensor:
-    """AOT for unpaired data (TRL's "aot_pair"): chosen and rejected log-ratios sorted independently
+    """AOT for unpaired data ("aot_pair" in TRL 0.x): chosen and rejected log-ratios sorted independently
     within the micro-batch, then the sigmoid loss on their difference."""
     chosen = torch.sort(logps.chosen_logratios, dim=0).values
     rejected = torch.sort(logps.rejected_logratios, dim=0).values
@@ -206,8 +229,10 @@ def _aot_unpaired(logps: PairLogps, p: LossParams) -> torch.Tensor:
 
 
 def _sft(logps: PairLogps, p: LossParams) -> torch.Tensor:
-    """The chosen answer's NLL (token mean per pair): TRL's "sft" term of a multi-loss objective."""
-    return logps.nll()
+    """TRL's "sft" term: the chosen answers' NLL averaged over all their tokens in the global batch
+    (a cross-entropy over the batch's tokens), returned as each pair's share of it. --rpo-alpha /
+    --pref-ftx add the per-pair token mean instead (the RPO paper, MindSpeed-LLM)."""
+    return logps.nll_share()
 
 
 def _simpo(logps: PairLogps, p: LossParams) -> torch.Tensor:
@@ -231,32 +256,14 @@ def _orpo(logps: PairLogps, p: LossParams) -> torch.Tensor:
     return -p.beta * F.logsigmoid(log_odds(logps))
 
 
-LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_sigmoid, label_smoothing=True),
-    "hinge": LossSpec(_hinge),
-    "ipo": LossSpec(_ipo, average_logps=True),
-    "robust": LossSpec(_robust, label_smoothing=True),
-    "exo_pair": LossSpec(_exo_pair, label_smoothing=True),
-    "nca_pair": LossSpec(_nca_pair),
-    "bco_pair": LossSpec(_bco_pair),
-    "sppo_hard": LossSpec(_sppo_hard),
-    "apo_zero": LossSpec(_apo_zero),
-    "apo_down": LossSpec(_apo_down),
-    "discopop": LossSpec(_discopop),
-    "sigmoid_norm": LossSpec(_sigmoid, average_logps=True, label_smoothing=True),
-    "aot": LossSpec(_aot, label_smoothing=True),
-    "aot_unpaired": LossSpec(_aot_unpaired, label_smoothing=True),
-    "sft": LossSpec(_sft),
-    "simpo": LossSpec(_simpo, average_logps=True, label_smoothing=True),
-    "orpo": LossSpec(_orpo, average_logps=True),
+_FORMULAS = {
+    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "robust": _robust, "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero,
+    "apo_down": _apo_down, "discopop": _discopop, "sigmoid_norm": _sigmoid, "aot": _aot,
+    "aot_unpaired": _aot_unpaired, "sft": _sft, "simpo": _simpo, "orpo": _orpo,
 }
-
-DPO_LOSS_TYPES = tuple(name for name in LOSSES if name not in ("simpo", "orpo"))
-"""--dpo-loss-type choices under --stage dpo."""
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-"""--dpo-loss-type choices under --stage cpo (TRL's CPOTrainer)."""
-SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
-"""Losses that sort over the pairs of a micro-batch."""
+LOSSES: dict[str, LossSpec] = {name: LossSpec(_FORMULAS[name], traits) for name, traits in LOSS_TRAITS.items()}
+"""One formula per loss the catalog names (sigmoid_norm is the sigmoid formula on token-averaged log-probs)."""
 
 
 def preference_loss(loss_type: str, logps: PairLogps, params: LossParams) -> torch.Tensor:

@@ -7,6 +7,11 @@ reference's log-probs for the same sequences (computed beforehand by
 `ReferencePolicy`) are waiting. The loss function returns the sum of
 per-pair losses and the pair count, and megatron divides gradients by the global
 pair count, so the loss of a global batch does not depend on how it is split.
+
+Terms that are token means over the whole global batch (TRL's sft, CPO's and ORPO's NLL)
+are added as each pair's NLL sum x N / T, with N pairs and T tokens in the global batch:
+after megatron's division by N the term is sum / T, whatever the split into micro-batches
+and ranks. N and T come from one all-reduce per global batch (`share_global_counts`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
@@ -29,12 +35,15 @@ class SequenceLogps:
     """Per-row answer log-probs of a micro-batch: `total` summed over answer tokens, `count` tokens.
 
     Under --ld-alpha, `shared` is the sum over the first k answer tokens, k the length of the
-    shorter answer of the row's pair (LD-DPO's public length l_p).
+    shorter answer of the row's pair (LD-DPO's public length l_p). Under ORPO's prompt loss,
+    `prompt_total` / `prompt_count` are the sum and count over the predicted prompt tokens.
     """
 
     total: torch.Tensor
     count: torch.Tensor
     shared: torch.Tensor | None = None
+    prompt_total: torch.Tensor | None = None
+    prompt_count: torch.Tensor | None = None
 
     def value(self, average: bool) -> torch.Tensor:
         return self.total / self.count.clamp(min=1) if average else self.total
@@ -64,10 +73,17 @@ class DPOObjective:
     """Forward steps for the policy (with loss) and for the reference (log-probs only).
 
     One class for every stage: the stage and its losses are `PreferenceConfig.loss_terms`, a
-    weighted sum of registry losses, plus `nll_weight` x the chosen NLL (--rpo-alpha / --pref-ftx,
-    --cpo-alpha, ORPO's built-in NLL). Reference-free objectives get no reference log-probs
-    (None) and use zeros, which makes the DPO margin the policy's own margin (TRL's CPO/ORPO
-    definitions, and its reference_free DPO).
+    weighted sum of registry losses, plus `nll_weight` x the chosen NLL: a token mean per pair
+    under --stage dpo (--rpo-alpha / --pref-ftx, as the RPO paper and MindSpeed-LLM), a token
+    mean over the global batch under cpo / simpo (--cpo-alpha) and orpo (weight 1, prompt
+    tokens included unless --no-orpo-prompt-loss), as TRL's trainers and the ORPO authors.
+    Reference-free objectives get no reference log-probs (None) and use zeros, which makes the
+    DPO margin the policy's own margin (TRL's CPO/ORPO definitions, and its reference_free DPO).
+
+    Metrics follow TRL's names: rewards/* are beta x (log pi - log ref) of the answers' summed
+    log-probs (LD-desensitized under --ld-alpha, as TRL) whatever the loss normalizes; logps/* are
+    the policy log-probs TRL's trainer logs: DPOTrainer's per-answer sums under --stage dpo, the
+    log-probs the loss takes (token means for ipo, simpo, orpo) under cpo, simpo and orpo.
     """
 
     def __init__(self, preference: PreferenceConfig, vocab_size: int, half_precision: bool = False):
@@ -84,8 +100,13 @@ class DPOObjective:
         self.nll_weight = preference.nll_weight
         self.vocab_size = vocab_size
         self.reference_free = not preference.uses_reference
-        # Rewards (and the metrics on them) use averaged log-probs when every term does (IPO, SimPO, ORPO).
-        self.average_logps = all(LOSSES[name].average_logps for _, name in self.terms)
+        stage_dpo = preference.stage == "dpo"
+        # CPOTrainer / ORPOTrainer log the log-probs their loss takes; DPOTrainer logs the sums.
+        self.logged_logps_averaged = not stage_dpo and all(LOSSES[name].average_logps for _, name in self.terms)
+        self.nll_per_pair = stage_dpo and self.nll_weight > 0
+        # A term is a token mean over the global batch: micro-batches need `share_global_counts`.
+        self.nll_over_batch = (not stage_dpo and self.nll_weight > 0) or any(name == "sft" for _, name in self.terms)
+        self.nll_over_prompt = bool(preference.orpo_prompt_loss)
         self.bco_delta, self.bco_steps = 0.0, 0
 
     def params(self) -> LossParams:
@@ -97,13 +118,24 @@ class DPOObjective:
     def sequence_logps(self, logits: torch.Tensor, batch) -> SequenceLogps:
         """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i."""
         labels = batch.labels
-        token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
         mask = labels != IGNORE_INDEX
         ids = _sequence_index(batch)
         flat, sequences = ids.flatten(), 2 * batch.num_pairs
+        prompt = None
+        if self.nll_over_prompt:
+            # One log-prob pass over every predicted token; the answer's are the labelled ones.
+            targets = _prompt_and_answer_targets(batch)
+            token_logps = vocab_parallel_logprobs(logits, targets, self.vocab_size)
+            prompt = (targets != IGNORE_INDEX) & ~mask
+            prompt_logps, token_logps = token_logps * prompt, token_logps * mask
+        else:
+            token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
         total = token_logps.new_zeros(sequences).index_add(0, flat, token_logps.flatten())
         count = ids.new_zeros(sequences).index_add(0, flat, mask.flatten().long())
         logps = SequenceLogps(total, count)
+        if prompt is not None:
+            logps.prompt_total = token_logps.new_zeros(sequences).index_add(0, flat, prompt_logps.flatten())
+            logps.prompt_count = ids.new_zeros(sequences).index_add(0, flat, prompt.flatten().long())
         if self.ld_alpha is not None:
             # 1-based index of each answer token within its own sequence: the row's running count,
             # restarted where the sequence starts.
@@ -141,7 +173,8 @@ class DPOObjective:
         output = self._forward(model, batch)
         return output, partial(self.loss_func, batch, reference)
 
-    def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None) -> PairLogps:
+    def pair_logps(self, policy: SequenceLogps, reference: torch.Tensor | None,
+                   nll_share: torch.Tensor | None = None) -> PairLogps:
         n = policy.total.shape[0] // 2
         values = policy.desensitized(self.ld_alpha)
         if reference is None:
@@ -152,44 +185,84 @@ class DPOObjective:
             ref_values = SequenceLogps.unpack(reference.to(values.device)).desensitized(self.ld_alpha)
         count = policy.count.to(values.dtype)
         nll = -policy.total[:n] / count[:n].clamp(min=1)  # raw log-probs, never length-desensitized
-        return PairLogps(values[:n], values[n:], ref_values[:n], ref_values[n:], count[:n], count[n:], nll)
+        return PairLogps(values[:n], values[n:], ref_values[:n], ref_values[n:], count[:n], count[n:], nll,
+                         nll_share)
+
+    # Token means over the global batch: its pair and token counts, shared before the step.
+    def _nll_tokens(self, batch) -> torch.Tensor:
+        """[rows, L] mask of the tokens a batch-token NLL averages over: the chosen answers' (TRL's
+        sft, CPO), with their prompts' under ORPO's prompt loss."""
+        ids = _sequence_index(batch)
+        tokens = _prompt_and_answer_targets(batch) if self.nll_over_prompt else batch.labels
+        return (tokens != IGNORE_INDEX) & (ids < batch.num_pairs)
+
+    def share_global_counts(self, micro_batches: list, group=None) -> None:
+        """Sets `global_pairs` and `global_nll_tokens` on this rank's micro-batches of one global batch:
+        counted on the device, summed over `group` (data parallel) in one all-reduce, never read back
+        to the host. Does nothing when no term averages over the batch's tokens."""
+        if not self.nll_over_batch:
+            return
+        device = micro_batches[0].labels.device
+        counts = torch.stack([torch.tensor(sum(b.num_pairs for b in micro_batches), device=device),
+                              sum(self._nll_tokens(b).sum() for b in micro_batches)])
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        for batch in micro_batches:
+            batch.global_pairs, batch.global_nll_tokens = counts[0], counts[1]
+
+    def _nll_share(self, batch, policy: SequenceLogps) -> torch.Tensor | None:
+        """Each pair's chosen NLL sum x N / T (see `PairLogps.chosen_nll_share`)."""
+        if not self.nll_over_batch:
+            return None
+        if getattr(batch, "global_nll_tokens", None) is None:
+            raise ValueError("this objective averages its NLL over the global batch's tokens: pass the micro-batches "
+                             "through DPOObjective.share_global_counts before the step")
+        n = batch.num_pairs
+        sums = -policy.total[:n] - (policy.prompt_total[:n] if policy.prompt_total is not None else 0)
+        return sums * (batch.global_pairs.to(sums.dtype) / batch.global_nll_tokens.clamp(min=1).to(sums.dtype))
 
     def loss_func(self, batch, reference: torch.Tensor | None, logits: torch.Tensor):
         n = batch.num_pairs
         policy = self.sequence_logps(logits, batch)
-        pair_logps = self.pair_logps(policy, reference)
+        pair_logps = self.pair_logps(policy, reference, self._nll_share(batch, policy))
         params = self.params()
         losses = sum(weight * preference_loss(name, pair_logps, params) for weight, name in self.terms)
         metrics = self._metrics(batch, logits, policy, pair_logps)
-        nll = pair_logps.nll()
         if self.nll_weight > 0:
-            # Chosen-answer NLL, a token mean per pair, averaged over pairs with the preference loss.
+            nll = pair_logps.nll() if self.nll_per_pair else pair_logps.nll_share()
             losses = losses + self.nll_weight * nll
-        if self.nll_weight > 0 or self.preference.stage != "dpo" or any(t == "sft" for _, t in self.terms):
-            metrics["nll_loss"] = _mean_pair(nll.detach(), n)
+        if self.nll_per_pair:
+            metrics["nll_loss"] = _mean_pair(pair_logps.nll().detach(), n)
+        elif self.nll_over_batch:  # the token mean: sums and counts reduced over micro-batches and ranks
+            nll_sum, tokens = -policy.total[:n].detach().sum(), policy.count[:n].sum()
+            if policy.prompt_total is not None:
+                nll_sum = nll_sum - policy.prompt_total[:n].detach().sum()
+                tokens = tokens + policy.prompt_count[:n].sum()
+            metrics["nll_loss"] = torch.stack([nll_sum.float(), tokens.float()])
         total = losses.sum()
         metrics["loss"] = torch.stack([total.detach(), total.new_tensor(float(n))])
         return total, torch.tensor(n, dtype=torch.int, device=total.device), metrics
 
     def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps) -> dict:
         n = batch.num_pairs
-        reward_logps = pair_logps.averaged() if self.average_logps else pair_logps
-        chosen_rewards, rejected_rewards = rewards(reward_logps, self.beta)
+        chosen_rewards, rejected_rewards = rewards(pair_logps, self.beta)
+        logged = pair_logps.averaged() if self.logged_logps_averaged else pair_logps
         mask = batch.labels != IGNORE_INDEX
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
         chosen = _sequence_index(batch) < n
         chosen_tokens, rejected_tokens = mask & chosen, mask & ~chosen
-        totals = policy.total.detach()
         metrics = {
             "rewards/chosen": _mean_pair(chosen_rewards, n),
             "rewards/rejected": _mean_pair(rejected_rewards, n),
             "rewards/accuracies": _mean_pair((chosen_rewards > rejected_rewards).float(), n),
             "rewards/margins": _mean_pair(chosen_rewards - rejected_rewards, n),
-            "logps/chosen": _mean_pair(totals[:n], n),
-            "logps/rejected": _mean_pair(totals[n:], n),
+            "logps/chosen": _mean_pair(logged.policy_chosen.detach(), n),
+            "logps/rejected": _mean_pair(logged.policy_rejected.detach(), n),
             "logits/chosen": torch.stack([(mean_logits * chosen_tokens).sum(), chosen_tokens.sum().float()]),
             "logits/rejected": torch.stack([(mean_logits * rejected_tokens).sum(), rejected_tokens.sum().float()]),
         }
+        if self.needs_current_rewards:  # the reward shift this loss used, under TRL's BCOTrainer name
+            metrics["delta"] = chosen_rewards.new_tensor([self.bco_delta * n, n], dtype=torch.float32)
         if self.preference.stage == "orpo":
             # TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio.
             odds = log_odds(pair_logps.averaged()).detach()
@@ -198,12 +271,33 @@ class DPOObjective:
         return metrics
 
     # BCO's reward shift: state carried across steps (and checkpoints).
-    def observe_step(self, metrics: dict[str, float]) -> None:
-        """Fold a finished training step's global mean reward into BCO's running mean delta."""
-        if not any(name == "bco_pair" for _, name in self.terms) or "rewards/chosen" not in metrics:
-            return
-        mean_reward = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2
-        if math.isfinite(mean_reward):  # a skipped (non-finite) step does not poison delta
+    @property
+    def needs_current_rewards(self) -> bool:
+        """The loss shifts rewards by a mean that includes the current batch (bco_pair): before each
+        training step, the policy's log-probs of the batch go to `update_reward_shift`."""
+        return any(name == "bco_pair" for _, name in self.terms)
+
+    def update_reward_shift(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
+        """Fold the global batch's mean reward into BCO's running mean delta before its step.
+
+        `items` are the (batch, reference log-probs) micro-batches of this rank, `policy_logps` the
+        policy's packed log-probs of the same batches from a forward-only pass (None before the last
+        pipeline stage, which then adds zeros). The (sum, count) of the rewards is summed over
+        `groups` (data parallel, then pipeline), so every rank folds in the same mean. Each global
+        batch weighs the same, which is the mean over all rewards seen when batches are equal.
+        """
+        device = items[0][0].labels.device
+        local = torch.zeros(2, dtype=torch.float64, device=device)
+        for (batch, reference), packed in zip(items, policy_logps):
+            if packed is None:
+                continue
+            chosen, rejected = rewards(self.pair_logps(SequenceLogps.unpack(packed), reference), self.beta)
+            local += torch.stack([chosen.sum() + rejected.sum(), chosen.new_tensor(2.0 * batch.num_pairs)]).double()
+        for group in groups:
+            dist.all_reduce(local, group=group)
+        total, count = local.tolist()
+        mean_reward = total / count if count else math.nan
+        if math.isfinite(mean_reward):  # a non-finite batch (its update is skipped) does not poison delta
             self.bco_steps += 1
             self.bco_delta += (mean_reward - self.bco_delta) / self.bco_steps
 
@@ -222,6 +316,21 @@ def _sequence_index(batch) -> torch.Tensor:
         rows, length = batch.labels.shape
         return torch.arange(rows, device=batch.labels.device).unsqueeze(1).expand(rows, length)
     return batch.sequence_ids.clamp(min=0)
+
+
+def _prompt_and_answer_targets(batch) -> torch.Tensor:
+    """Next-token targets of every position of each sequence but its last, prompt included;
+    IGNORE_INDEX on padding. The answer is the labelled suffix of its sequence (the data's layout),
+    so a sequence's positions run up to its last labelled one, and the target there is the next input
+    token of the same sequence, the label itself on answer positions."""
+    labels = batch.labels
+    ids = _sequence_index(batch)
+    column = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+    labelled = torch.where(labels != IGNORE_INDEX, column, -1)
+    last = column.new_full((2 * batch.num_pairs,), -1).scatter_reduce(
+        0, ids.flatten(), labelled.flatten(), reduce="amax")
+    inside = column <= last[ids]
+    return torch.where(inside, batch.tokens.roll(-1, dims=-1), IGNORE_INDEX)
 
 
 def _mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:

@@ -203,12 +203,15 @@ class DPOTrainer:
         return batch.to(current_device())
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
-        """Collated micro-batches of this DP rank, and the unpadded length of every sequence in them."""
+        """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
+        and the unpadded length of every sequence in them."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
         lengths = [len(s[key]) for micro in samples for s in micro
                    for key in ("chosen_input_ids", "rejected_input_ids")]
-        return [self._batch(micro, ids) for micro, ids in zip(samples, indices)], lengths
+        micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
+        self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
+        return micro_batches, lengths
 
     def _with_reference(self, micro_batches: list, split: str) -> list:
         if self.reference is None:
@@ -224,6 +227,8 @@ class DPOTrainer:
             indices = next(batches)
             micro_batches, lengths = self._micro_batches("train", indices)
             items = self._with_reference(micro_batches, "train")
+            if self.objective.needs_current_rewards:
+                self._update_reward_shift(micro_batches, items)
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
@@ -231,7 +236,6 @@ class DPOTrainer:
             )
             self.state.iteration += 1
             self.state.consumed_train_samples += train.global_batch_size
-            self.objective.observe_step(result.metrics)
             self._account_for_skips(result, indices)
             elapsed = time.perf_counter() - start
             if self.state.iteration % self.config.logging.log_interval == 0:
@@ -250,6 +254,13 @@ class DPOTrainer:
         if ckpt.save is not None and not self._save_due():
             self.save()
         return self.state
+
+    def _update_reward_shift(self, micro_batches: list, items: list) -> None:
+        """BCO: the policy's log-probs of the batch before its update (the forward-only pass a reference
+        runs, on the policy's weights), so that the reward shift includes the current batch."""
+        current = ReferencePolicy(self.model, self.objective).logps(micro_batches)
+        self.objective.update_reward_shift(items, current, (parallel_state.get_data_parallel_group(),
+                                                            parallel_state.get_pipeline_model_parallel_group()))
 
     def _save_due(self) -> bool:
         """--save-interval divides the current iteration (so the loop has saved it)."""
@@ -298,8 +309,10 @@ class DPOTrainer:
 
     def _global_work(self, lengths: list[int]) -> tuple[float, float]:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
-        # The policy's forward + backward (3 forwards), plus one for a reference model run online.
+        # The policy's forward + backward (3 forwards), plus one for a reference model run online and
+        # one for the policy's forward-only pass of BCO's reward shift.
         passes = 4 if self.reference is not None and not isinstance(self.reference, CachedReference) else 3
+        passes += 1 if self.objective.needs_current_rewards else 0
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())

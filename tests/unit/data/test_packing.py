@@ -65,15 +65,19 @@ def fake_logits(batch) -> torch.Tensor:
     return value.unsqueeze(-1)
 
 
-@pytest.mark.parametrize("flags", [{}, {"ld_alpha": 0.5}])
+@pytest.mark.parametrize("flags", [{}, {"ld_alpha": 0.5}, {"stage": "orpo"}])
 def test_packed_and_padded_batches_give_the_same_sequence_logps_loss_and_metrics(token_value_logprobs, flags):
     objective = DPOObjective(PreferenceConfig(**flags), vocab_size=64)
     padded, packed = collate_pairs(SAMPLES), pack_pairs(SAMPLES)
     a, b = objective.sequence_logps(fake_logits(padded), padded), objective.sequence_logps(fake_logits(packed), packed)
     assert torch.allclose(a.total, b.total) and torch.equal(a.count, b.count)
-    if flags:
+    if "ld_alpha" in flags:
         assert torch.allclose(a.shared, b.shared)
-    reference = a.pack() * 1.1
+    if "stage" in flags:  # ORPO's NLL over the prompt too
+        assert torch.allclose(a.prompt_total, b.prompt_total) and torch.equal(a.prompt_count, b.prompt_count)
+    objective.share_global_counts([padded])
+    objective.share_global_counts([packed])
+    reference = a.pack() * 1.1 if objective.preference.uses_reference else None
     loss_a, n_a, metrics_a = objective.loss_func(padded, reference, fake_logits(padded))
     loss_b, n_b, metrics_b = objective.loss_func(packed, reference, fake_logits(packed))
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-12) and n_a == n_b

@@ -15,7 +15,8 @@ import torch
 
 import engine.dpo.objective as objective_module
 from engine.arguments import PreferenceConfig
-from engine.dpo.losses import DPO_LOSS_TYPES, LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
+from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
+from engine.loss_catalog import DPO_LOSS_TYPES
 from engine.dpo.objective import DPOObjective
 
 
@@ -80,7 +81,7 @@ def test_rewards_at_the_reference_point_and_equal_policy_gives_ln2():
          + 1 / (1 + math.exp(0.3)) * (-softplus(0.3) - math.log(1e-3))),
         # BCO with a reward shift delta 0.05: softplus(-(0.1 - 0.05)) + softplus(-0.2 - 0.05)
         ("bco_pair", LossParams(beta=0.1, bco_delta=0.05), softplus(-0.05) + softplus(-0.25)),
-        ("sft", LossParams(), 2.0),  # -(-10) / 5
+        ("sft", LossParams(), 2.0),  # -(-10) / 5: one pair is its own batch
         ("robust", LossParams(beta=0.1), 0.554355),  # e = 0: the sigmoid loss
     ],
 )
@@ -152,12 +153,19 @@ def _pair_batch(chosen: list[float], rejected: list[float]):
         pad = width - 1 - len(answer)
         rows.append([0.0, *answer, *[0.0] * pad])
         labels.append([-100, *[1] * len(answer), *[-100] * pad])
-    batch = SimpleNamespace(labels=torch.tensor(labels), num_pairs=1, sequence_ids=None)
+    batch = SimpleNamespace(labels=torch.tensor(labels), tokens=torch.ones(2, width, dtype=torch.long), num_pairs=1,
+                            sequence_ids=None)
     return batch, torch.tensor(rows, dtype=torch.float64).unsqueeze(-1)
 
 
 def _objective(**flags) -> DPOObjective:
     return DPOObjective(PreferenceConfig(**flags), vocab_size=10)
+
+
+def _loss(objective: DPOObjective, batch, reference, policy):
+    """loss_func on a micro-batch that is the whole global batch."""
+    objective.share_global_counts([batch])
+    return objective.loss_func(batch, reference, policy)
 
 
 def test_ld_alpha_down_weights_the_excess_over_the_shorter_answer(plain_logprobs):
@@ -188,7 +196,7 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
     _, reference = _pair_batch([-2.0, -2.0, -2.0], [-1.0, -1.0])
     h, nll = (-6.0 + 2.0) - (-6.0 + 2.0), 6.0 / 3
     objective = _objective(dpo_loss_type=["sigmoid", "sft"], dpo_loss_weights=[0.7, 0.3], rpo_alpha=0.5)
-    loss, _, metrics = objective.loss_func(batch, objective._reference_logps(batch, reference), policy)
+    loss, _, metrics = _loss(objective, batch, objective._reference_logps(batch, reference), policy)
     assert loss.item() == pytest.approx(0.7 * softplus(-0.1 * h) + 0.3 * nll + 0.5 * nll)
     assert metrics["nll_loss"][0].item() == pytest.approx(nll)
     # reference-free DPO: the reference is zeros, rewards are beta x policy log-probs
@@ -196,33 +204,48 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
     loss, _, metrics = free.loss_func(batch, None, policy)
     assert loss.item() == pytest.approx(1 - 1 / (1 + math.exp(0.6)) + 1 / (1 + math.exp(0.2)))
     assert metrics["rewards/chosen"][0].item() == pytest.approx(-0.6)
-    # ORPO: NLL + lambda x odds-ratio term on averages a_c = -2, a_r = -1; TRL's metric names
-    orpo = _objective(stage="orpo")
+    # ORPO (answer-only NLL here; the prompt's is tested in test_objective.py): NLL + lambda x odds-ratio
+    # term on averages a_c = -2, a_r = -1; TRL's metric names
+    orpo = _objective(stage="orpo", orpo_prompt_loss=False)
     odds = (-2 + 1) - (math.log(1 - math.exp(-2)) - math.log(1 - math.exp(-1)))
-    loss, _, metrics = orpo.loss_func(batch, None, policy)
+    loss, _, metrics = _loss(orpo, batch, None, policy)
     assert loss.item() == pytest.approx(nll + 0.1 * softplus(-odds))
     assert metrics["log_odds_chosen"][0].item() == pytest.approx(odds)
     assert metrics["log_odds_ratio"][0].item() == pytest.approx(-softplus(-odds))
-    assert metrics["rewards/chosen"][0].item() == pytest.approx(0.1 * -2)  # beta x average log-prob
+    assert metrics["rewards/chosen"][0].item() == pytest.approx(0.1 * -6)  # beta x summed log-prob (issue #22)
     # SimPO with a CPO-style NLL mix; CPO's default NLL weight is 1
     simpo = _objective(stage="simpo", cpo_alpha=0.2)
-    assert simpo.loss_func(batch, None, policy)[0].item() == pytest.approx(softplus(-(2.0 * (-2 + 1) - 1.0)) + 0.2 * nll)
+    assert _loss(simpo, batch, None, policy)[0].item() == pytest.approx(softplus(-(2.0 * (-2 + 1) - 1.0)) + 0.2 * nll)
     cpo = _objective(stage="cpo")
-    assert cpo.loss_func(batch, None, policy)[0].item() == pytest.approx(softplus(-0.1 * (-6 + 2)) + nll)
+    assert _loss(cpo, batch, None, policy)[0].item() == pytest.approx(softplus(-0.1 * (-6 + 2)) + nll)
     with pytest.raises(ValueError, match="needs reference log-probs"):
         _objective().loss_func(batch, None, policy)
 
 
-def test_bco_delta_is_the_running_mean_of_previous_steps():
+def test_bco_delta_is_the_running_mean_of_the_batches_so_far_including_the_current_one(plain_logprobs):
     objective = _objective(dpo_loss_type="bco_pair")
-    assert objective.params().bco_delta == 0.0
-    objective.observe_step({"rewards/chosen": 0.1, "rewards/rejected": -0.2})
-    objective.observe_step({"rewards/chosen": 0.3, "rewards/rejected": 0.1})
-    objective.observe_step({"rewards/chosen": float("nan"), "rewards/rejected": 0.1})  # skipped step
-    assert objective.params().bco_delta == pytest.approx((-0.05 + 0.2) / 2)
+    assert objective.params().bco_delta == 0.0 and objective.needs_current_rewards
+    batch, policy = _pair_batch([-1.0, -2.0, -3.0], [-0.5, -1.5])
+    _, reference = _pair_batch([-2.0, -2.0, -3.0], [-1.0, -1.0])
+    ref = objective._reference_logps(batch, reference)
+    # d_c = -6 + 7 = 1, d_r = -2 + 2 = 0: rewards 0.1 and 0, mean 0.05; the step's own batch is in delta
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, policy)])
+    assert objective.params().bco_delta == pytest.approx(0.05)
+    loss, _, metrics = objective.loss_func(batch, ref, policy)
+    assert loss.item() == pytest.approx(2 * softplus(-0.05))  # softplus(-(0.1 - 0.05)) + softplus(0 - 0.05)
+    assert metrics["delta"].tolist() == pytest.approx([0.05, 1.0])
+    loss = loss.item()
+    assert loss != pytest.approx(softplus(-0.1) + softplus(0.0))  # TRL 1.x's bco_pair: no shift
+    # the next batch: rewards 0.1 x (d_c, d_r) = (0.3, 0.2), mean 0.25; delta = (0.05 + 0.25) / 2
+    _, later = _pair_batch([-0.5, -1.5, -2.0], [0.0, 0.0])
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, later)])
+    assert objective.params().bco_delta == pytest.approx(0.15)
+    _, broken = _pair_batch([float("nan"), -1.0, -2.0], [0.0, 0.0])  # a non-finite batch leaves delta
+    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, broken)])
+    assert objective.params().bco_delta == pytest.approx(0.15)
     restored = _objective(dpo_loss_type="bco_pair")
     restored.load_state_dict(objective.state_dict())
-    assert restored.params().bco_delta == objective.params().bco_delta
+    assert restored.params().bco_delta == objective.params().bco_delta and restored.bco_steps == 2
 
 
 def test_dpo_loss_types_cover_the_issue():
