@@ -11,6 +11,7 @@ where a real start would. Torch-free: the lowest layer of the package graph.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import re
@@ -18,7 +19,16 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 from engine.formats import missing_shards_message
-from engine.loss_catalog import CPO_LOSS_TYPES, DPO_LOSS_TYPES, LOSS_TRAITS, SORTED_LOSS_TYPES, STAGES
+from engine.loss_catalog import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    LOSS_TRAITS,
+    SORTED_LOSS_TYPES,
+    STAGE_OPTIONS,
+    STAGE_TRAITS,
+    STAGES,
+    StageTraits,
+)
 from engine.options import ConfigError, Section, add_options, option, require, section_from_args
 
 
@@ -383,29 +393,30 @@ class PreferenceConfig(Section):
                                                "reference model")
 
     def check(self) -> None:
-        stage, dpo = self.stage, self.stage == "dpo"
+        stage, traits = self.stage, self.traits
         if isinstance(self.dpo_loss_type, str):
             self.dpo_loss_type = [self.dpo_loss_type]
-        self._only_for(stage in ("dpo", "cpo"), "dpo_loss_type", "dpo_beta")
-        self._only_for(dpo, "dpo_loss_weights", "ld_alpha", "rpo_alpha")
-        self._only_for(stage == "simpo", "simpo_beta")
-        self._only_for(stage in ("simpo", "cpo"), "cpo_alpha")
-        self._only_for(stage == "orpo", "orpo_beta", "orpo_prompt_loss")
-        require(dpo or not self.reference_free, f"--reference-free: --stage {stage} is reference-free already")
-        require(dpo or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
-                 + (" (use --cpo-alpha)" if stage in ("simpo", "cpo") else " (its NLL term is built in)"))
+        for name in STAGE_OPTIONS:
+            require(name in traits.options or getattr(self, name) is None,
+                    f"--{name.replace('_', '-')} does not apply to --stage {stage}")
+        require(traits.reference or not self.reference_free,
+                f"--reference-free: --stage {stage} is reference-free already")
+        require(traits.nll_per_pair or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
+                + (f" (use --{traits.nll_weight.replace('_', '-')})" if traits.nll_weight else
+                   " (its NLL term is built in)"))
 
-        if stage in ("dpo", "cpo"):
-            self.dpo_loss_type = self.dpo_loss_type or ["sigmoid"]
-            self.dpo_beta = 0.1 if self.dpo_beta is None else self.dpo_beta
-            require(self.dpo_beta > 0, "--dpo-beta must be > 0")
-        allowed = DPO_LOSS_TYPES if dpo else CPO_LOSS_TYPES
+        for name, value in traits.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, copy.copy(value))
+        for name in ("dpo_beta", "simpo_beta", "orpo_beta"):
+            require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        require(self.cpo_alpha is None or self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
         for name in self.dpo_loss_type or []:
-            require(name in allowed, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
-                                      f"choose from {', '.join(allowed)}")
+            require(name in traits.loss_types, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
+                                               f"choose from {', '.join(traits.loss_types)}")
         types = self.loss_types
         require(len(set(types)) == len(types), "--dpo-loss-type names a loss twice")
-        require(dpo or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
+        require(traits.several_losses or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
         if self.dpo_loss_weights is not None:
             require(
                 len(self.dpo_loss_weights) == len(types),
@@ -414,28 +425,18 @@ class PreferenceConfig(Section):
             )
             require(all(w > 0 for w in self.dpo_loss_weights), "--dpo-loss-weights must be > 0")
 
-        if stage == "simpo":
-            self.simpo_beta = 2.0 if self.simpo_beta is None else self.simpo_beta
-            require(self.simpo_beta > 0, "--simpo-beta must be > 0")
         require(self.simpo_gamma is None or "simpo" in types,
-                 f"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
-                 f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if stage == "cpo" else ""))
+                f"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
+                f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""))
         if "simpo" in types:
             self.simpo_gamma = 1.0 if self.simpo_gamma is None else self.simpo_gamma
-        if stage in ("simpo", "cpo"):
-            self.cpo_alpha = (1.0 if stage == "cpo" else 0.0) if self.cpo_alpha is None else self.cpo_alpha
-            require(self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
-        if stage == "orpo":
-            self.orpo_beta = 0.1 if self.orpo_beta is None else self.orpo_beta
-            self.orpo_prompt_loss = True if self.orpo_prompt_loss is None else self.orpo_prompt_loss
-            require(self.orpo_beta > 0, "--orpo-beta must be > 0")
 
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
         smoothed = [name for name, traits in LOSS_TRAITS.items() if traits.label_smoothing]
         require(
             self.dpo_label_smoothing == 0.0 or any(LOSS_TRAITS[t].label_smoothing for t in types),
             f"--dpo-label-smoothing applies to the losses {', '.join(smoothed)}; "
-            f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if stage in ("dpo", "cpo") else ""),
+            f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""),
         )
         require(self.discopop_tau is None or "discopop" in types, "--discopop-tau needs --dpo-loss-type discopop")
         if "discopop" in types:
@@ -452,7 +453,7 @@ class PreferenceConfig(Section):
                  "--rpo-alpha and --pref-ftx both weight the chosen NLL: set one")
 
         if not self.uses_reference:
-            why = "--reference-free" if dpo else f"--stage {stage}"
+            why = "--reference-free" if traits.reference else f"--stage {stage}"
             for name in ("ref_model", "refer_model_iter"):
                 require(getattr(self, name) is None,
                          f"--{name.replace('_', '-')} does not apply: {why} builds no reference model")
@@ -462,19 +463,18 @@ class PreferenceConfig(Section):
             self.refer_model_iter = 1
         require(self.refer_model_iter is None or self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
 
-    def _only_for(self, applies: bool, *names: str) -> None:
-        for name in names:
-            require(applies or getattr(self, name) is None,
-                     f"--{name.replace('_', '-')} does not apply to --stage {self.stage}")
+    @property
+    def traits(self) -> StageTraits:
+        return STAGE_TRAITS[self.stage]
 
     @property
     def uses_reference(self) -> bool:
         """False for reference-free objectives: no reference model is built or run."""
-        return self.stage == "dpo" and not self.reference_free
+        return self.traits.reference and not self.reference_free
 
     @property
     def loss_types(self) -> list[str]:
-        return [self.stage] if self.stage in ("simpo", "orpo") else list(self.dpo_loss_type or [])
+        return list(self.dpo_loss_type or []) if self.traits.loss_types else [self.stage]
 
     @property
     def loss_terms(self) -> list[tuple[float, str]]:
@@ -485,17 +485,16 @@ class PreferenceConfig(Section):
     @property
     def beta(self) -> float:
         """The beta of the stage (--orpo-beta is ORPO's lambda)."""
-        return {"dpo": self.dpo_beta, "cpo": self.dpo_beta, "simpo": self.simpo_beta, "orpo": self.orpo_beta}[self.stage]
+        return getattr(self, self.traits.beta)
 
     @property
     def nll_weight(self) -> float:
         """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
         (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
-        if self.stage == "orpo":
+        if self.traits.nll_weight is None:
             return 1.0
-        if self.stage in ("simpo", "cpo"):
-            return self.cpo_alpha
-        return self.rpo_alpha if self.rpo_alpha is not None else self.pref_ftx
+        weight = getattr(self, self.traits.nll_weight)
+        return self.pref_ftx if weight is None and self.traits.nll_per_pair else weight
 
     def describe(self) -> str:
         """The objective and every hyper-parameter in effect, for the startup log."""
@@ -503,8 +502,7 @@ class PreferenceConfig(Section):
         terms = [t if (w, len(types)) == (1.0, 1) else f"{w:g}*{t}" for w, t in self.loss_terms]
         if self.nll_weight > 0:
             terms.append(f"{self.nll_weight:g}*nll")
-        beta_flag = {"dpo": "--dpo-beta", "cpo": "--dpo-beta", "simpo": "--simpo-beta", "orpo": "--orpo-beta"}
-        params = [f"{beta_flag[self.stage]} {self.beta:g}"]
+        params = [f"--{self.traits.beta.replace('_', '-')} {self.beta:g}"]
         if any(LOSS_TRAITS[t].label_smoothing for t in types):
             params.append(f"--dpo-label-smoothing {self.dpo_label_smoothing:g}")
         if "simpo" in types:
@@ -519,13 +517,13 @@ class PreferenceConfig(Section):
         if averaged:
             params.append(f"token-averaged log-probs for {' '.join(averaged)}")
         params.append("reference model" if self.uses_reference else "reference-free")
-        dpo = self.stage == "dpo"
-        if dpo and self.nll_weight > 0:
+        per_pair = self.traits.nll_per_pair
+        if per_pair and self.nll_weight > 0:
             params.append("nll: chosen answer tokens, mean per pair")
-        if (not dpo and self.nll_weight > 0) or "sft" in types:
+        if (not per_pair and self.nll_weight > 0) or "sft" in types:
             tokens = {None: "answer tokens", False: "answer tokens (--no-orpo-prompt-loss)",
                       True: "prompt and answer tokens (--orpo-prompt-loss)"}[self.orpo_prompt_loss]
-            params.append(f"{'sft' if dpo else 'nll'}: mean over the global batch's chosen {tokens}")
+            params.append(f"{'sft' if per_pair else 'nll'}: mean over the global batch's chosen {tokens}")
         return f"{self.stage}: loss = {' + '.join(terms)} | {', '.join(params)}"
 
 

@@ -1,13 +1,13 @@
-"""The names of the preference stages and losses, with the traits flag validation needs.
+"""The preference stages and losses by name, with the traits flag validation needs.
 
-Torch-free, so flags can be checked (and `--help` printed) without loading the formulas;
-`engine.dpo.losses` registers one formula per name listed here, and a test holds the two
-registries equal.
+Torch-free, so flags can be checked (and `--help` printed) without loading the formulas.
+A stage is one entry of `STAGE_TRAITS` plus its objective in `engine.dpo.stages`; a loss is
+one entry of `LOSS_TRAITS` plus its formula in `engine.dpo.losses` (tests hold the pairs equal).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,47 @@ LOSS_TRAITS: dict[str, LossTraits] = {
     "orpo": LossTraits(average_logps=True),
 }
 
-STAGES = ("dpo", "simpo", "orpo", "cpo")
-"""--stage choices; all but dpo are reference-free (no reference model is built)."""
 DPO_LOSS_TYPES = tuple(name for name in LOSS_TRAITS if name not in ("simpo", "orpo"))
 """--dpo-loss-type choices under --stage dpo."""
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 """--dpo-loss-type choices under --stage cpo (TRL's CPOTrainer)."""
 SORTED_LOSS_TYPES = tuple(name for name, traits in LOSS_TRAITS.items() if traits.sorts_pairs)
 """Losses that sort over the pairs of a micro-batch."""
+
+
+@dataclass(frozen=True)
+class StageTraits:
+    beta: str
+    """The option holding the stage's beta (ORPO's lambda for orpo)."""
+    options: tuple[str, ...]
+    """The stage-specific options it reads; another stage's option given with it is an error."""
+    loss_types: tuple[str, ...] = ()
+    """--dpo-loss-type choices; empty when the stage is its own single loss."""
+    several_losses: bool = False
+    """--dpo-loss-type may name several losses, summed with --dpo-loss-weights."""
+    reference: bool = False
+    """Trains against a reference policy (unless --reference-free)."""
+    nll_per_pair: bool = False
+    """Its NLL term is a token mean per pair (RPO, MindSpeed-LLM), not over the global batch's tokens."""
+    nll_weight: str | None = None
+    """The option weighting its chosen-answer NLL; None: weight 1, built into the objective (ORPO)."""
+    defaults: dict = field(default_factory=dict)
+    """Defaults of its options (they are None until the stage is known)."""
+
+
+_PAIRWISE_DEFAULTS = {"dpo_loss_type": ["sigmoid"], "dpo_beta": 0.1}
+STAGE_TRAITS: dict[str, StageTraits] = {
+    "dpo": StageTraits("dpo_beta", ("dpo_loss_type", "dpo_beta", "dpo_loss_weights", "ld_alpha", "rpo_alpha"),
+                       DPO_LOSS_TYPES, several_losses=True, reference=True, nll_per_pair=True, nll_weight="rpo_alpha",
+                       defaults=_PAIRWISE_DEFAULTS),
+    "simpo": StageTraits("simpo_beta", ("simpo_beta", "cpo_alpha"), nll_weight="cpo_alpha",
+                         defaults={"simpo_beta": 2.0, "cpo_alpha": 0.0}),
+    "orpo": StageTraits("orpo_beta", ("orpo_beta", "orpo_prompt_loss"),
+                        defaults={"orpo_beta": 0.1, "orpo_prompt_loss": True}),
+    "cpo": StageTraits("dpo_beta", ("dpo_loss_type", "dpo_beta", "cpo_alpha"), CPO_LOSS_TYPES,
+                       nll_weight="cpo_alpha", defaults={**_PAIRWISE_DEFAULTS, "cpo_alpha": 1.0}),
+}
+STAGES = tuple(STAGE_TRAITS)
+"""--stage choices; all but dpo are reference-free (no reference model is built)."""
+STAGE_OPTIONS = tuple(sorted({name for traits in STAGE_TRAITS.values() for name in traits.options}))
+"""Options that only some stages read."""

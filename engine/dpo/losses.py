@@ -179,7 +179,7 @@ def _bco_pair(logps: PairLogps, p: LossParams) -> torch.Tensor:
     rejected) seen in training so far, the current global batch included, detached. The reference
     implementation (TRL 0.x's bco_pair, by the paper's first author, and TRL's BCOTrainer) folds each
     micro-batch's rewards into the mean before using it; the objective does so per global batch, from
-    a forward-only pass of the policy before the step (`DPOObjective.update_reward_shift`), so every
+    a forward-only pass of the policy before the step (`DPOObjective.before_step`, engine/dpo/stages/dpo.py), so every
     micro-batch, rank and split of the batch uses one delta. TRL 1.x's DPOTrainer bco_pair applies no
     shift (delta 0). Evaluation uses the delta of the last training step without updating it.
     """

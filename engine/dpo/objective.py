@@ -1,4 +1,7 @@
-"""The DPO forward_step / loss_func pair for megatron's pipeline schedules.
+"""The forward_step / loss_func pair of the pairwise preference stages, for megatron's schedules.
+
+`PairwiseObjective` is what every pairwise stage shares; a stage (engine/dpo/stages/) adds
+only what is its own, as read from its traits in engine/loss_catalog.py.
 
 The model, the data and the loss meet here. A micro-batch holds `[chosen x n ;
 rejected x n]` rows (or, packed, the same sequences in one THD row); the policy's
@@ -16,7 +19,6 @@ and ranks. N and T come from one all-reduce per global batch (`share_global_coun
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,8 +28,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
+from engine.dpo.losses import LOSSES, LossParams, PairLogps, preference_loss, rewards
 from engine.formats import IGNORE_INDEX
-from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
 
 
 @dataclass
@@ -69,21 +71,22 @@ class SequenceLogps:
         return cls(packed[0], packed[1], packed[2] if packed.shape[0] > 2 else None)
 
 
-class DPOObjective:
+class PairwiseObjective:
     """Forward steps for the policy (with loss) and for the reference (log-probs only).
 
-    One class for every stage: the stage and its losses are `PreferenceConfig.loss_terms`, a
-    weighted sum of registry losses, plus `nll_weight` x the chosen NLL: a token mean per pair
-    under --stage dpo (--rpo-alpha / --pref-ftx, as the RPO paper and MindSpeed-LLM), a token
-    mean over the global batch under cpo / simpo (--cpo-alpha) and orpo (weight 1, prompt
-    tokens included unless --no-orpo-prompt-loss), as TRL's trainers and the ORPO authors.
-    Reference-free objectives get no reference log-probs (None) and use zeros, which makes the
-    DPO margin the policy's own margin (TRL's CPO/ORPO definitions, and its reference_free DPO).
+    The loss is `PreferenceConfig.loss_terms`, a weighted sum of registry losses, plus
+    `nll_weight` x the chosen NLL: a token mean per pair where the stage says so (--stage dpo:
+    --rpo-alpha / --pref-ftx, as the RPO paper and MindSpeed-LLM), else a token mean over the
+    global batch (cpo / simpo: --cpo-alpha; orpo: weight 1, prompt tokens included unless
+    --no-orpo-prompt-loss), as TRL's trainers and the ORPO authors. Reference-free objectives get
+    no reference log-probs (None) and use zeros, which makes the DPO margin the policy's own
+    margin (TRL's CPO/ORPO definitions, and its reference_free DPO).
 
     Metrics follow TRL's names: rewards/* are beta x (log pi - log ref) of the answers' summed
     log-probs (LD-desensitized under --ld-alpha, as TRL) whatever the loss normalizes; logps/* are
     the policy log-probs TRL's trainer logs: DPOTrainer's per-answer sums under --stage dpo, the
     log-probs the loss takes (token means for ipo, simpo, orpo) under cpo, simpo and orpo.
+    Stage hooks: `stage_metrics`, `before_step` and `state_dict` (no-ops here).
     """
 
     def __init__(self, preference: PreferenceConfig, vocab_size: int, half_precision: bool = False):
@@ -92,28 +95,28 @@ class DPOObjective:
         # [b, s, vocab] tensor); the log-prob kernel upcasts chunk by chunk.
         self.model_kwargs = {"fp32_output": False} if half_precision else {}
         self.terms = preference.loss_terms
-        for _, name in self.terms:
-            if name not in LOSSES:
-                raise ValueError(f"--dpo-loss-type {name!r} is not one of {', '.join(LOSSES)}")
         self.beta = preference.beta
         self.ld_alpha = preference.ld_alpha
         self.nll_weight = preference.nll_weight
         self.vocab_size = vocab_size
         self.reference_free = not preference.uses_reference
-        stage_dpo = preference.stage == "dpo"
+        per_pair = preference.traits.nll_per_pair
         # CPOTrainer / ORPOTrainer log the log-probs their loss takes; DPOTrainer logs the sums.
-        self.logged_logps_averaged = not stage_dpo and all(LOSSES[name].average_logps for _, name in self.terms)
-        self.nll_per_pair = stage_dpo and self.nll_weight > 0
+        self.logged_logps_averaged = not per_pair and all(LOSSES[name].average_logps for _, name in self.terms)
+        self.nll_per_pair = per_pair and self.nll_weight > 0
         # A term is a token mean over the global batch: micro-batches need `share_global_counts`.
-        self.nll_over_batch = (not stage_dpo and self.nll_weight > 0) or any(name == "sft" for _, name in self.terms)
+        self.nll_over_batch = (not per_pair and self.nll_weight > 0) or any(name == "sft" for _, name in self.terms)
         self.nll_over_prompt = bool(preference.orpo_prompt_loss)
-        self.bco_delta, self.bco_steps = 0.0, 0
 
     def params(self) -> LossParams:
         pref = self.preference
         return LossParams(beta=self.beta, label_smoothing=pref.dpo_label_smoothing,
                           discopop_tau=pref.discopop_tau or 0.05, simpo_gamma=pref.simpo_gamma or 0.0,
-                          bco_delta=self.bco_delta)
+                          **self.stage_params())
+
+    def stage_params(self) -> dict:
+        """LossParams fields a stage keeps as state (BCO's reward shift)."""
+        return {}
 
     def sequence_logps(self, logits: torch.Tensor, batch) -> SequenceLogps:
         """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i."""
@@ -216,7 +219,7 @@ class DPOObjective:
             return None
         if getattr(batch, "global_nll_tokens", None) is None:
             raise ValueError("this objective averages its NLL over the global batch's tokens: pass the micro-batches "
-                             "through DPOObjective.share_global_counts before the step")
+                             "through PairwiseObjective.share_global_counts before the step")
         n = batch.num_pairs
         sums = -policy.total[:n] - (policy.prompt_total[:n] if policy.prompt_total is not None else 0)
         return sums * (batch.global_pairs.to(sums.dtype) / batch.global_nll_tokens.clamp(min=1).to(sums.dtype))
@@ -232,7 +235,7 @@ class DPOObjective:
             nll = pair_logps.nll() if self.nll_per_pair else pair_logps.nll_share()
             losses = losses + self.nll_weight * nll
         if self.nll_per_pair:
-            metrics["nll_loss"] = _mean_pair(pair_logps.nll().detach(), n)
+            metrics["nll_loss"] = mean_pair(pair_logps.nll().detach(), n)
         elif self.nll_over_batch:  # the token mean: sums and counts reduced over micro-batches and ranks
             nll_sum, tokens = -policy.total[:n].detach().sum(), policy.count[:n].sum()
             if policy.prompt_total is not None:
@@ -252,61 +255,36 @@ class DPOObjective:
         chosen = _sequence_index(batch) < n
         chosen_tokens, rejected_tokens = mask & chosen, mask & ~chosen
         metrics = {
-            "rewards/chosen": _mean_pair(chosen_rewards, n),
-            "rewards/rejected": _mean_pair(rejected_rewards, n),
-            "rewards/accuracies": _mean_pair((chosen_rewards > rejected_rewards).float(), n),
-            "rewards/margins": _mean_pair(chosen_rewards - rejected_rewards, n),
-            "logps/chosen": _mean_pair(logged.policy_chosen.detach(), n),
-            "logps/rejected": _mean_pair(logged.policy_rejected.detach(), n),
+            "rewards/chosen": mean_pair(chosen_rewards, n),
+            "rewards/rejected": mean_pair(rejected_rewards, n),
+            "rewards/accuracies": mean_pair((chosen_rewards > rejected_rewards).float(), n),
+            "rewards/margins": mean_pair(chosen_rewards - rejected_rewards, n),
+            "logps/chosen": mean_pair(logged.policy_chosen.detach(), n),
+            "logps/rejected": mean_pair(logged.policy_rejected.detach(), n),
             "logits/chosen": torch.stack([(mean_logits * chosen_tokens).sum(), chosen_tokens.sum().float()]),
             "logits/rejected": torch.stack([(mean_logits * rejected_tokens).sum(), rejected_tokens.sum().float()]),
         }
-        if self.needs_current_rewards:  # the reward shift this loss used, under TRL's BCOTrainer name
-            metrics["delta"] = chosen_rewards.new_tensor([self.bco_delta * n, n], dtype=torch.float32)
-        if self.preference.stage == "orpo":
-            # TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio.
-            odds = log_odds(pair_logps.averaged()).detach()
-            metrics["log_odds_ratio"] = _mean_pair(torch.nn.functional.logsigmoid(odds), n)
-            metrics["log_odds_chosen"] = _mean_pair(odds, n)
+        metrics.update(self.stage_metrics(pair_logps, chosen_rewards, n))
         return metrics
 
-    # BCO's reward shift: state carried across steps (and checkpoints).
-    @property
-    def needs_current_rewards(self) -> bool:
-        """The loss shifts rewards by a mean that includes the current batch (bco_pair): before each
-        training step, the policy's log-probs of the batch go to `update_reward_shift`."""
-        return any(name == "bco_pair" for _, name in self.terms)
+    def stage_metrics(self, pair_logps: PairLogps, chosen_rewards: torch.Tensor, n: int) -> dict:
+        """Metrics of the stage's own, as (numerator, denominator) pairs."""
+        return {}
 
-    def update_reward_shift(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
-        """Fold the global batch's mean reward into BCO's running mean delta before its step.
+    # Stage state: carried across steps (and checkpoints).
+    needs_current_logps = False
+    """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the
+    trainer then runs a forward-only pass over the batch and hands the result to `before_step`."""
 
-        `items` are the (batch, reference log-probs) micro-batches of this rank, `policy_logps` the
-        policy's packed log-probs of the same batches from a forward-only pass (None before the last
-        pipeline stage, which then adds zeros). The (sum, count) of the rewards is summed over
-        `groups` (data parallel, then pipeline), so every rank folds in the same mean. Each global
-        batch weighs the same, which is the mean over all rewards seen when batches are equal.
-        """
-        device = items[0][0].labels.device
-        local = torch.zeros(2, dtype=torch.float64, device=device)
-        for (batch, reference), packed in zip(items, policy_logps):
-            if packed is None:
-                continue
-            chosen, rejected = rewards(self.pair_logps(SequenceLogps.unpack(packed), reference), self.beta)
-            local += torch.stack([chosen.sum() + rejected.sum(), chosen.new_tensor(2.0 * batch.num_pairs)]).double()
-        for group in groups:
-            dist.all_reduce(local, group=group)
-        total, count = local.tolist()
-        mean_reward = total / count if count else math.nan
-        if math.isfinite(mean_reward):  # a non-finite batch (its update is skipped) does not poison delta
-            self.bco_steps += 1
-            self.bco_delta += (mean_reward - self.bco_delta) / self.bco_steps
+    def before_step(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
+        """Updates the stage's state from the step's (batch, reference) items and the policy's packed
+        log-probs of them (None before the last pipeline stage), reduced over `groups`."""
 
     def state_dict(self) -> dict:
-        return {"bco_delta": self.bco_delta, "bco_steps": self.bco_steps}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.bco_delta = float(state.get("bco_delta", 0.0))
-        self.bco_steps = int(state.get("bco_steps", 0))
+        """Restores `state_dict()`."""
 
 
 def _sequence_index(batch) -> torch.Tensor:
@@ -333,6 +311,6 @@ def _prompt_and_answer_targets(batch) -> torch.Tensor:
     return torch.where(inside, batch.tokens.roll(-1, dims=-1), IGNORE_INDEX)
 
 
-def _mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
+def mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
     """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks."""
     return torch.stack([values.float().sum(), values.new_tensor(float(n), dtype=torch.float32)])

@@ -1,7 +1,7 @@
 """The frozen reference policy: log-probs of every micro-batch before the policy's step.
 
 It runs the same forward code as the policy (same model builder, same
-`DPOObjective.sequence_logps`) through a forward-only pipeline pass, so with the
+`PairwiseObjective.sequence_logps`) through a forward-only pipeline pass, so with the
 reference equal to the initial policy the first DPO loss is exactly ln 2. The
 results land on the last pipeline stage, where the policy's loss needs them.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from engine.dpo.objective import DPOObjective
+from engine.dpo.objective import PairwiseObjective
 from engine.model.lora import adapters_disabled
 from engine.training.step import forward_only
 
 
 class ReferencePolicy:
-    def __init__(self, chunks: list[torch.nn.Module], objective: DPOObjective):
+    def __init__(self, chunks: list[torch.nn.Module], objective: PairwiseObjective):
         self.chunks = chunks
         self.objective = objective
 

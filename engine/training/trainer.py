@@ -24,7 +24,8 @@ from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
 from engine.training import reference_cache
-from engine.dpo.objective import DPOObjective
+from engine.dpo.objective import PairwiseObjective
+from engine.dpo.stages import build_objective
 from engine.training.reference import AdapterOffReference, ReferencePolicy
 from engine.training.reference_cache import CachedReference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
@@ -58,7 +59,7 @@ class DPOTrainer:
     config: EngineConfig
     model: list[torch.nn.Module]
     reference: ReferencePolicy | CachedReference | None
-    objective: DPOObjective
+    objective: PairwiseObjective
     state: TrainState
 
     def __init__(self, config: EngineConfig):
@@ -76,7 +77,7 @@ class DPOTrainer:
                                                 config.training.seed)
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
-        self.objective = DPOObjective(config.preference, config.model.vocab_size or config.padded_vocab_size,
+        self.objective = build_objective(config.preference, config.model.vocab_size or config.padded_vocab_size,
                                       half_precision=config.precision.bf16 or config.precision.fp16)
         self.checkpointer = Checkpointer(config)
         self.model = build_trainable_model(config, self.platform)
@@ -227,8 +228,8 @@ class DPOTrainer:
             indices = next(batches)
             micro_batches, lengths = self._micro_batches("train", indices)
             items = self._with_reference(micro_batches, "train")
-            if self.objective.needs_current_rewards:
-                self._update_reward_shift(micro_batches, items)
+            if self.objective.needs_current_logps:
+                self._before_step(micro_batches, items)
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
@@ -255,12 +256,12 @@ class DPOTrainer:
             self.save()
         return self.state
 
-    def _update_reward_shift(self, micro_batches: list, items: list) -> None:
-        """BCO: the policy's log-probs of the batch before its update (the forward-only pass a reference
-        runs, on the policy's weights), so that the reward shift includes the current batch."""
+    def _before_step(self, micro_batches: list, items: list) -> None:
+        """The policy's log-probs of the batch before its update (the forward-only pass a reference runs,
+        on the policy's weights), for an objective whose loss reads them (BCO's reward shift)."""
         current = ReferencePolicy(self.model, self.objective).logps(micro_batches)
-        self.objective.update_reward_shift(items, current, (parallel_state.get_data_parallel_group(),
-                                                            parallel_state.get_pipeline_model_parallel_group()))
+        self.objective.before_step(items, current, (parallel_state.get_data_parallel_group(),
+                                                    parallel_state.get_pipeline_model_parallel_group()))
 
     def _save_due(self) -> bool:
         """--save-interval divides the current iteration (so the loop has saved it)."""
@@ -312,7 +313,7 @@ class DPOTrainer:
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
         passes = 4 if self.reference is not None and not isinstance(self.reference, CachedReference) else 3
-        passes += 1 if self.objective.needs_current_rewards else 0
+        passes += 1 if self.objective.needs_current_logps else 0
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())

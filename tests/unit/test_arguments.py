@@ -257,3 +257,13 @@ class _Flags:
 
     def set(self, flag, value):
         self.argv[self.argv.index(flag) + 1] = value
+
+
+def test_every_stage_has_traits_and_an_objective():
+    from engine.dpo.stages import OBJECTIVES
+    from engine.loss_catalog import STAGE_TRAITS, STAGES
+
+    assert set(OBJECTIVES) == set(STAGE_TRAITS) == set(STAGES)
+    for name, traits in STAGE_TRAITS.items():
+        assert traits.beta in traits.options or name == "dpo", name
+        assert set(traits.defaults) <= set(traits.options), name

@@ -9,7 +9,8 @@ import torch
 from engine.arguments import PreferenceConfig
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.dpo import objective as objective_module
-from engine.dpo.objective import DPOObjective
+from engine.dpo.objective import PairwiseObjective
+from engine.dpo.stages import build_objective
 
 
 def pair(prompt: int, chosen: int, rejected: int, seed: int) -> dict:
@@ -67,7 +68,7 @@ def fake_logits(batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("flags", [{}, {"ld_alpha": 0.5}, {"stage": "orpo"}])
 def test_packed_and_padded_batches_give_the_same_sequence_logps_loss_and_metrics(token_value_logprobs, flags):
-    objective = DPOObjective(PreferenceConfig(**flags), vocab_size=64)
+    objective = build_objective(PreferenceConfig(**flags), vocab_size=64)
     padded, packed = collate_pairs(SAMPLES), pack_pairs(SAMPLES)
     a, b = objective.sequence_logps(fake_logits(padded), padded), objective.sequence_logps(fake_logits(packed), packed)
     assert torch.allclose(a.total, b.total) and torch.equal(a.count, b.count)

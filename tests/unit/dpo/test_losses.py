@@ -17,7 +17,8 @@ import engine.dpo.objective as objective_module
 from engine.arguments import PreferenceConfig
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
 from engine.loss_catalog import DPO_LOSS_TYPES
-from engine.dpo.objective import DPOObjective
+from engine.dpo.objective import PairwiseObjective
+from engine.dpo.stages import build_objective
 
 
 def _t(values) -> torch.Tensor:
@@ -158,11 +159,11 @@ def _pair_batch(chosen: list[float], rejected: list[float]):
     return batch, torch.tensor(rows, dtype=torch.float64).unsqueeze(-1)
 
 
-def _objective(**flags) -> DPOObjective:
-    return DPOObjective(PreferenceConfig(**flags), vocab_size=10)
+def _objective(**flags) -> PairwiseObjective:
+    return build_objective(PreferenceConfig(**flags), vocab_size=10)
 
 
-def _loss(objective: DPOObjective, batch, reference, policy):
+def _loss(objective: PairwiseObjective, batch, reference, policy):
     """loss_func on a micro-batch that is the whole global batch."""
     objective.share_global_counts([batch])
     return objective.loss_func(batch, reference, policy)
@@ -224,12 +225,12 @@ def test_weighted_losses_nll_terms_and_reference_free(plain_logprobs):
 
 def test_bco_delta_is_the_running_mean_of_the_batches_so_far_including_the_current_one(plain_logprobs):
     objective = _objective(dpo_loss_type="bco_pair")
-    assert objective.params().bco_delta == 0.0 and objective.needs_current_rewards
+    assert objective.params().bco_delta == 0.0 and objective.needs_current_logps
     batch, policy = _pair_batch([-1.0, -2.0, -3.0], [-0.5, -1.5])
     _, reference = _pair_batch([-2.0, -2.0, -3.0], [-1.0, -1.0])
     ref = objective._reference_logps(batch, reference)
     # d_c = -6 + 7 = 1, d_r = -2 + 2 = 0: rewards 0.1 and 0, mean 0.05; the step's own batch is in delta
-    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, policy)])
+    objective.before_step([(batch, ref)], [objective._reference_logps(batch, policy)])
     assert objective.params().bco_delta == pytest.approx(0.05)
     loss, _, metrics = objective.loss_func(batch, ref, policy)
     assert loss.item() == pytest.approx(2 * softplus(-0.05))  # softplus(-(0.1 - 0.05)) + softplus(0 - 0.05)
@@ -238,10 +239,10 @@ def test_bco_delta_is_the_running_mean_of_the_batches_so_far_including_the_curre
     assert loss != pytest.approx(softplus(-0.1) + softplus(0.0))  # TRL 1.x's bco_pair: no shift
     # the next batch: rewards 0.1 x (d_c, d_r) = (0.3, 0.2), mean 0.25; delta = (0.05 + 0.25) / 2
     _, later = _pair_batch([-0.5, -1.5, -2.0], [0.0, 0.0])
-    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, later)])
+    objective.before_step([(batch, ref)], [objective._reference_logps(batch, later)])
     assert objective.params().bco_delta == pytest.approx(0.15)
     _, broken = _pair_batch([float("nan"), -1.0, -2.0], [0.0, 0.0])  # a non-finite batch leaves delta
-    objective.update_reward_shift([(batch, ref)], [objective._reference_logps(batch, broken)])
+    objective.before_step([(batch, ref)], [objective._reference_logps(batch, broken)])
     assert objective.params().bco_delta == pytest.approx(0.15)
     restored = _objective(dpo_loss_type="bco_pair")
     restored.load_state_dict(objective.state_dict())

@@ -22,7 +22,8 @@ import torch
 import engine.dpo.objective as objective_module
 from engine.arguments import PreferenceConfig
 from engine.data.collate import collate_pairs, pack_pairs
-from engine.dpo.objective import DPOObjective
+from engine.dpo.objective import PairwiseObjective
+from engine.dpo.stages import build_objective
 
 M = -100
 
@@ -50,11 +51,11 @@ def logits(batch, scale=-0.1, weight: torch.Tensor | None = None) -> torch.Tenso
     return (values if weight is None else values * weight).unsqueeze(-1)
 
 
-def objective(**flags) -> DPOObjective:
-    return DPOObjective(PreferenceConfig(**flags), vocab_size=16)
+def objective(**flags) -> PairwiseObjective:
+    return build_objective(PreferenceConfig(**flags), vocab_size=16)
 
 
-def step_sums(obj: DPOObjective, micro_batches: list, weight: torch.Tensor | None = None, group=None):
+def step_sums(obj: PairwiseObjective, micro_batches: list, weight: torch.Tensor | None = None, group=None):
     """One rank's part of a global batch: (loss sum, pair count, each metric's (sum, count))."""
     obj.share_global_counts(micro_batches, group)
     totals, pairs, metrics = 0.0, 0, {}
@@ -67,7 +68,7 @@ def step_sums(obj: DPOObjective, micro_batches: list, weight: torch.Tensor | Non
     return totals, pairs, metrics
 
 
-def step(obj: DPOObjective, micro_batches: list, weight: torch.Tensor | None = None):
+def step(obj: PairwiseObjective, micro_batches: list, weight: torch.Tensor | None = None):
     """One global batch as megatron reduces it: loss sums over the pair count, metrics (sum, sum)."""
     totals, pairs, metrics = step_sums(obj, micro_batches, weight)
     return totals / pairs, {name: (v[0] / v[1]).item() for name, v in metrics.items()}

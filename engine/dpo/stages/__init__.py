@@ -1,0 +1,25 @@
+"""The stage registry: --stage name -> its objective.
+
+A pairwise stage whose behaviour its traits (engine/loss_catalog.py STAGE_TRAITS) describe in full
+uses `PairwiseObjective` as it is (simpo, cpo); a stage with state or metrics of its own has a
+module here (dpo: BCO's reward shift; orpo: the odds-ratio metrics). RM and KTO, with their own
+data and heads, plug in the same way.
+"""
+
+from __future__ import annotations
+
+from engine.arguments import PreferenceConfig
+from engine.dpo.objective import PairwiseObjective
+from engine.dpo.stages.dpo import DPOObjective
+from engine.dpo.stages.orpo import ORPOObjective
+
+OBJECTIVES: dict[str, type[PairwiseObjective]] = {
+    "dpo": DPOObjective,
+    "simpo": PairwiseObjective,
+    "orpo": ORPOObjective,
+    "cpo": PairwiseObjective,
+}
+
+
+def build_objective(preference: PreferenceConfig, vocab_size: int, half_precision: bool = False) -> PairwiseObjective:
+    return OBJECTIVES[preference.stage](preference, vocab_size, half_precision)
