@@ -285,6 +285,12 @@ class TrainingConfig:
     """--lr-warmup-iters."""
     lr_warmup_init: float = 0.0
     """--lr-warmup-init."""
+    override_opt_param_scheduler: bool = False
+    """--override-opt-param-scheduler (Megatron-LM): on resume, the schedule flags replace the checkpoint's
+    schedule (its step count is kept)."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """--use-checkpoint-opt-param-scheduler (Megatron-LM): on resume, the checkpoint's schedule replaces the
+    schedule flags. With neither, a resume whose schedule flags differ from the checkpoint's is refused."""
     weight_decay: float = 0.01
     """--weight-decay."""
     adam_beta1: float = 0.9
@@ -332,6 +338,10 @@ class TrainingConfig:
         _require(
             self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
             "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive",
+        )
+        _require(
+            not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+            "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive",
         )
         _require(
             self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
@@ -813,6 +823,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-fraction", type=float)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)

@@ -25,6 +25,7 @@ from engine.arguments import EngineConfig, ModelConfig, plain_config
 from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 from engine.model.lora import is_adapter_key
 from engine.model.provider import unwrap_model
+from engine.training.optimizer import restore_scheduler
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
     CheckpointError,
@@ -320,7 +321,7 @@ class Checkpointer:
                 optimizer.load_parameter_state(
                     str(rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE)
                 )
-            scheduler.load_state_dict(rank_state["opt_param_scheduler"])
+            restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
         if not self.checkpoint.no_load_rng:
             states = rank_state["rng_state"]
             dp_rank = parallel_state.get_data_parallel_rank()
