@@ -367,6 +367,9 @@ class CheckpointConfig:
     """--no-load-optim."""
     no_load_rng: bool = False
     """--no-load-rng."""
+    no_verify_checkpoint: bool = False
+    """--no-verify-checkpoint: load checkpoint files without checking them against their iteration's
+    manifest.json checksums (a file that changed after saving is otherwise refused)."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval is None or self.save_interval >= 1, "--save-interval must be >= 1")
@@ -849,6 +852,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-verify-checkpoint", action="store_true")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
