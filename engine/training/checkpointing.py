@@ -420,7 +420,9 @@ class Checkpointer:
                 verify = not self.checkpoint.no_verify_checkpoint and parallel_state.get_data_parallel_rank() == 0
                 _on_every_rank(partial(verify_files, directory, [file], "--no-verify-checkpoint") if verify else None)
                 optimizer.load_parameter_state(str(file))
-            restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
+            if rank_state["train_state"]["iteration"] < self.config.training.train_iters:
+                # Else no step is left to train (the trainer says so): the schedule flags do not matter.
+                restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
         if not self.checkpoint.no_load_rng:
             states = rank_state["rng_state"]
             dp_rank = parallel_state.get_data_parallel_rank()
