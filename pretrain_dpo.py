@@ -1,6 +1,10 @@
 """DPO training: `torchrun --nproc-per-node N pretrain_dpo.py --stage dpo <flags>`.
 
-Flags follow Megatron-LM / MindSpeed-LLM (see engine/arguments.py and the README).
+Flags follow Megatron-LM / MindSpeed-LLM (see engine/arguments.py and the README). Exit codes of each
+process: 0 done (also after a stop by --exit-signal-handler, --exit-interval, --exit-duration-in-mins),
+2 a known error (flags: usage and message; data, checkpoint, save directory: one line from rank 0),
+3 training diverged. torchrun turns any non-zero worker exit into its own exit code 1
+(docs/troubleshooting.md, "Exit codes").
 """
 
 from __future__ import annotations
@@ -33,17 +37,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = DPOTrainer(config)
-    except (ValueError, CheckpointError, DataError, SaveDirLockedError) as err:
-        print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     except TrainingDivergedError as err:
-        print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
-        return 3
-    finally:
-        trainer.close()
+        return _fail(err, 3, rank)
+    except (ValueError, CheckpointError, DataError, SaveDirLockedError) as err:
+        return _fail(err, 2, rank)
     return 0
+
+
+def _fail(err: Exception, code: int, rank: int) -> int:
+    """Every rank raises these errors with the same message (the first failing rank's), so rank 0 prints it."""
+    if rank == 0:
+        print(f"pretrain_dpo.py: error: {err}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -229,6 +229,13 @@ class TrainingConfig(Section):
                                                     "--lr-warmup-iters)")
     lr_warmup_iters: int = option(0, "warm-up steps")
     lr_warmup_init: float = option(0.0, "learning rate at the start of warm-up")
+    override_opt_param_scheduler: bool = option(
+        False, "on resume, the schedule flags replace the checkpoint's schedule (its step count is kept)",
+        aliases={"--override-opt_param-scheduler": True})
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "on resume, the checkpoint's schedule replaces the schedule flags; with neither flag, a resume whose "
+               "schedule flags differ from the checkpoint's is refused",
+        aliases={"--use-checkpoint-opt_param-scheduler": True})
     weight_decay: float = option(0.01, "AdamW weight decay")
     adam_beta1: float = option(0.9, "Adam beta1")
     adam_beta2: float = option(0.999, "Adam beta2")
@@ -263,6 +270,10 @@ class TrainingConfig(Section):
             "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive",
         )
         require(
+            not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+            "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive",
+        )
+        require(
             self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
             "--lr-warmup-fraction must be in [0, 1]",
         )
@@ -280,6 +291,9 @@ class CheckpointConfig(Section):
     finetune: bool = option(False, "load weights only: iteration 0, fresh optimizer and RNG")
     no_load_optim: bool = option(False, "do not restore the optimizer state")
     no_load_rng: bool = option(False, "do not restore the RNG states")
+    no_verify_checkpoint: bool = option(False, "load checkpoint files without checking them against their "
+                                               "iteration's manifest.json checksums (a file changed after saving "
+                                               "is otherwise refused)")
 
     def check(self) -> None:
         require(self.save_interval is None or self.save_interval >= 1, "--save-interval must be >= 1")

@@ -66,6 +66,17 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def accelerator_rng_state() -> torch.Tensor | None:
+    """The CUDA generator's state (saved in checkpoints for exact resume), None without CUDA."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def set_accelerator_rng_state(state: torch.Tensor) -> None:
+    """Restores `accelerator_rng_state()` where there is CUDA (a CPU run ignores a GPU run's state)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state)
+
+
 def accelerator_name() -> str | None:
     """The GPU's product name (for its datasheet peak), None without CUDA."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None

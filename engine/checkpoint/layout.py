@@ -4,21 +4,28 @@
 ROOT/latest_checkpointed_iteration.txt        "N" (or "release")
 ROOT/iter_000000N/mp_rank_TT/model_optim_rng.pt        PP == 1
 ROOT/iter_000000N/mp_rank_TT_PPP/model_optim_rng.pt    PP > 1
+ROOT/iter_000000N/manifest.json                        checksums of the files above
 ```
 Each file holds `model` (`model0`, `model1`, ... under virtual pipeline stages), and
 where present `optimizer`, `opt_param_scheduler`, `rng_state`, `iteration`, `args`,
 `checkpoint_version`. Writes are atomic: ranks write into a hidden staging directory,
 which is renamed to `iter_*` once complete, and the tracker file is replaced last, so
-a crash at any moment leaves the previous checkpoint loadable.
+a crash at any moment leaves the previous checkpoint loadable. Loading checks each file
+against the iteration's manifest (manifest.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from engine.checkpoint.manifest import MANIFEST_FILE, file_sha256, read_manifest, save_hashed, write_manifest
+
+logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILE = "model_optim_rng.pt"
@@ -67,11 +74,44 @@ def incomplete_checkpoints(root: str | Path) -> list[Path]:
 
 def write_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int,
                      state: dict) -> Path:
-    """Writes one rank's file into the staging directory of `iteration` (not yet visible)."""
+    """Writes one rank's file, with its checksum, into the staging directory of `iteration` (not yet visible)."""
     path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_hashed(state, path)
+    except (OSError, RuntimeError) as err:
+        path.unlink(missing_ok=True)  # a partial file only takes the space a retry needs
+        raise CheckpointError(write_failure(path, err, _tensor_bytes(state))) from None
     return path
+
+
+def write_failure(path: Path, err: Exception, needed: int | None) -> str:
+    """One line for a failed checkpoint write: torch reports a full disk as `basic_ios::clear: iostream error`
+    or `PytorchStreamWriter failed writing file`, which names neither the directory nor the space."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    size = f", the file needs about {_human(needed)}" if needed else ""
+    return (f"could not write {path} ({reason}): {_human(free)} free on the file system of {existing}{size}; "
+            "free space there or save elsewhere")
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def publish(root: str | Path, iteration: int) -> Path:
@@ -81,6 +121,7 @@ def publish(root: str | Path, iteration: int) -> Path:
     """
     root = Path(root)
     final = root / iteration_dir_name(iteration)
+    write_manifest(staging_dir(root, iteration))
     if final.exists():
         old = root / f".replaced_{iteration_dir_name(iteration)}"
         shutil.rmtree(old, ignore_errors=True)
@@ -95,14 +136,45 @@ def publish(root: str | Path, iteration: int) -> Path:
     return final
 
 
-def load_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> dict:
+def load_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int,
+                    verify: bool = True) -> dict:
+    """One rank's file of a published iteration, checked against the manifest unless `verify` is False."""
     path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist: is iteration {iteration} of {root} saved with this TP/PP layout "
             f"(rank dir {rank_dir_name(tp_rank, pp_rank, pp_size)})?"
         )
+    if verify:
+        verify_files(Path(root) / iteration_dir_name(iteration), [path], skip_flag="--no-verify-checkpoint")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def verify_files(directory: Path, paths: list[Path] | None = None, skip_flag: str | None = None) -> None:
+    """Checks files of a saved iteration (default: all it lists) against its manifest.json; an iteration saved
+    without one (older checkpoints, other tools) is accepted with an info line. Errors offer `skip_flag`,
+    the caller's way to load anyway, where it has one."""
+    manifest = directory / MANIFEST_FILE
+    skip = f", or pass {skip_flag} to load it as it is" if skip_flag else ""
+    try:
+        files = read_manifest(directory)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{manifest} is unreadable ({err}): copy it again from the source{skip}") from None
+    if files is None:
+        logger.info("%s has no %s (saved without checksums): loading it unverified", directory, MANIFEST_FILE)
+        return
+    for path in paths if paths is not None else [directory / name for name in files]:
+        entry = files.get(path.relative_to(directory).as_posix())
+        if entry is None:
+            raise CheckpointError(f"{path} is not listed in {manifest}: it was added after the checkpoint was "
+                                  f"saved; copy the checkpoint again from the source{skip}")
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            found = "it is missing" if size is None else f"{size} bytes now, {entry['bytes']} when saved"
+            raise CheckpointError(
+                f"{path} does not match its checksum in {manifest} ({found}): the file changed after it was saved "
+                f"(a partial copy, a disk error); copy it again from the source{skip}"
+            )
 
 
 def discover_parallel_layout(root: str | Path, iteration: int) -> tuple[int, int]:

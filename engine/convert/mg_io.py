@@ -27,6 +27,7 @@ from engine.checkpoint.layout import (
     publish,
     rank_file,
     read_tracker,
+    verify_files,
     write_rank_state,
 )
 
@@ -65,10 +66,12 @@ class MegatronCheckpoint:
                                       "(pass --load-iteration)")
         self.iteration = iteration
         try:
-            tp, pp = discover_parallel_layout(self.root, iteration)
+            self.tp, self.pp = discover_parallel_layout(self.root, iteration)
+            # The rank files this reads, against the iteration's checksums (not its optimizer files).
+            verify_files(self.root / iteration_dir_name(iteration),
+                         [self._path(t, p) for t in range(self.tp) for p in range(self.pp)])
         except CheckpointError as err:
             raise ConversionError(str(err)) from None
-        self.tp, self.pp = tp, pp
         first = self._load(0, 0)
         args = first.get("args")
         args = vars(args) if hasattr(args, "__dict__") else args

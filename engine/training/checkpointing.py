@@ -6,6 +6,10 @@ state goes to `distrib_optim.pt` beside it, gathered over DP as Megatron-LM does
 the scheduler, the RNG states of every DP rank, the iteration, the consumed samples
 and the run's arguments. Publishing is atomic and done by global rank 0 after every
 rank has written.
+
+Each rank reads and writes its own files, so a bad file fails on one rank only: every such step
+ends in an exchange of errors (`_on_every_rank`), and all ranks stop with the first failing rank's
+message instead of the others waiting in the next collective.
 """
 
 from __future__ import annotations
@@ -14,20 +18,21 @@ import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from engine.arguments import EngineConfig, ModelConfig, plain_config
-from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
-from engine.model.lora import is_adapter_key
-from engine.model.provider import unwrap_model
+from engine.arguments import EngineConfig, plain_config
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
+    TRACKER_FILE,
     CheckpointError,
+    discover_parallel_layout,
     incomplete_checkpoints,
     iteration_dir_name,
     load_rank_state,
@@ -35,18 +40,30 @@ from engine.checkpoint.layout import (
     rank_file,
     read_tracker,
     staging_dir,
+    verify_files,
+    write_failure,
     write_rank_state,
 )
+from engine.checkpoint.manifest import record_digest
+from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
+from engine.model.lora import is_adapter_key
+from engine.model.provider import unwrap_model
+from engine.platform import accelerator_rng_state, set_accelerator_rng_state
+from engine.training.optimizer import restore_scheduler
 
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED_OPTIMIZER_FILE = "distrib_optim.pt"
-# Model fields a checkpoint must agree on with the run's flags (shape-defining or numerics-defining).
+# Model fields a checkpoint must agree on with the run's flags (shape-defining or numerics-defining); the padded
+# vocab is compared too. Not compared: dropout and init (training choices), --seq-length, the implementation flags.
 CHECKED_MODEL_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "normalization", "swiglu", "add_qkv_bias", "qk_layernorm",
-    "untie_embeddings_and_output_weights", "vocab_size", "rotary_base",
+    "kv_channels", "normalization", "norm_epsilon", "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm",
+    "untie_embeddings_and_output_weights", "vocab_size", "position_embedding_type", "rotary_base",
+    "rope_scaling_type",
 )
+ROPE_SCALING_FIELDS = ("rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""Compared when the run scales RoPE (--rope-scaling-type llama3); unread otherwise."""
 
 
 @dataclass
@@ -79,8 +96,9 @@ def _rng_state() -> dict:
         "torch_rng_state": torch.get_rng_state(),
         "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    accelerator = accelerator_rng_state()
+    if accelerator is not None:
+        state["cuda_rng_state"] = accelerator
     return state
 
 
@@ -88,14 +106,40 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
-    if "cuda_rng_state" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    if "cuda_rng_state" in state:
+        set_accelerator_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _on_every_rank(action: Callable | None):
+    """Runs `action()`, a step on this rank's own files (None: nothing to do here), then exchanges errors: a
+    CheckpointError on any rank is raised on every rank with the first failing rank's message (prefixed
+    `rank N:` unless N is 0), so that rank 0 reports it and no rank waits in a collective for one that stopped."""
+    try:
+        result, error = action() if action is not None else None, None
+    except CheckpointError as err:
+        result, error = None, str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank, message = next(((r, e) for r, e in enumerate(errors) if e is not None), (None, None))
+    if message is not None:
+        raise CheckpointError(message if rank == 0 else f"rank {rank}: {message}")
+    return result
 
 
 def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int, config: EngineConfig) -> dict:
     """Loads iteration `iteration` of `root` into this rank's chunks; returns the rank file's contents."""
+    return _on_every_rank(partial(_load_model_weights, chunks, root, iteration, config))
+
+
+def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int, config: EngineConfig) -> dict:
     state, path = _checked_rank_state(root, iteration, config)
+    args = state.get("args") or {}
+    if args.get("lora_adapter_only"):
+        raise CheckpointError(
+            f"{root} is an adapter-only LoRA checkpoint (saved with --lora-ckpt-filter) and holds no base weights: "
+            f"pass --load {args.get('lora_base') or 'BASE'} --lora-load {root} with the run's --lora-r"
+        )
     keys = _model_keys(len(chunks))
     if all(key in state for key in keys):
         chunk_states = [state[key] for key in keys]
@@ -121,21 +165,31 @@ def load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int,
 
 
 def _checked_rank_state(root: str, iteration: int, config: EngineConfig) -> tuple[dict, Path]:
-    """This rank's file of `iteration` under `root` and its path, once its recorded architecture and
-    stage split are known to match the run's flags."""
+    """This rank's file of `iteration` under `root` (checked against its checksum) and its path, once the
+    checkpoint's TP/PP layout, recorded architecture and stage split are known to match the run's flags."""
+    check_parallel_layout(root, iteration, config)
     tp_rank, pp_rank, pp_size = _rank_coordinates()
-    state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size)
+    state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size,
+                            verify=not config.checkpoint.no_verify_checkpoint)
     path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
-    check_model_args(state.get("args"), config.model, path)
+    check_model_args(state.get("args"), config, path)
     check_stage_split(state.get("args"), config, path)
     return state, path
 
 
-def _latest_iteration(root: str, flag: str) -> int:
+def latest_iteration(root: str, flag: str) -> int:
+    """The tracker's iteration of `root` (given as `flag`); without a tracker, the error lists the saved
+    iterations and how to choose one."""
     latest = read_tracker(root)
-    if latest is None:
-        raise CheckpointError(f"{flag} {root}: no latest_checkpointed_iteration.txt there")
-    return latest
+    if latest is not None:
+        return latest
+    saved = sorted(p.name for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    if not saved:
+        raise CheckpointError(f"{flag} {root}: no {TRACKER_FILE} there")
+    raise CheckpointError(
+        f"{flag} {root}: no {TRACKER_FILE} there, but it holds {', '.join(saved)}: to load one, write its iteration "
+        f"into the tracker, e.g. echo {int(saved[-1][5:])} > {Path(root) / TRACKER_FILE}"
+    )
 
 
 def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[dict]:
@@ -148,7 +202,8 @@ def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[
     # TP size 1 in these layouts: each tensor is already this TP rank's slice and stays whole.
     target = replace(run_layout(config), tensor_model_parallel_size=1, padded_vocab_size=None)
     saved = replace(target, virtual_pipeline_size=None)
-    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size)["model"]
+    verify = not config.checkpoint.no_verify_checkpoint
+    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size, verify)["model"]
                  for stage in range(pp_size)}
     full = merge_state_dicts(per_stage, saved)
     return [shard_state_dict(full, target, 0, pp_rank, v) for v in range(config.virtual_pipeline_size)]
@@ -168,17 +223,54 @@ def run_layout(config: EngineConfig) -> ShardLayout:
     )
 
 
-def check_model_args(saved: dict | None, model: ModelConfig, path: Path) -> None:
+def check_parallel_layout(root: str, iteration: int, config: EngineConfig) -> None:
+    """Weights are not resharded on load: the checkpoint's TP and PP (its mp_rank_* folders) must be the run's.
+    (A TP1 run finds TP2's mp_rank_00 and would fail on every tensor's size.)"""
+    tp, pp = discover_parallel_layout(root, iteration)
+    run_tp = config.parallel.tensor_model_parallel_size
+    run_pp = config.parallel.pipeline_model_parallel_size
+    if (tp, pp) != (run_tp, run_pp):
+        raise CheckpointError(
+            f"{Path(root) / iteration_dir_name(iteration)} was saved with TP{tp} PP{pp}, the run uses TP{run_tp} "
+            f"PP{run_pp}: run with --tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}, or convert "
+            f"it with tools/checkpoint/convert_ckpt.py --load-model-type mg --save-model-type mg --load-dir {root} "
+            f"--save-dir NEW_DIR --target-tensor-parallel-size {run_tp} --target-pipeline-parallel-size {run_pp}"
+        )
+
+
+def check_model_args(saved: dict | None, config: EngineConfig, path: Path) -> None:
     """The architecture recorded in the checkpoint must match the flags, or the error says which flag differs."""
     if not saved:
         return
+    model = config.model
+    names = list(CHECKED_MODEL_FIELDS)
+    if model.rope_scaling_type is not None:
+        names += ROPE_SCALING_FIELDS
+    if model.position_embedding_type == "learned_absolute":
+        names.append("max_position_embeddings")  # the position table's rows; rope has no table
     mismatches = [
         f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, flags {getattr(model, name)!r}"
-        for name in CHECKED_MODEL_FIELDS
-        if saved.get(name) is not None and saved[name] != getattr(model, name)
+        for name in names
+        if name in saved and saved[name] != getattr(model, name)  # recorded (None included), and different
     ]
+    padded = _saved_padded_vocab(saved)
+    if padded is not None and padded != config.padded_vocab_size:
+        mismatches.append(f"--make-vocab-size-divisible-by / --padded-vocab-size: checkpoint's padded vocab {padded}, "
+                          f"flags' {config.padded_vocab_size}")
     if mismatches:
         raise CheckpointError(f"{path} was saved for a different model: " + "; ".join(mismatches))
+
+
+def _saved_padded_vocab(saved: dict) -> int | None:
+    """Embedding rows of a checkpoint: training records them as padded_vocab_size; the converter records the
+    explicit --padded-vocab-size or else the rounding rule's inputs (ModelConfig.padded_vocab)."""
+    if saved.get("padded_vocab_size") is not None:
+        return saved["padded_vocab_size"]
+    rule = [saved.get(k) for k in ("vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size")]
+    if None in rule:
+        return None
+    vocab, divisor, tp = rule
+    return -(-vocab // (divisor * tp)) * (divisor * tp)
 
 
 def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> None:
@@ -195,6 +287,18 @@ def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> N
             f"{','.join(map(str, ours))}: pass --num-layer-list {','.join(map(str, theirs))}, or reshard the "
             "checkpoint with tools/checkpoint/convert_ckpt.py --num-layer-list"
         )
+
+
+def _save_optimizer_shards(optimizer, file: Path) -> None:
+    """The distributed optimizer's state: gathered over DP and written by DP rank 0 (megatron-core), whose
+    checksum is then read back once."""
+    try:
+        optimizer.save_parameter_state(str(file))
+        if parallel_state.get_data_parallel_rank() == 0:
+            record_digest(file)
+    except (OSError, RuntimeError) as err:
+        file.unlink(missing_ok=True)
+        raise CheckpointError(write_failure(file, err, None)) from None
 
 
 class Checkpointer:
@@ -252,19 +356,15 @@ class Checkpointer:
             if self.config.lora.lora_ckpt_filter:
                 weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
             rank_state[key] = weights
-        if parallel_state.get_data_parallel_rank() == 0:
-            path = write_rank_state(root, iteration, tp_rank, pp_rank, pp_size, rank_state)
-        else:
-            path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
+        path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
+        writes = parallel_state.get_data_parallel_rank() == 0
+        _on_every_rank(partial(write_rank_state, root, iteration, tp_rank, pp_rank, pp_size, rank_state)
+                       if writes else None)
         if self.config.parallel.use_distributed_optimizer:
-            dist.barrier(group=dp_group)  # the directory exists before DP rank 0 writes into it
-            optimizer.save_parameter_state(str(path.parent / DISTRIBUTED_OPTIMIZER_FILE))
-        dist.barrier()
+            _on_every_rank(partial(_save_optimizer_shards, optimizer, path.parent / DISTRIBUTED_OPTIMIZER_FILE))
+        _on_every_rank(partial(publish, root, iteration) if dist.get_rank() == 0 else None)
         final = Path(root) / iteration_dir_name(iteration)
-        if dist.get_rank() == 0:
-            publish(root, iteration)
-            logger.info("saved checkpoint %s", final)
-        dist.barrier()
+        logger.info("saved checkpoint %s", final)
         return final
 
     def load_policy(self, model: list) -> tuple[int, dict]:
@@ -276,12 +376,12 @@ class Checkpointer:
         root = self.checkpoint.load
         for leftover in incomplete_checkpoints(root):
             logger.warning("ignoring %s: a save that was interrupted before it was published", leftover)
-        latest = _latest_iteration(root, "--load")
+        latest = latest_iteration(root, "--load")
         state = load_model_weights(model, root, latest, self.config)
         args = state.get("args") or {}
         self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
         if self.config.lora.lora_load is not None:
-            return self._load_adapters(model)
+            return _on_every_rank(partial(self._load_adapters, model))
         return latest, state
 
     def _lora_args(self) -> dict:
@@ -296,7 +396,7 @@ class Checkpointer:
         """--lora-load: adapters (from an adapter-only or a full checkpoint) on top of --load's base weights;
         the training state of that directory, if it has one, is the run's."""
         root = self.config.lora.lora_load
-        latest = _latest_iteration(root, "--lora-load")
+        latest = latest_iteration(root, "--lora-load")
         state, path = _checked_rank_state(root, latest, self.config)
         for key, chunk in zip(_model_keys(len(model)), model):
             module = unwrap_model(chunk)
@@ -317,10 +417,14 @@ class Checkpointer:
             if self.config.parallel.use_distributed_optimizer:
                 tp_rank, pp_rank, pp_size = _rank_coordinates()
                 directory = Path(self.state_root) / iteration_dir_name(iteration)
-                optimizer.load_parameter_state(
-                    str(rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE)
-                )
-            scheduler.load_state_dict(rank_state["opt_param_scheduler"])
+                file = rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE
+                # DP rank 0 reads it; its checksum is agreed on before the collective load.
+                verify = not self.checkpoint.no_verify_checkpoint and parallel_state.get_data_parallel_rank() == 0
+                _on_every_rank(partial(verify_files, directory, [file], "--no-verify-checkpoint") if verify else None)
+                optimizer.load_parameter_state(str(file))
+            if rank_state["train_state"]["iteration"] < self.config.training.train_iters:
+                # Else no step is left to train (the trainer says so): the schedule flags do not matter.
+                restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
         if not self.checkpoint.no_load_rng:
             states = rank_state["rng_state"]
             dp_rank = parallel_state.get_data_parallel_rank()

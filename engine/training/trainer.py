@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from engine.arguments import EngineConfig, check_inputs
+from engine.arguments import EngineConfig, TrainingConfig, check_inputs
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
@@ -45,6 +45,21 @@ logger = logging.getLogger(__name__)
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive non-finite steps: continuing would train on garbage."""
+
+
+def check_data_fits(train_pairs: int, valid_pairs: int, train: TrainingConfig, split: str) -> str | None:
+    """Refuses --eval-interval without validation pairs (evaluation would silently never run); returns a
+    warning when a global batch holds more pairs than the training split, which the sampler allows by
+    repeating pairs within the batch."""
+    if train.eval_interval and not valid_pairs:
+        raise ValueError(f"--eval-interval {train.eval_interval}: --split {split} leaves no validation pairs to "
+                         "evaluate on; give the split a validation part (e.g. --split 98,2,0) or drop --eval-interval")
+    if train.global_batch_size <= train_pairs:
+        return None
+    return (f"the training split holds {train_pairs} pairs, fewer than --global-batch-size {train.global_batch_size}: "
+            f"every step repeats pairs ({train.global_batch_size / train_pairs:.1f} epochs per step, "
+            f"{train.train_iters * train.global_batch_size / train_pairs:.1f} epochs over --train-iters "
+            f"{train.train_iters}); lower --global-batch-size or add pairs")
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,10 @@ class DPOTrainer:
                                                 config.training.seed)
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
+        warning = check_data_fits(len(self.datasets["train"]), len(self.datasets["valid"] or []), config.training,
+                                  config.data.split)
+        if warning and dist.get_rank() == 0:
+            logger.warning(warning)
         self.objective = build_objective(config.preference, config.model.vocab_size or config.padded_vocab_size,
                                       half_precision=config.precision.bf16 or config.precision.fp16)
         self.checkpointer = Checkpointer(config)
@@ -170,14 +189,15 @@ class DPOTrainer:
         if dist.get_rank() != 0:
             return
         pref, train, source = self.config.preference, self.config.training, self.reference_source
+        pairs = len(self.datasets["train"])
         logger.info(
             "objective %s | policy %s iteration %d (%s) | reference %s | %d train pairs, "
-            "global batch %d = %d micro-batches x %d x DP %d",
+            "global batch %d = %d micro-batches x %d x DP %d, --train-iters %d = %.1f epochs",
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
             (f"{source.root} iteration {source.iteration}"
              + (" (cached log-probs: no reference model)" if isinstance(self.reference, CachedReference) else ""))
-            if source else "none", len(self.datasets["train"]),
-            train.global_batch_size, self.num_microbatches, train.micro_batch_size, self.dp_size,
+            if source else "none", pairs, train.global_batch_size, self.num_microbatches, train.micro_batch_size,
+            self.dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
         )
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -222,6 +242,11 @@ class DPOTrainer:
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         train, ckpt = self.config.training, self.config.checkpoint
+        if self.state.iteration >= train.train_iters:
+            if dist.get_rank() == 0:
+                logger.warning("nothing to train: the checkpoint is at iteration %d, --train-iters is %d; no checkpoint "
+                               "written (raise --train-iters to train further)", self.state.iteration, train.train_iters)
+            return self.state
         batches = iter(self._sampler("train", self.state.consumed_train_samples))
         while self.state.iteration < train.train_iters:
             start = time.perf_counter()

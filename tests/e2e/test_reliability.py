@@ -1,8 +1,9 @@
-"""Preemption and failure on a real run: SIGKILL then resume, SIGTERM with the exit handler,
---exit-interval, the save-dir lock and the divergence guard."""
+"""Preemption and failure on a real run: SIGKILL then resume, SIGINT with the exit handler,
+--exit-interval, the save-dir lock, the divergence guard, extending a finished run, exit codes."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import REPO_ROOT, free_port
+from tests.distributed.harness import REPO_ROOT, free_port, run_torchrun
 from tests.e2e.test_dpo import SEQ, TRAIN, Assets, read_metrics
 
 
@@ -22,13 +23,17 @@ def assets(tmp_path_factory) -> Assets:
     return Assets(tmp_path_factory.mktemp("reliability"))
 
 
-def start(assets: Assets, save: Path, extra: str) -> subprocess.Popen:
-    """One rank, without torchrun, so a signal reaches the training process itself."""
+def run_args(assets: Assets, save: Path, extra: str) -> list[str]:
     checkpoint, flags = assets.checkpoint(1, 1)
     if not save.exists():  # MindSpeed-LLM flow: train inside a copy of the converted checkpoint
         shutil.copytree(checkpoint, save)
-    args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--load", str(save), "--save", str(save),
+    return [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--load", str(save), "--save", str(save),
             "--micro-batch-size", "4", *extra.split()]
+
+
+def start(assets: Assets, save: Path, extra: str) -> subprocess.Popen:
+    """One rank, without torchrun, so a signal reaches the training process itself."""
+    args = run_args(assets, save, extra)
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "pretrain_dpo.py", *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -70,11 +75,12 @@ def test_sigkill_sigterm_and_exit_interval_all_resume_exactly(assets, tmp_path):
     assert code == 0, err[-3000:]
     assert losses(killed) == straight
 
-    # SIGTERM with --exit-signal-handler: a checkpoint at the next iteration boundary, exit 0.
+    # Ctrl-C (SIGINT) with --exit-signal-handler: a checkpoint at the next iteration boundary, exit 0.
+    # (SIGTERM takes the same handler: tests/unit/training/test_reliability.py.)
     stopped = tmp_path / "stopped"
     process = start(assets, stopped, "--train-iters 8 --exit-signal-handler")
     wait_for_iteration(stopped, 2, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
     code, err = finish(process)
     assert code == 0, err[-3000:]
     saved_at = int((stopped / "latest_checkpointed_iteration.txt").read_text())
@@ -108,3 +114,30 @@ def test_a_diverging_run_skips_updates_then_stops_with_a_clear_error(assets, tmp
     assert code == 3, err[-3000:]
     assert "2 consecutive updates skipped for a non-finite loss or gradient norm" in err
     assert "update skipped" in err and "train pairs of the batch: [" in err
+
+
+def test_extending_a_run_needs_a_schedule_choice_and_a_finished_run_is_not_saved_again(assets, tmp_path):
+    save = tmp_path / "extended"
+    code, err = finish(start(assets, save, "--train-iters 2 --lr-decay-style cosine"))
+    assert code == 0, err[-3000:]
+
+    # A known error under torchrun: one line from rank 0, the worker's exit code 2, torchrun's own exit code 1.
+    refused = run_torchrun("pretrain_dpo.py", run_args(assets, save, "--train-iters 4 --lr-decay-style cosine"), 1)
+    assert refused.returncode == 1
+    assert refused.stderr.count("pretrain_dpo.py: error:") == 1
+    assert ("pretrain_dpo.py: error: the flags change the checkpoint's learning-rate schedule: --train-iters: decay "
+            "steps 2 -> 4; pass --override-opt-param-scheduler to train on the flags' schedule from step 3, or "
+            "--use-checkpoint-opt-param-scheduler to keep the checkpoint's\n") in refused.stderr
+    assert "exitcode  : 2" in refused.stderr and "ChildFailedError" in refused.stderr
+
+    code, err = finish(start(assets, save, "--train-iters 4 --lr-decay-style cosine --override-opt-param-scheduler"))
+    assert code == 0, err[-3000:]
+    lrs = [row["lr"] for row in read_metrics(save)]
+    assert lrs[2:] == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)])  # not 0
+
+    saved = save / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
+    written = saved.stat().st_mtime_ns
+    code, err = finish(start(assets, save, "--train-iters 3 --lr-decay-style cosine"))
+    assert code == 0, err[-3000:]
+    assert "nothing to train: the checkpoint is at iteration 4, --train-iters is 3; no checkpoint written" in err
+    assert saved.stat().st_mtime_ns == written and (save / "latest_checkpointed_iteration.txt").read_text() == "4"
