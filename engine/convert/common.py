@@ -83,6 +83,10 @@ class ConvertConfig:
     """--lora-target-modules: the megatron linears the adapters may adapt."""
     save_lora_to_hf: bool = False
     """--save-lora-to-hf: write the adapters as a PEFT adapter folder (--save-dir) instead of merged weights."""
+    transformer_impl: str | None = None
+    """--transformer-impl (mg output): weight names of megatron-core's local spec (input_layernorm,
+    pre_mlp_layernorm) or its transformer_engine spec (norms fused into linear_qkv / linear_fc1 as
+    layer_norm_weight); default local from HF, the source's own from mg. Training loads either."""
 
     def __post_init__(self) -> None:
         _check(self.load_model_type in ("hf", "mg"), "--load-model-type must be hf or mg")
@@ -108,6 +112,10 @@ class ConvertConfig:
         _check(self.lora_load is None or self.load_model_type == "mg", "--lora-load needs --load-model-type mg")
         _check(not self.save_lora_to_hf or (self.lora_load is not None and self.save_model_type == "hf"),
                "--save-lora-to-hf needs --lora-load and --save-model-type hf")
+        _check(self.transformer_impl in (None, "local", "transformer_engine"),
+               "--transformer-impl must be local or transformer_engine")
+        _check(self.transformer_impl is None or self.save_model_type == "mg",
+               "--transformer-impl names megatron weights: it needs --save-model-type mg")
         _check(
             Path(self.load_dir).resolve() != Path(self.save_dir).resolve(),
             "--save-dir must differ from --load-dir",

@@ -4,6 +4,8 @@
              --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--num-layer-list 3,5]
   mg -> hf:  --load-model-type mg --save-model-type hf --load-dir MG --save-dir HF [--load-iteration N]
   mg -> mg:  --load-model-type mg --save-model-type mg --load-dir A --save-dir B (reshard to the target layout)
+  TE names:  add --transformer-impl transformer_engine (or local) to write mg weights under that spec's names;
+             mg input may use either
   LoRA:      add --lora-load RUN --lora-r 16 --lora-alpha 32 [--lora-target-modules ...] to merge a LoRA run's
              adapters into --load-dir's base (mg or hf output), or --save-lora-to-hf for a PEFT adapter folder
 """
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--padded-vocab-size", type=int)
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                        help="mg output weight names: megatron-core's local spec (input_layernorm, pre_mlp_layernorm) "
+                             "or its TE spec (norms fused into linear_qkv / linear_fc1); default local from hf, "
+                             "the source's from mg; training loads either")
     lora = parser.add_argument_group("lora", "merge a LoRA run's adapters into --load-dir, or export them")
     lora.add_argument("--lora-load", help="LoRA training checkpoint (adapter-only or full)")
     lora.add_argument("--lora-r", type=int)
@@ -64,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, padded_vocab_size=args.padded_vocab_size,
         max_shard_size=parse_size(args.max_shard_size), lora_load=args.lora_load, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_target_modules=tuple(args.lora_target_modules),
-        save_lora_to_hf=args.save_lora_to_hf,
+        save_lora_to_hf=args.save_lora_to_hf, transformer_impl=args.transformer_impl,
     )
 
 
