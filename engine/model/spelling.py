@@ -7,9 +7,9 @@ as IdentityOp. Everything else has one name in both: the q/k norms (`self_attent
 TENorm or our Norm), the final norm, linear weights and biases. megatron-core's own local spec declares
 the same correspondence as its `sharded_state_dict_keys_map` (gpt_layer_specs.py, 0.15-0.19):
 
-    local                                  TE
-    decoder.layers.N.input_layernorm.{weight,bias}    decoder.layers.N.self_attention.linear_qkv.layer_norm_{weight,bias}
-    decoder.layers.N.pre_mlp_layernorm.{weight,bias}  decoder.layers.N.mlp.linear_fc1.layer_norm_{weight,bias}
+    local (decoder.layers.N.)         TE (decoder.layers.N.)
+    input_layernorm.{weight,bias}     self_attention.linear_qkv.layer_norm_{weight,bias}
+    pre_mlp_layernorm.{weight,bias}   mlp.linear_fc1.layer_norm_{weight,bias}
 
 `<module>._extra_state` entries keep their names: megatron's local linears save one too (None, ignored on
 load) and TE's linears accept None; only TE's core attention has one the local model lacks, which
