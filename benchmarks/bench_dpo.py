@@ -10,7 +10,10 @@ RSS of the training process; CUDA: max allocated). Figures are totals over the i
 times and each keeps its fastest run. Prints a table and writes JSON.
 
     python benchmarks/bench_dpo.py                          # CPU, ~10M params, a few minutes
-    python benchmarks/bench_dpo.py --hidden-size 2048 --num-layers 16 --nproc 1 --bf16   # on a GPU
+    python benchmarks/bench_dpo.py --shape llama-1.1b       # one GPU: TinyLlama-1.1B shape, bf16, seq 2048
+    python benchmarks/bench_dpo.py --hidden-size 2048 --num-layers 16 --nproc 1 --bf16   # any shape
+
+A --shape preset sets the model, sequence and batch flags (each can still be given explicitly).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+SHAPES = {  # --shape presets: bench_dpo.py flag defaults
+    # TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads in 4 KV groups, FFN 5632, vocab 32000), bf16,
+    # sequences up to 2048 tokens; sized for one GPU in scripts/gpu_check.sh's time budget.
+    "llama-1.1b": dict(hidden_size=2048, num_layers=22, num_heads=32, num_query_groups=4, ffn_hidden_size=5632,
+                       vocab_size=32000, seq_length=2048, max_answer=1900, pairs=128, micro_batch_size=4,
+                       global_batch_size=16, iters=6, warmup=2, bf16=True),
+}
 
 MODES = {  # name -> extra flags
     "online_padded": [],
@@ -60,20 +71,32 @@ def measure_peak_tflops(bf16: bool) -> float:
     return best
 
 
+def llama_config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                       intermediate_size=args.ffn_hidden_size or int(args.hidden_size * 8 / 3 // 64 * 64),
+                       num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                       num_key_value_heads=args.num_query_groups or max(1, args.num_heads // 4),
+                       max_position_embeddings=4 * args.seq_length, tie_word_embeddings=False)
+
+
 def build_model(root: Path, args) -> list[str]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from engine.convert.common import ConvertConfig
     from engine.convert.run import run_conversion
 
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                         intermediate_size=args.ffn_hidden_size or int(args.hidden_size * 8 / 3 // 64 * 64),
-                         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                         num_key_value_heads=max(1, args.num_heads // 4), max_position_embeddings=4 * args.seq_length,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    # Random init on the GPU when there is one (a 1.1B init on CPU takes a while), saved in bf16 for --bf16.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(llama_config(args))
+    if args.bf16:
+        model = model.to(torch.bfloat16)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(root / "hf")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the training processes need the GPU
     flags = run_conversion(ConvertConfig(load_model_type="hf", save_model_type="mg", load_dir=str(root / "hf"),
                                          save_dir=str(root / "mg"), target_tensor_parallel_size=args.tp,
                                          target_pipeline_parallel_size=args.pp))
@@ -143,11 +166,13 @@ def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), help="a preset of the model, sequence and batch flags")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--num-query-groups", type=int, help="KV heads; default num-heads / 4")
     parser.add_argument("--ffn-hidden-size", type=int)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-length", type=int, default=512, help="packing row capacity and truncation length")
@@ -167,7 +192,20 @@ def main() -> None:
     parser.add_argument("--train-args", default="",
                         help="more pretrain_dpo.py flags for every mode, e.g. '--transformer-impl local'")
     parser.add_argument("--output", default="benchmarks/results/bench_dpo.json")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--shape's preset becomes the defaults; flags given explicitly still win."""
+    parser = build_parser()
+    shape = parser.parse_known_args(argv)[0].shape
+    if shape:
+        parser.set_defaults(**SHAPES[shape])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     peak = args.peak_tflops or measure_peak_tflops(args.bf16)
     with tempfile.TemporaryDirectory() as tmp:

@@ -688,6 +688,11 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"divisible by --num-layers-per-virtual-pipeline-stage ({par.num_layers_per_virtual_pipeline_stage})",
         )
     require(
+        not (config.lora.enabled and config.model.transformer_impl == "transformer_engine"),
+        "--transformer-impl transformer_engine cannot be combined with --lora-r: LoRA adapts megatron-core's local "
+        "linears, TE's fused layers have none; use --transformer-impl auto or local (same model, local layers)",
+    )
+    require(
         not (config.lora.enabled and config.preference.ref_model),
         "--ref-model cannot be combined with --lora-r: the LoRA reference is the base model with adapters off",
     )

@@ -31,8 +31,7 @@ def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if platform.is_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    platform.bind_local_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

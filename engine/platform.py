@@ -11,6 +11,7 @@ every bridged call site is listed in `CPU_ADAPTOR_SITES` and covered by
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
-# megatron-core minor versions whose CUDA call sites were audited for the adaptor.
+# megatron-core minor versions whose CUDA call sites were audited for the adaptor. Newer releases (up to
+# 0.19.x, Python >= 3.12) are supported on CUDA, where the adaptor is not used; CPU runs need one of these.
 CHECKED_MEGATRON_CORE = ("0.15", "0.16")
 
 # What the adaptor bridges, one line per call site family (documentation and tests).
@@ -50,6 +52,23 @@ class Platform:
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize()
+
+    def bind_local_device(self, local_rank: int, local_world_size: int) -> None:
+        """One GPU per rank on this node: rank LOCAL_RANK drives GPU LOCAL_RANK (no-op on CPU).
+
+        More ranks than visible GPUs is an error, not a silent `local_rank % device_count` that would put
+        two ranks (two copies of their model and optimizer) on one GPU.
+        """
+        if not self.is_cuda:
+            return
+        count = torch.cuda.device_count()
+        if local_world_size > count or local_rank >= count:
+            raise RuntimeError(
+                f"{max(local_world_size, local_rank + 1)} ranks on this node (torchrun --nproc-per-node), but only "
+                f"{count} GPU(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                f"launch at most {count} ranks per node, one per GPU"
+            )
+        torch.cuda.set_device(local_rank)
 
     def peak_memory_bytes(self) -> int:
         """Peak allocated accelerator memory; on CPU, the process's peak RSS."""
@@ -83,14 +102,35 @@ def accelerator_name() -> str | None:
 
 
 def detect_platform(backend: str | None = None) -> Platform:
-    """CUDA + NCCL when a GPU is visible, else CPU + gloo. `backend` overrides the pairing."""
+    """CUDA + NCCL when a GPU is visible, else CPU + gloo; `backend` may only restate the pairing."""
     if torch.cuda.is_available():
+        if backend == "gloo":
+            raise ValueError(
+                "--distributed-backend gloo on a machine with CUDA: the model and megatron-core's collectives "
+                "live on the GPU, and gloo does not run most collectives on CUDA tensors; use nccl (the default), "
+                "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU with gloo"
+            )
         return Platform("cuda", backend or "nccl")
     if backend not in (None, "gloo"):
         raise ValueError(
             f"--distributed-backend {backend} needs CUDA, but no GPU is visible; use gloo on CPU"
         )
     return Platform("cpu", "gloo")
+
+
+def unchecked_version_message(version: str) -> str | None:
+    """Why the CPU adaptor refuses megatron-core `version`, or None when it was checked against it."""
+    minor = ".".join(version.split(".")[:2])
+    if minor in CHECKED_MEGATRON_CORE:
+        return None
+    checked = ", ".join(f"{v}.x" for v in CHECKED_MEGATRON_CORE)
+    newer = tuple(int(p) for p in minor.split(".")) > tuple(int(p) for p in CHECKED_MEGATRON_CORE[-1].split("."))
+    if newer:
+        return (f"megatron-core {version} is newer than the versions the CPU adaptor was checked against ({checked}): "
+                "its CUDA call sites on CPU are unaudited, so CPU runs refuse it. Run on CPU with Python 3.11 and "
+                "megatron-core 0.16.1 (pip install 'megatron-core>=0.15,<0.17'); CUDA runs need no adaptor")
+    return (f"megatron-core {version} is older than the versions the CPU adaptor was checked against ({checked}); "
+            "pip install 'megatron-core>=0.15,<0.17'")
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -148,11 +188,9 @@ class CpuAdaptor:
         from megatron.core.tensor_parallel import random as mcore_random
 
         version = megatron.core.__version__
-        if not version.startswith(CHECKED_MEGATRON_CORE):
-            raise RuntimeError(
-                f"megatron-core {version} is not one the CPU adaptor was checked against "
-                f"({', '.join(CHECKED_MEGATRON_CORE)}); install megatron-core>=0.15,<0.17"
-            )
+        problem = unchecked_version_message(version)
+        if problem:
+            raise RuntimeError(problem)
         # A device object rather than an ordinal: megatron's autograd Functions allocate with
         # device=torch.cuda.current_device() in backward, where the function mode is not active.
         self._patch(torch.cuda, "current_device", lambda: torch.device("cpu"))

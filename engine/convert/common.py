@@ -74,6 +74,11 @@ class ConvertConfig(Section):
     save_lora_to_hf: bool = option(False, "write the adapters as a PEFT adapter folder (adapter_config.json, "
                                           "adapter_model.safetensors) to --save-dir instead of merged weights")
     model_type: str = option("GPT", "accepted for MindSpeed-LLM scripts", choices=("GPT",))
+    transformer_impl: str | None = option(
+        None, "mg output weight names: megatron-core's local spec (input_layernorm, pre_mlp_layernorm) or its "
+              "transformer_engine spec (norms fused into linear_qkv / linear_fc1 as layer_norm_weight); default "
+              "local from hf, the source's own from mg; training loads either",
+        choices=("local", "transformer_engine"))
 
     def __post_init__(self) -> None:
         try:
@@ -102,6 +107,8 @@ class ConvertConfig(Section):
         _check(self.lora_load is None or self.load_model_type == "mg", "--lora-load needs --load-model-type mg")
         _check(not self.save_lora_to_hf or (self.lora_load is not None and self.save_model_type == "hf"),
                "--save-lora-to-hf needs --lora-load and --save-model-type hf")
+        _check(self.transformer_impl is None or self.save_model_type == "mg",
+               "--transformer-impl names megatron weights: it needs --save-model-type mg")
         _check(
             Path(self.load_dir).resolve() != Path(self.save_dir).resolve(),
             "--save-dir must differ from --load-dir",

@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
     """The training description (engine.arguments.ModelConfig) of the converted model, padded for the
     target layout; the layout rules are training's own (`check_layout`), named by the converter's flags."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    # A megatron source's args already record the padding rule and seq_length; the converter's flags decide.
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"seq_length", "make_vocab_size_divisible_by",
+                                                                   "padded_vocab_size"}
     try:
-        model = ModelConfig(**{**{k: v for k, v in args.items() if k in fields},
-                               "seq_length": args["max_position_embeddings"],
-                               "make_vocab_size_divisible_by": config.make_vocab_size_divisible_by,
-                               "padded_vocab_size": config.padded_vocab_size})
+        model = ModelConfig(**{k: v for k, v in args.items() if k in fields}, seq_length=args["max_position_embeddings"],
+                            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+                            padded_vocab_size=config.padded_vocab_size)
         check_layout(model, config.target_tensor_parallel_size, config.target_pipeline_parallel_size,
                      config.num_layer_list, tp_flag="--target-tensor-parallel-size",
                      pp_flag="--target-pipeline-parallel-size")
@@ -97,7 +98,7 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     )
     with staged_output(config.save_dir) as staging:
         writer = MegatronWriter(staging, layout, args, config.dtype)
-        for unit in hf_to_mcore_units(hf.read, family, args):
+        for unit in hf_to_mcore_units(hf.read, family, args, te=config.transformer_impl == "transformer_engine"):
             writer.add(unit)
         if not args["untie_embeddings_and_output_weights"] and hf.has(family.names.output):
             hf.skip(family.names.output)

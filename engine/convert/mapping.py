@@ -7,6 +7,8 @@ engine/checkpoint/sharding.py's job. Two layouts differ from HF:
 - linear_fc1 is [gate ; up].
 HF's rotary embedding and megatron-core's default rope share the rotate-half
 convention, so q/k rows need no permutation (the logits-parity test checks this).
+Megatron tensors come in either spelling of engine/model/spelling.py (local norms, or TE's
+norms fused into linear_qkv / linear_fc1): read in either, written in the one asked for.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from engine.model.families import ModelFamily
+from engine.model.spelling import to_spelling
 
 Reader = Callable[[str, tuple[int, ...]], torch.Tensor]
 """Reads one HF tensor by name, checking it has the given shape."""
@@ -45,8 +48,10 @@ def _layer(index: int, name: str) -> str:
     return f"decoder.layers.{index}.{name}"
 
 
-def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
-    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer)."""
+def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
+                      te: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer);
+    layers under the TE spec's names when `te`."""
     names = family.names
     hidden, vocab, ffn = args["hidden_size"], args["vocab_size"], args["ffn_hidden_size"]
     heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
@@ -78,7 +83,7 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any]) -
         if args["qk_layernorm"]:
             unit[_layer(i, "self_attention.q_layernorm.weight")] = hf(names.q_norm, (head_dim,))
             unit[_layer(i, "self_attention.k_layernorm.weight")] = hf(names.k_norm, (head_dim,))
-        yield unit
+        yield to_spelling(unit, te) if te else unit
     final = {FINAL_NORM: read(names.final_norm, (hidden,))}
     if args["untie_embeddings_and_output_weights"]:
         final[OUTPUT] = read(names.output, (vocab, hidden))
@@ -86,7 +91,8 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any]) -
 
 
 def mcore_to_hf_unit(unit: dict[str, torch.Tensor], family: ModelFamily, args: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """One stream unit of full megatron tensors -> HF tensors (contiguous, not sharing storage)."""
+    """One stream unit of full megatron tensors, in either spelling -> HF tensors (contiguous, not sharing storage)."""
+    unit = to_spelling(unit, te=False)
     names = family.names
     heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
     out: dict[str, torch.Tensor] = {}

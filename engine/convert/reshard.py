@@ -1,5 +1,7 @@
 """Megatron-LM checkpoint -> the same weights under another TP/PP layout (iteration 1, weights only).
 
+Weight names stay the source's (local or TE spelling) unless --transformer-impl asks for the other.
+
 Streams units from the source (TP merged per layer from memory-mapped files) into the
 target writer, so memory follows one target pipeline stage, as in hf -> mg.
 """
@@ -13,6 +15,7 @@ from engine.convert.common import ConvertConfig, staged_output
 from engine.convert.hf_to_mg import layout_flags, target_layout
 from engine.convert.lora import merged_units
 from engine.convert.mg_io import MegatronCheckpoint, MegatronWriter
+from engine.model.spelling import to_spelling
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ def reshard(config: ConvertConfig) -> list[str]:
     with staged_output(config.save_dir) as staging:
         writer = MegatronWriter(staging, layout, args, config.dtype)
         for unit in merged_units(source, config):
+            if config.transformer_impl is not None:
+                unit = to_spelling(unit, te=config.transformer_impl == "transformer_engine")
             writer.add(unit)
         writer.close()
     flags = layout_flags(args)

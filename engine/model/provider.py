@@ -18,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from engine.arguments import EngineConfig
+from engine.model import compat
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.platform import Platform, current_device
@@ -33,7 +34,33 @@ def _pipeline_layout(num_layer_list: tuple[int, ...] | None) -> list[list[str]] 
     return stages
 
 
-def transformer_config(config: EngineConfig, platform: Platform) -> TransformerConfig:
+def fusions(config: EngineConfig, platform: Platform, transformer_impl: str) -> dict[str, bool]:
+    """megatron's kernel fusions: on CUDA where their kernels exist, off on CPU (the unfused paths are exact).
+
+    - bias-SwiGLU (bias_activation_fusion) and bias-dropout-add: megatron's jit-fused functions, CUDA only
+      here; megatron refuses the activation fusion for a bias-free plain GeLU MLP.
+    - RoPE fusion: TE's fused rotary kernel, used by megatron's attention whatever the spec (compat).
+    - gradient-accumulation fusion: wgrad GEMMs accumulate into main_grad; with the TE spec only (LoRA's
+      frozen local linears stay unfused) and only where apex's extension exists, since megatron's own
+      output layer needs it (compat).
+    - masked-softmax and persistent-layer-norm fusion stay off: the local spec's SDPA attention and norm
+      do not use them, and TE has its own.
+    """
+    if not platform.is_cuda:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                    persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    m = config.model
+    return dict(
+        bias_activation_fusion=m.swiglu or not m.disable_bias_linear,
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=m.position_embedding_type == "rope" and compat.rope_fusion_available(),
+        gradient_accumulation_fusion=transformer_impl == "transformer_engine" and compat.grad_accum_fusion_available(),
+    )
+
+
+def transformer_config(config: EngineConfig, platform: Platform, transformer_impl: str = "local") -> TransformerConfig:
     m, par, prec = config.model, config.parallel, config.precision
     on_gpu = platform.is_cuda
     return TransformerConfig(
@@ -66,13 +93,7 @@ def transformer_config(config: EngineConfig, platform: Platform) -> TransformerC
         bf16=prec.bf16,
         fp16=prec.fp16,
         attention_softmax_in_fp32=prec.attention_softmax_in_fp32,
-        # The fusions need CUDA kernels (apex / TE / jit); the unfused paths are exact.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions(config, platform, transformer_impl),
         # The loss function returns (sum, count); megatron then normalizes gradients by the
         # global count over micro-batches and DP ranks, so a global batch's loss does not
         # depend on how it is split.
@@ -108,12 +129,10 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
     """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype."""
-    tf_config = transformer_config(config, platform)
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
-    # LoRA adapts the local spec's linears: 'auto' picks it under LoRA.
-    requested = config.model.transformer_impl
-    impl = resolve_transformer_impl("local" if adapters and requested == "auto" else requested)
+    impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled)
+    tf_config = transformer_config(config, platform, impl)
     vpp = config.virtual_pipeline_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:

@@ -1,15 +1,21 @@
 """Layer specs: the model's structure declared as megatron ModuleSpecs, chosen in one function.
 
 Backends:
-- transformer_engine: megatron-core's TE spec (fused norm+linear, TE attention), when TE imports.
+- transformer_engine: megatron-core's TE spec (fused norm+linear, TE attention), when TE imports
+  (engine/model/compat.py detects it and makes the call).
 - local: megatron-core's tensor-parallel linears with this project's Norm (HF-exact math,
   sequence-parallel capable) and SDPA core attention (or megatron's unfused attention);
   with LoRA, the targeted linears are engine/model/lora.py's subclasses.
+
+LoRA adapts the local spec's linears; TE's fused LayerNormLinear modules have none to adapt, so a LoRA
+run takes the local spec under --transformer-impl auto (one log line says so) and refuses an explicit
+--transformer-impl transformer_engine.
 """
 
 from __future__ import annotations
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+import logging
+
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -26,25 +32,28 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from engine.model import compat
 from engine.model.attention import SDPAttention
 from engine.model.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraSettings
 from engine.model.norm import Norm
 
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
+logger = logging.getLogger(__name__)
 
 
-def resolve_transformer_impl(requested: str) -> str:
-    """'auto' means TE when importable; asking for TE without it is an error, not a fallback."""
+def resolve_transformer_impl(requested: str, lora: bool = False) -> str:
+    """The layer spec of a run: 'auto' is TE when it can be built here, except under LoRA (local, logged);
+    an explicit transformer_engine without TE is an error, not a fallback (with LoRA, flag validation
+    refuses it: engine.arguments.validate)."""
     if requested == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
-    if requested == "transformer_engine" and not transformer_engine_available():
-        raise ValueError("--transformer-impl transformer_engine, but transformer_engine does not import")
+        if not compat.transformer_engine_available():
+            return "local"
+        if lora:
+            logger.info("--transformer-impl auto: local layer spec, not transformer_engine, because LoRA (--lora-r) "
+                        "adapts megatron-core's local linears")
+            return "local"
+        return "transformer_engine"
+    if requested == "transformer_engine" and not compat.transformer_engine_available():
+        raise ValueError(f"--transformer-impl transformer_engine, but {compat.transformer_engine_status()[1]}")
     return requested
 
 
@@ -96,10 +105,7 @@ def decoder_block_spec(
     if transformer_impl == "transformer_engine":
         if lora is not None:
             raise ValueError("LoRA adapts megatron-core's local linears: use --transformer-impl local")
-        return get_gpt_decoder_block_spec(
-            config, use_transformer_engine=True, normalization=config.normalization,
-            qk_layernorm=config.qk_layernorm, vp_stage=vp_stage,
-        )
+        return compat.te_decoder_block_spec(config, vp_stage)
     layer = local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(

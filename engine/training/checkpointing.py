@@ -48,6 +48,7 @@ from engine.checkpoint.manifest import record_digest
 from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 from engine.model.lora import is_adapter_key
 from engine.model.provider import unwrap_model
+from engine.model.spelling import match_spelling
 from engine.platform import accelerator_rng_state, set_accelerator_rng_state
 from engine.training.optimizer import restore_scheduler
 
@@ -151,8 +152,11 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
             "with another --num-layers-per-virtual-pipeline-stage; reshard it with tools/checkpoint/convert_ckpt.py"
         )
     for chunk_state, chunk in zip(chunk_states, chunks):
+        model = unwrap_model(chunk)
+        # A checkpoint written for the other layer spec (local norms or TE's fused ones) loads as well.
+        chunk_state = match_spelling(chunk_state, model.state_dict().keys())
         try:
-            result = unwrap_model(chunk).load_state_dict(chunk_state, strict=False)
+            result = model.load_state_dict(chunk_state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
         # Adapters absent from a base checkpoint keep their fresh init (LoRA's --load).

@@ -62,9 +62,11 @@ def hf_greedy(path: Path, prompt: torch.Tensor, new_tokens: int = 8) -> torch.Te
         return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
-def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor) -> list | None:
+def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te_standins: bool = False) -> list | None:
     """For each (pretrain flags, converted checkpoint root): build the model from the flags, load this
-    rank's file strictly, and return the logits gathered over TP on the last stage (None elsewhere)."""
+    rank's file strictly (in the model's own spelling, local or TE, as training does), and return the
+    logits gathered over TP on the last stage (None elsewhere). `te_standins`: the TE spec can be built,
+    with tests/te_standins.py's CPU stand-ins for TE's layers."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -73,7 +75,12 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor) ->
     from engine.initialize import initialize_distributed, set_random_seeds
     from engine.model.provider import build_frozen_model, unwrap_model
     from engine.checkpoint.layout import load_rank_state
+    from engine.model.spelling import match_spelling
 
+    if te_standins:
+        from tests import te_standins as standins
+
+        standins.install()
     world = int(os.environ["WORLD_SIZE"])
     configs = [parse_args(flags, world_size=world) for flags, _ in runs]
     platform = initialize_distributed(configs[0].parallel)
@@ -85,7 +92,8 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor) ->
     for config, (_, root) in zip(configs, runs):
         (chunk,) = build_frozen_model(config, platform)
         state = load_rank_state(root, 1, tp_rank, pp_rank, config.parallel.pipeline_model_parallel_size)
-        unwrap_model(chunk).load_state_dict(state["model"], strict=True)
+        model = unwrap_model(chunk)
+        model.load_state_dict(match_spelling(state["model"], model.state_dict()), strict=True)
 
         def forward_step(data_iterator, model):
             output = model(next(data_iterator), positions, None)

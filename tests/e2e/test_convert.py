@@ -109,3 +109,49 @@ def test_printed_flags_describe_the_checkpoint(hf_models, tmp_path):
     assert state["model"]["embedding.word_embeddings.weight"].shape == (config.padded_vocab_size // 2, 64)
     assert state["model"]["embedding.word_embeddings.weight"].dtype == torch.bfloat16
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def _rank_model(root: Path, tp_rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(root / "iter_0000001" / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt",
+                      weights_only=False)["model"]
+
+
+def test_te_spelled_checkpoints_convert_both_ways_and_match_transformers(hf_models, tmp_path):
+    """--transformer-impl transformer_engine writes the TE spec's names; every direction reads either.
+
+    The TE-named checkpoint runs in megatron's real TE spec (with CPU stand-ins for TE's layers, carrying
+    TE's parameter names) and in the local spec (renamed as training's --load does), both against transformers.
+    """
+    from engine.model.spelling import te_spelling, to_spelling
+
+    family = "qwen3"  # q/k norms and head_dim != hidden / heads
+    source = hf_models[family]
+    te, local = tmp_path / "mg_te", tmp_path / "mg_local"
+    flags = run_conversion(ConvertConfig("hf", "mg", str(source), str(te), transformer_impl="transformer_engine"))
+    run_conversion(ConvertConfig("hf", "mg", str(source), str(local)))
+    te_state, local_state = _rank_model(te), _rank_model(local)
+    assert te_spelling(te_state) is True and te_spelling(local_state) is False
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te_state
+    assert "decoder.layers.0.self_attention.q_layernorm.weight" in te_state
+    renamed = to_spelling(local_state, te=True)
+    assert renamed.keys() == te_state.keys() and all(torch.equal(renamed[k], te_state[k]) for k in te_state)
+
+    expected = hf_logits(source, TOKENS)
+    runs = [(flags + ["--seq-length", "16", "--transformer-impl", "transformer_engine"], str(te)),
+            (flags + ["--seq-length", "16", "--transformer-impl", "local"], str(te))]
+    for name, logits in zip(("TE spec", "local spec"), run_ranks(converted_logits, 1, runs, TOKENS, True)[0]):
+        diff = (logits - expected).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max abs logit diff {diff:.2e}"
+
+    # mg -> mg keeps the source's names (TP2: the fused norms are replicated), or takes the asked ones; -> hf exact.
+    te_tp2, local_tp2, back = tmp_path / "mg_te_tp2", tmp_path / "mg_local_tp2", tmp_path / "hf_back"
+    run_conversion(ConvertConfig("mg", "mg", str(te), str(te_tp2), 2, 1))
+    run_conversion(ConvertConfig("mg", "mg", str(te), str(local_tp2), 2, 1, transformer_impl="local"))
+    shards = [_rank_model(te_tp2, r) for r in (0, 1)]
+    assert all(te_spelling(shard) is True for shard in shards) and te_spelling(_rank_model(local_tp2, 1)) is False
+    norm = "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    assert torch.equal(shards[0][norm], te_state[norm]) and torch.equal(shards[1][norm], te_state[norm])
+    run_conversion(ConvertConfig("mg", "hf", str(te_tp2), str(back)))
+    original, converted = _all_tensors(source), _all_tensors(back)
+    assert original.keys() == converted.keys()
+    assert all(torch.equal(converted[k], v) for k, v in original.items())

@@ -6,7 +6,7 @@ import megatron.core
 import pytest
 import torch
 
-from engine.platform import CPU_ADAPTOR, detect_platform
+from engine.platform import CPU_ADAPTOR, Platform, current_device, detect_platform, unchecked_version_message
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptor is for machines without CUDA")
 
@@ -21,7 +21,7 @@ def adaptor():
 def test_detect_platform_picks_cpu_gloo_and_rejects_nccl_without_gpu():
     platform = detect_platform()
     assert (platform.device_type, platform.backend) == ("cpu", "gloo")
-    assert platform.device() == torch.device("cpu")
+    assert current_device() == torch.device("cpu")
     with pytest.raises(ValueError, match="--distributed-backend nccl needs CUDA"):
         detect_platform("nccl")
 
@@ -103,11 +103,56 @@ def test_install_is_idempotent_and_uninstall_restores():
     assert torch.ones(1).type() == "torch.FloatTensor"
 
 
-def test_install_refuses_unchecked_megatron_versions(monkeypatch):
-    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
-    with pytest.raises(RuntimeError, match="not one the CPU adaptor was checked against"):
+def test_install_refuses_unchecked_megatron_versions_and_says_which_way(monkeypatch):
+    monkeypatch.setattr(megatron.core, "__version__", "0.19.2")
+    with pytest.raises(RuntimeError, match=r"0.19.2 is newer than the versions the CPU adaptor was checked against "
+                                           r"\(0.15.x, 0.16.x\).*Python 3.11 and megatron-core 0.16.1"):
         CPU_ADAPTOR.install()
     assert not CPU_ADAPTOR.installed
+    assert "is older than" in unchecked_version_message("0.14.0")
+    assert unchecked_version_message("0.16.1") is None and unchecked_version_message("0.15.3") is None
+
+
+# -- CUDA machines, with torch.cuda monkeypatched (no GPU needed) ---------------------------------------------
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A node with two visible GPUs; records set_device calls."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_cuda_pairs_with_nccl_and_refuses_gloo(gpus):
+    assert detect_platform() == Platform("cuda", "nccl") == detect_platform("nccl")
+    with pytest.raises(ValueError, match="--distributed-backend gloo on a machine with CUDA.*use nccl"):
+        detect_platform("gloo")
+
+
+def test_each_local_rank_gets_its_own_gpu(gpus):
+    platform = Platform("cuda", "nccl")
+    platform.bind_local_device(1, 2)
+    assert gpus == [1]
+    with pytest.raises(RuntimeError, match=r"4 ranks on this node \(torchrun --nproc-per-node\), but only 2 GPU"):
+        platform.bind_local_device(3, 4)
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        platform.bind_local_device(2, 1)  # a LOCAL_RANK past the GPUs, whatever LOCAL_WORLD_SIZE says
+    assert gpus == [1]  # no rank was stacked onto a GPU modulo the count
+    Platform("cpu", "gloo").bind_local_device(5, 8)  # CPU: nothing to bind
+
+
+def test_initialize_refuses_more_ranks_than_gpus_before_joining_the_group(gpus, monkeypatch):
+    from engine.arguments import ParallelConfig
+    from engine.initialize import initialize_distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        initialize_distributed(ParallelConfig())
+    assert not torch.distributed.is_initialized()
 
 
 

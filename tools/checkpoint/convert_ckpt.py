@@ -4,6 +4,8 @@
              --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--num-layer-list 3,5]
   mg -> hf:  --load-model-type mg --save-model-type hf --load-dir MG --save-dir HF [--load-iteration N]
   mg -> mg:  --load-model-type mg --save-model-type mg --load-dir A --save-dir B (reshard to the target layout)
+  TE names:  add --transformer-impl transformer_engine (or local) to write mg weights under that spec's names;
+             mg input may use either
   LoRA:      add --lora-load RUN --lora-r 16 --lora-alpha 32 [--lora-target-modules ...] to merge a LoRA run's
              adapters into --load-dir's base (mg or hf output), or --save-lora-to-hf for a PEFT adapter folder
 """

@@ -86,3 +86,48 @@ def test_unsupported_architecture_features_are_named(extra, message):
           "num_attention_heads": 4, "max_position_embeddings": 64, "vocab_size": 100, **extra}
     with pytest.raises(UnsupportedModelError, match=message):
         model_args(FAMILIES["llama2"], hf)
+
+
+def test_mapping_writes_either_spelling_and_reads_both():
+    from engine.convert.mapping import hf_to_mcore_units, mcore_to_hf_unit
+    from engine.model.families import get_family
+    from engine.model.spelling import te_spelling
+
+    family = get_family("qwen3")
+    args = model_args(family, dict(model_type="qwen3", num_hidden_layers=2, hidden_size=16, intermediate_size=24,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=32,
+                                   max_position_embeddings=16, tie_word_embeddings=False))
+    g = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def read(name, shape):
+        return tensors.setdefault(name, torch.randn(shape, generator=g))
+
+    local = list(hf_to_mcore_units(read, family, args))
+    te = list(hf_to_mcore_units(read, family, args, te=True))
+    assert te_spelling(local[1]) is False and te_spelling(te[1]) is True
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te[1]
+    for a, b in zip(local, te):
+        hf_a, hf_b = mcore_to_hf_unit(a, family, args), mcore_to_hf_unit(b, family, args)
+        assert hf_a.keys() == hf_b.keys() and all(torch.equal(hf_a[k], hf_b[k]) for k in hf_a)
+        assert all(torch.equal(hf_a[k], tensors[k]) for k in hf_a)
+
+
+def test_convert_ckpt_transformer_impl_flag():
+    import importlib.util
+    from pathlib import Path
+
+    from engine.convert.common import ConversionError, ConvertConfig
+
+    path = Path(__file__).resolve().parents[3] / "tools" / "checkpoint" / "convert_ckpt.py"
+    spec = importlib.util.spec_from_file_location("_convert_ckpt", path)
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    base = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", "a", "--save-dir", "b"]
+    assert convert.config_from_args(convert.build_parser().parse_args(base)).transformer_impl is None
+    args = convert.build_parser().parse_args(base + ["--transformer-impl", "transformer_engine"])
+    assert convert.config_from_args(args).transformer_impl == "transformer_engine"
+    with pytest.raises(ConversionError, match="--transformer-impl names megatron weights"):
+        ConvertConfig("mg", "hf", "a", "b", transformer_impl="local")
+    with pytest.raises(ConversionError, match="--transformer-impl te: choose from local, transformer_engine"):
+        ConvertConfig("hf", "mg", "a", "b", transformer_impl="te")
