@@ -54,3 +54,19 @@ def test_no_module_imports_a_higher_layer():
             if RANK[_unit(module)] > RANK[unit]:
                 upward.append(f"{path.relative_to(ENGINE.parent)} imports {module}")
     assert not upward, "\n".join(upward)
+
+
+def test_only_platform_calls_cuda():
+    callers = [str(path.relative_to(ENGINE.parent)) for path in sorted(ENGINE.rglob("*.py"))
+               if path.name != "platform.py" and "torch.cuda." in _code(path)]
+    assert not callers, callers
+
+
+def _code(path: Path) -> str:
+    """The source without comments and docstrings (they may name torch.cuda)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body[0] = ast.Pass()
+    return ast.unparse(tree)
