@@ -316,6 +316,11 @@ class Checkpointer:
         self.state_root: str | None = config.checkpoint.load
         """Where the training state comes from: --load, or --lora-load under LoRA."""
 
+    def interval_due(self, iteration: int) -> bool:
+        """--save-interval divides `iteration`: the loop saves it (and the end of the run need not again)."""
+        interval = self.checkpoint.save_interval
+        return bool(interval and iteration % interval == 0)
+
     def saved_args(self) -> dict:
         """Flat model fields and layout, as the converters read them, plus the whole run config."""
         prec = self.config.precision

@@ -59,6 +59,8 @@ def cache_path(directory: str | Path, stamp: dict) -> Path:
 class CachedReference:
     """Reference log-probs looked up per pair: the same [rows, 2n] tensors a live reference returns."""
 
+    forward_passes = 0
+
     def __init__(self, tables: dict[str, torch.Tensor]):
         self.tables = tables
 

@@ -11,32 +11,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch.utils.data import Dataset
 
 from engine.arguments import EngineConfig, TrainingConfig, check_inputs
+from engine.checkpoint.layout import iteration_dir_name
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
-from engine.training import reference_cache
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
-from engine.training.reference import AdapterOffReference, ReferencePolicy
-from engine.training.reference_cache import CachedReference
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
-from engine.model.provider import build_frozen_model, build_trainable_model
-from engine.platform import current_device
-from engine.checkpoint.layout import CheckpointError, iteration_dir_name, read_tracker
-from engine.training.checkpointing import Checkpointer, TrainState, load_model_weights
+from engine.model.provider import build_trainable_model
+from engine.platform import Platform, current_device
+from engine.training.checkpointing import Checkpointer, TrainState
 from engine.training.exit_conditions import ExitConditions
 from engine.training.metrics import MetricsLogger, detect_peak_tflops, forward_flops
 from engine.training.optimizer import build_optimizer, build_scheduler
+from engine.training.reference import Reference, ReferencePolicy, ReferenceSource, build_reference, reference_source
 from engine.training.run_lock import SaveDirLock
 from engine.training.step import chunk_iterators, forward_only, prepare_model_config, reduce_metrics, train_step
 
@@ -62,20 +61,29 @@ def check_data_fits(train_pairs: int, valid_pairs: int, train: TrainingConfig, s
             f"{train.train_iters}); lower --global-batch-size or add pairs")
 
 
-@dataclass(frozen=True)
-class ReferenceSource:
-    """Which checkpoint the reference policy is loaded from (recorded in every saved checkpoint)."""
-
-    root: str
-    iteration: int
-
-
 class DPOTrainer:
+    """The run: built from the config, then `train()`, then `close()`; its own checkpointed state is
+    `state` (iteration, consumed pairs) and `state_dict()` (the objective's, the reference's source)."""
+
     config: EngineConfig
-    model: list[torch.nn.Module]
-    reference: ReferencePolicy | CachedReference | None
+    platform: Platform
+    save_lock: SaveDirLock | None
+    datasets: dict[str, Dataset | None]
+    num_microbatches: int
+    """Micro-batches per global batch on each data-parallel rank."""
     objective: PairwiseObjective
+    checkpointer: Checkpointer
+    model: list[torch.nn.Module]
+    reference_source: ReferenceSource | None
+    reference: Reference | None
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
     state: TrainState
+    metrics: MetricsLogger
+    exit_conditions: ExitConditions
+    skipped_in_a_row: int
+    """Consecutive updates skipped for a non-finite loss or gradient norm (--max-skipped-iters)."""
+    peak_tflops: float | None
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -85,25 +93,28 @@ class DPOTrainer:
         if self.save_lock is not None:
             self.save_lock.acquire()
         set_random_seeds(config.training.seed)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.num_microbatches = config.training.global_batch_size // (config.training.micro_batch_size * self.dp_size)
+        train = config.training
+        self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self._dp_size)
         self.datasets = build_pairwise_datasets(config.data, config.model.seq_length, config.model.vocab_size,
-                                                config.training.seed)
+                                                train.seed)
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
-        warning = check_data_fits(len(self.datasets["train"]), len(self.datasets["valid"] or []), config.training,
+        warning = check_data_fits(len(self.datasets["train"]), len(self.datasets["valid"] or []), train,
                                   config.data.split)
         if warning and dist.get_rank() == 0:
             logger.warning(warning)
         self.objective = build_objective(config.preference, config.model.vocab_size or config.padded_vocab_size,
-                                      half_precision=config.precision.bf16 or config.precision.fp16)
+                                         half_precision=config.precision.bf16 or config.precision.fp16)
         self.checkpointer = Checkpointer(config)
         self.model = build_trainable_model(config, self.platform)
         self._log_parameters()
         loaded_iteration, rank_state = self.checkpointer.load_policy(self.model)
         resuming = not config.checkpoint.finetune and "opt_param_scheduler" in rank_state
-        self.reference = self._build_reference(loaded_iteration, rank_state, resuming)
+        self.reference_source = reference_source(config, loaded_iteration, rank_state.get("reference"), resuming)
+        self.reference = build_reference(
+            config, self.reference_source, self.model, self.objective, self.platform,
+            {"train": self.datasets["train"], "valid": self.datasets["valid"]}, self._collate,
+        )
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
         prepare_model_config(self.model, self.optimizer)
@@ -112,78 +123,36 @@ class DPOTrainer:
             self.state = self.checkpointer.restore_training_state(
                 loaded_iteration, rank_state, self.optimizer, self.scheduler
             )
-            self.objective.load_state_dict(rank_state.get("objective", {}))
+            self.load_state_dict(rank_state)
         self.metrics = MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, dist.get_rank() == 0,
                                      start_iteration=self.state.iteration)
-        self.exit_conditions = ExitConditions(config.training)
+        self.exit_conditions = ExitConditions(train)
         self.skipped_in_a_row = 0
         self.peak_tflops = detect_peak_tflops(config.logging.peak_tflops)
         self._log_start(loaded_iteration, resuming)
 
-    def _build_reference(self, loaded_iteration: int, rank_state: dict,
-                         resuming: bool) -> ReferencePolicy | CachedReference | None:
-        """The reference policy: a frozen copy with the policy's layout, loaded from its source checkpoint;
-        None for reference-free objectives (SimPO, ORPO, CPO, --reference-free), which build no reference."""
-        if not self.config.preference.uses_reference:
-            self.reference_source = None
-            return None
-        if self.config.lora.enabled:
-            # The frozen base is the initial policy: the policy's chunks with adapters off, no copy.
-            load = self.config.checkpoint.load
-            self.reference_source = ReferenceSource(load, read_tracker(load))
-            live = partial(AdapterOffReference, self.model, self.objective)
-        else:
-            self.reference_source = self._reference_source(loaded_iteration, rank_state, resuming)
-            live = self._frozen_reference
-        if not self.config.preference.precompute_ref_logps:
-            return live()
-        return self._cached_reference(live)
+    @property
+    def _dp_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
 
-    def _frozen_reference(self) -> ReferencePolicy:
-        chunks = build_frozen_model(self.config, self.platform)
-        load_model_weights(chunks, self.reference_source.root, self.reference_source.iteration, self.config)
-        return ReferencePolicy(chunks, self.objective)
+    @property
+    def _dp_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size()
 
-    def _cached_reference(self, build_reference) -> CachedReference:
-        """--precompute-ref-logps: the reference's log-probs for every pair, from the cache or one pass."""
-        config = self.config
-        prefixes, _ = config.data.prefixes_and_weights
-        data_files = [p for prefix in prefixes for p in Path(prefix).parent.glob(Path(prefix).name + "_packed_*")]
-        stamp = reference_cache.fingerprint(
-            data_files, config.data.split, config.model.seq_length, self.reference_source.root,
-            self.reference_source.iteration, rows=3 if config.preference.ld_alpha is not None else 2,
-            adapters_off=config.lora.enabled,
-        )
-        directory = config.checkpoint.save or Path(prefixes[0]).parent
-        splits = {"train": self.datasets["train"], "valid": self.datasets["valid"]}
-        return reference_cache.load_or_compute(
-            reference_cache.cache_path(directory, stamp), stamp, splits, build_reference,
-            config.training.micro_batch_size, self._collate,
-        )
+    def state_dict(self) -> dict:
+        """What a checkpoint holds of the run beside the model, optimizer, scheduler, RNG and `state`:
+        the objective's state and where the reference came from (a resume keeps that reference)."""
+        return {"objective": self.objective.state_dict(),
+                **({"reference": self.reference_source.record()} if self.reference_source else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` from a checkpoint's rank file (the reference's record was read at build)."""
+        self.objective.load_state_dict(state.get("objective", {}))
 
     def _log_parameters(self) -> None:
         trainable, total = parameter_counts(self.model)
         if dist.get_rank() == 0:
             logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / total)
-
-    def _reference_source(self, loaded_iteration: int, rank_state: dict, resuming: bool) -> ReferenceSource:
-        """The initial policy on a fresh start; on resume iteration --refer-model-iter of --ref-model or
-        of --load, or else the reference the checkpoint records: never the trained weights."""
-        pref, load = self.config.preference, self.config.checkpoint.load
-        if not resuming:
-            if pref.ref_model is not None:
-                return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter)
-            return ReferenceSource(load, loaded_iteration)
-        root = pref.ref_model or load
-        if (Path(root) / iteration_dir_name(pref.refer_model_iter)).is_dir():
-            return ReferenceSource(root, pref.refer_model_iter)
-        recorded = rank_state.get("reference")
-        if pref.ref_model is None and recorded is not None:
-            return ReferenceSource(recorded["root"], recorded["iteration"])
-        raise CheckpointError(
-            f"the reference checkpoint {Path(root) / iteration_dir_name(pref.refer_model_iter)} does not exist; "
-            "set --ref-model to the initial checkpoint or --refer-model-iter to a saved iteration"
-        )
 
     def _log_start(self, loaded_iteration: int, resuming: bool) -> None:
         if dist.get_rank() != 0:
@@ -195,16 +164,16 @@ class DPOTrainer:
             "global batch %d = %d micro-batches x %d x DP %d, --train-iters %d = %.1f epochs",
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
             (f"{source.root} iteration {source.iteration}"
-             + (" (cached log-probs: no reference model)" if isinstance(self.reference, CachedReference) else ""))
+             + (" (cached log-probs: no reference model)" if self.reference.forward_passes == 0 else ""))
             if source else "none", pairs, train.global_batch_size, self.num_microbatches, train.micro_batch_size,
-            self.dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
+            self._dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
         )
 
     # -- data ---------------------------------------------------------------------------------------------
     def _sampler(self, split: str, consumed: int) -> PairwiseBatchSampler:
         train = self.config.training
         return PairwiseBatchSampler(
-            len(self.datasets[split]), train.global_batch_size, train.micro_batch_size, self.dp_rank, self.dp_size,
+            len(self.datasets[split]), train.global_batch_size, train.micro_batch_size, self._dp_rank, self._dp_size,
             train.seed, consumed_samples=consumed, shuffle=split == "train",
         )
 
@@ -268,7 +237,7 @@ class DPOTrainer:
                 self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
             if train.eval_interval and self.state.iteration % train.eval_interval == 0:
                 self.evaluate()
-            saved = self._save_due()
+            saved = self.checkpointer.interval_due(self.state.iteration)
             if saved:
                 self.save()
             reason = self.exit_conditions.check(self.state.iteration)
@@ -277,7 +246,7 @@ class DPOTrainer:
                     self.save()
                 logger.info("stopping after iteration %d: %s", self.state.iteration, reason)
                 return self.state
-        if ckpt.save is not None and not self._save_due():
+        if ckpt.save is not None and not self.checkpointer.interval_due(self.state.iteration):
             self.save()
         return self.state
 
@@ -288,11 +257,6 @@ class DPOTrainer:
         self.objective.before_step(items, current, (parallel_state.get_data_parallel_group(),
                                                     parallel_state.get_pipeline_model_parallel_group()))
 
-    def _save_due(self) -> bool:
-        """--save-interval divides the current iteration (so the loop has saved it)."""
-        interval = self.config.checkpoint.save_interval
-        return bool(interval and self.state.iteration % interval == 0)
-
     def _account_for_skips(self, result, indices: list[list[int]]) -> None:
         """Counts updates skipped for non-finite values, names the pairs involved, and stops a run
         that keeps diverging (--max-skipped-iters in a row)."""
@@ -301,7 +265,7 @@ class DPOTrainer:
             return
         self.skipped_in_a_row += 1
         self.state.skipped_iterations += 1
-        pairs = [None] * self.dp_size
+        pairs = [None] * self._dp_size
         dist.all_gather_object(pairs, [i for micro in indices for i in micro],
                                group=parallel_state.get_data_parallel_group())
         if dist.get_rank() == 0:
@@ -337,7 +301,7 @@ class DPOTrainer:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
-        passes = 4 if self.reference is not None and not isinstance(self.reference, CachedReference) else 3
+        passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
         passes += 1 if self.objective.needs_current_logps else 0
         flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
@@ -370,13 +334,8 @@ class DPOTrainer:
             logger.warning("not saving iteration %d: it would replace the reference checkpoint %s",
                            self.state.iteration, Path(source.root) / iteration_dir_name(source.iteration))
             return
-        self.checkpointer.save(
-            self.state.iteration, self.model, self.optimizer, self.scheduler, self.state,
-            extra={"objective": self.objective.state_dict(),
-                   **({"reference": {"root": str(Path(self.reference_source.root).resolve()),
-                                     "iteration": self.reference_source.iteration}}
-                      if self.reference_source is not None else {})},
-        )
+        self.checkpointer.save(self.state.iteration, self.model, self.optimizer, self.scheduler, self.state,
+                               extra=self.state_dict())
 
     def close(self) -> None:
         self.metrics.close()
