@@ -42,10 +42,6 @@ class PairBatch:
     global_nll_tokens: torch.Tensor | None = None
     """Tokens that term averages over in the whole global batch."""
 
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        return self.labels != IGNORE_INDEX
-
     def to(self, device: torch.device) -> "PairBatch":
         """The same batch with its tensors on `device`."""
         moved = {name: getattr(self, name).to(device, non_blocking=True)

@@ -31,7 +31,7 @@ def test_rows_shift_and_padding():
     assert batch.labels.tolist() == [ign([M, 3, 4]), ign([7, 8, 9, 10, 11, 12, 13, 14]),
                                      ign([M, 5]), ign([15, 16])]
     assert (batch.position_ids == torch.arange(16)).all()
-    assert batch.loss_mask.sum().item() == 2 + 8 + 1 + 2
+    assert (batch.labels != M).sum().item() == 2 + 8 + 1 + 2
 
 
 def test_pad_id_and_multiple():
