@@ -159,3 +159,43 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
         assert out["flipped"].startswith(
             f"rank 1: {tmp_path}/full/iter_0000001/mp_rank_01/model_optim_rng.pt does not match its checksum")
     assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def _round_trip(save_dir):
+    import torch
+
+    from engine.initialize import initialize_distributed, set_random_seeds
+    from engine.model.provider import build_trainable_model, unwrap_model
+    from engine.training.checkpointing import Checkpointer, TrainState
+    from engine.training.optimizer import build_optimizer, build_scheduler
+
+    run = config("--save", save_dir, "--load", save_dir, "--lr", "1e-3")
+    platform = initialize_distributed(run.parallel)
+
+    def build(seed):
+        set_random_seeds(seed)
+        model = build_trainable_model(run, platform)
+        optimizer = build_optimizer(run, model)
+        return model, optimizer, build_scheduler(run, optimizer)
+
+    model, optimizer, scheduler = build(1)
+    for _ in range(3):
+        scheduler.step(increment=1)
+    Checkpointer(run).save(3, model, optimizer, scheduler, TrainState(3, 24, 0, 1), extra={"objective": {"x": 1}})
+    fresh, fresh_optimizer, fresh_scheduler = build(2)
+    checkpointer = Checkpointer(run)
+    iteration, rank_state = checkpointer.load_policy(fresh)
+    state = checkpointer.restore_training_state(iteration, rank_state, fresh_optimizer, fresh_scheduler)
+    weights_equal = all(torch.equal(a, b) for a, b in zip(unwrap_model(model[0]).state_dict().values(),
+                                                        unwrap_model(fresh[0]).state_dict().values()))
+    return iteration, state, fresh_scheduler.num_steps, rank_state["objective"], weights_equal
+
+
+def test_save_and_load_round_trip_on_one_rank(tmp_path):
+    from engine.training.checkpointing import TrainState
+
+    iteration, state, scheduler_steps, extra, weights_equal = run_ranks(_round_trip, 1, str(tmp_path / "run"))[0]
+    assert iteration == 3 and state == TrainState(3, 24, 0, 1)
+    assert scheduler_steps == 3 and extra == {"x": 1}
+    assert weights_equal  # the second model started from other random weights
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
