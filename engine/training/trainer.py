@@ -88,7 +88,8 @@ class DPOTrainer:
     def __init__(self, config: EngineConfig):
         self.config = config
         check_inputs(config)
-        self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
+        self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size,
+                                               config.training.deterministic_mode)
         self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
         if self.save_lock is not None:
             self.save_lock.acquire()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import megatron.core
 import pytest
 import torch
 
-from engine.platform import CPU_ADAPTOR, Platform, current_device, detect_platform, unchecked_version_message
+from engine.platform import (
+    CPU_ADAPTOR,
+    DETERMINISTIC_ENV,
+    Platform,
+    current_device,
+    detect_platform,
+    enable_deterministic_mode,
+    unchecked_version_message,
+)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptor is for machines without CUDA")
 
@@ -154,6 +164,53 @@ def test_initialize_refuses_more_ranks_than_gpus_before_joining_the_group(gpus, 
         initialize_distributed(ParallelConfig())
     assert not torch.distributed.is_initialized()
 
+
+# -- --deterministic-mode -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No determinism variable set by the launcher; torch's global switch recorded instead of flipped."""
+    for name in DETERMINISTIC_ENV:
+        monkeypatch.setenv(name, "unset")  # so that teardown restores the variable's absence
+        monkeypatch.delenv(name)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kwargs: calls.append(mode))
+    return calls
+
+
+def test_deterministic_mode_sets_what_megatron_lm_sets(clean_env, monkeypatch):
+    enable_deterministic_mode()
+    assert {name: os.environ[name] for name in DETERMINISTIC_ENV} == {
+        "NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+    assert clean_env == [True]
+    # A deterministic choice of the launcher's is kept; a nondeterministic one is refused, naming the flag.
+    monkeypatch.setenv("NCCL_ALGO", "CollnetDirect,CollnetChain")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    enable_deterministic_mode()
+    assert os.environ["NCCL_ALGO"] == "CollnetDirect,CollnetChain" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("NCCL_ALGO", "Tree")
+    with pytest.raises(ValueError) as err:
+        enable_deterministic_mode()
+    assert str(err.value) == ("--deterministic-mode: NCCL_ALGO=Tree is not deterministic; unset it or use "
+                              "CollnetChain or CollnetDirect or Ring or ^NVLS")
+    assert clean_env == [True, True]
+
+
+def test_initialize_applies_deterministic_mode_before_the_first_cuda_call(gpus, clean_env, monkeypatch):
+    from engine.arguments import ParallelConfig
+    from engine.initialize import initialize_distributed
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: clean_env.append(f"set_device {device}"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # refused at the first CUDA call, before joining a group
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        initialize_distributed(ParallelConfig(), deterministic_mode=True)
+    assert clean_env == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        initialize_distributed(ParallelConfig())  # the default leaves torch and the environment alone
+    assert clean_env == [True] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def test_allocation_with_current_device_inside_autograd_backward(adaptor):
