@@ -267,6 +267,20 @@ class PairwiseObjective:
         """Metrics of the stage's own, as (numerator, denominator) pairs."""
         return {}
 
+    def stage_metric_names(self) -> tuple[str, ...]:
+        """The names `stage_metrics` returns."""
+        return ()
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names `loss_func` returns metrics under, sorted: known before any step, so every rank reduces
+        the same metrics in the same order without the last pipeline stage sending their names each step."""
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", *self.stage_metric_names()]
+        if self.nll_per_pair or self.nll_over_batch:
+            names.append("nll_loss")
+        return tuple(sorted(names))
+
     # Stage state: carried across steps (and checkpoints).
     needs_current_logps = False
     """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the

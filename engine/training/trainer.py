@@ -228,7 +228,7 @@ class DPOTrainer:
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
-                max(b.tokens.shape[1] for b in micro_batches),
+                max(b.tokens.shape[1] for b in micro_batches), self.objective.metric_names,
             )
             self.state.iteration += 1
             self.state.consumed_train_samples += train.global_batch_size
@@ -323,7 +323,7 @@ class DPOTrainer:
             collected += forward_only(self.objective.policy_forward_step, items, self.model)
         for chunk in self.model:
             chunk.train()
-        scalars = reduce_metrics(collected)
+        scalars = reduce_metrics(collected, self.objective.metric_names)
         self.metrics.log(self.state.iteration, scalars, split="valid")
         return scalars
 

@@ -33,6 +33,9 @@ class DPOObjective(PairwiseObjective):
             return {}
         return {"delta": chosen_rewards.new_tensor([self.bco_delta * n, n], dtype=torch.float32)}
 
+    def stage_metric_names(self) -> tuple[str, ...]:
+        return ("delta",) if self.needs_current_logps else ()
+
     def before_step(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
         """Fold the global batch's mean reward into BCO's running mean delta before its step.
 

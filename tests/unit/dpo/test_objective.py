@@ -184,6 +184,14 @@ def test_one_micro_batch_of_8_and_four_of_2_give_the_same_loss_gradient_and_metr
     assert metrics4 == pytest.approx(metrics1, rel=1e-6)  # metrics are float32 (sum, count) pairs
 
 
+@pytest.mark.parametrize("flags", [{}, {"dpo_loss_type": "bco_pair"}, {"ld_alpha": 0.5}, *SPLIT_CASES],
+                         ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
+def test_the_declared_metric_names_are_those_the_loss_returns(flags):
+    obj = objective(**flags)
+    _, _, metrics = step_sums(obj, [pack_pairs([A, B])])
+    assert obj.metric_names == tuple(sorted(metrics))
+
+
 def test_a_mean_of_micro_batch_means_would_differ_and_missing_counts_are_an_error():
     pairs, obj = eight_pairs(), objective(stage="orpo")
     whole, _ = step(obj, [collate_pairs(pairs)])
