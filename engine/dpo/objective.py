@@ -24,12 +24,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, preference_loss, rewards
 from engine.formats import IGNORE_INDEX
+from engine.model.attention import HostPackedSeqParams
 
 
 @dataclass
@@ -153,8 +153,9 @@ class PairwiseObjective:
         """Padded rows go in as they are (causal attention); a packed row goes in the THD layout."""
         if batch.cu_seqlens is None:
             return model(batch.tokens, batch.position_ids, None, **self.model_kwargs)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+        packed = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                                     max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
+                                     seq_lengths=tuple(batch.seq_lengths))
         return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed, **self.model_kwargs)
 
     # Reference: forward only, results collected as non-loss data on the last stage.
