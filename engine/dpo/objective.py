@@ -203,8 +203,8 @@ class PairwiseObjective:
         if not self.nll_over_batch:
             return
         device = micro_batches[0].labels.device
-        counts = torch.stack([torch.tensor(sum(b.num_pairs for b in micro_batches), device=device),
-                              sum(self._nll_tokens(b).sum() for b in micro_batches)])
+        pairs = torch.full((), sum(b.num_pairs for b in micro_batches), device=device)  # a fill, not a copy
+        counts = torch.stack([pairs, sum(self._nll_tokens(b).sum() for b in micro_batches)])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
         for batch in micro_batches:
@@ -240,8 +240,8 @@ class PairwiseObjective:
                 tokens = tokens + policy.prompt_count[:n].sum()
             metrics["nll_loss"] = torch.stack([nll_sum.float(), tokens.float()])
         total = losses.sum()
-        metrics["loss"] = torch.stack([total.detach(), total.new_tensor(float(n))])
-        return total, torch.tensor(n, dtype=torch.int, device=total.device), metrics
+        metrics["loss"] = torch.stack([total.detach(), total.new_full((), n)])
+        return total, total.new_full((), n, dtype=torch.int), metrics
 
     def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps) -> dict:
         n = batch.num_pairs
@@ -364,5 +364,8 @@ def _prompt_and_answer_targets(batch) -> torch.Tensor:
 
 
 def mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
-    """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks."""
-    return torch.stack([values.float().sum(), values.new_tensor(float(n), dtype=torch.float32)])
+    """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks.
+
+    The count is a fill on the device (`new_full`), not a tensor copied from a Python number: on CUDA such
+    a copy waits for the stream, and this runs for every metric of every micro-batch."""
+    return torch.stack([values.float().sum(), values.new_full((), n, dtype=torch.float32)])
