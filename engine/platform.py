@@ -71,12 +71,19 @@ class Platform:
         torch.cuda.set_device(local_rank)
 
     def peak_memory_bytes(self) -> int:
-        """Peak allocated accelerator memory; on CPU, the process's peak RSS."""
+        """Peak allocated accelerator memory since the last `reset_peak_memory()`; on CPU, the process's peak
+        RSS since it started."""
         if self.is_cuda:
             return torch.cuda.max_memory_allocated()
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset_peak_memory(self) -> None:
+        """Starts a new peak for `peak_memory_bytes` on CUDA. On CPU there is nothing to reset: the kernel
+        keeps one peak RSS per process, so the CPU figure stays the process's peak."""
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
 
 
 DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}

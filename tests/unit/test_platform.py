@@ -154,6 +154,19 @@ def test_each_local_rank_gets_its_own_gpu(gpus):
     Platform("cpu", "gloo").bind_local_device(5, 8)  # CPU: nothing to bind
 
 
+def test_the_memory_peak_restarts_on_cuda_and_is_the_process_peak_on_cpu(gpus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
+    cuda = Platform("cuda", "nccl")
+    cuda.reset_peak_memory()
+    assert calls == ["reset"] and cuda.peak_memory_bytes() == 5 * 2**30
+    cpu = Platform("cpu", "gloo")
+    before = cpu.peak_memory_bytes()
+    cpu.reset_peak_memory()
+    assert calls == ["reset"] and cpu.peak_memory_bytes() >= before > 0  # the peak RSS cannot go down
+
+
 def test_initialize_refuses_more_ranks_than_gpus_before_joining_the_group(gpus, monkeypatch):
     from engine.arguments import ParallelConfig
     from engine.initialize import initialize_distributed
