@@ -242,6 +242,10 @@ class TrainingConfig(Section):
     adam_eps: float = option(1e-8, "Adam epsilon")
     clip_grad: float = option(1.0, "global gradient-norm clip (0 disables)")
     seed: int = option(1234, "seed of data order, dropout and random init")
+    deterministic_mode: bool = option(
+        False, "bit-identical reruns and resumes on CUDA (Megatron-LM's flag): deterministic torch algorithms, "
+               "NCCL_ALGO=Ring, CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 and "
+               "megatron's deterministic code paths; slower")
     eval_interval: int | None = option(None, "steps between evaluations on the valid split (default: never)")
     eval_iters: int = option(10, "global batches per evaluation")
     max_skipped_iters: int = option(10, "stop after this many consecutive updates skipped for a non-finite loss or "

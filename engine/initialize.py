@@ -11,21 +11,25 @@ import numpy as np
 import torch
 
 from engine.arguments import ParallelConfig
-from engine.platform import CPU_ADAPTOR, Platform, detect_platform
+from engine.platform import CPU_ADAPTOR, Platform, detect_platform, enable_deterministic_mode
 
 logger = logging.getLogger(__name__)
 
 
-def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int | None = None) -> Platform:
+def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int | None = None,
+                           deterministic_mode: bool = False) -> Platform:
     """Joins the torchrun process group and builds megatron's TP/PP/DP groups.
 
     Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
     a plain `python` launch runs as a world of one. Without CUDA the CPU adaptor is
     installed first, since megatron's group set-up already touches torch.cuda.
+    --deterministic-mode is applied before the first CUDA call, which fixes NCCL's and cuBLAS's choices.
     """
     from megatron.core import parallel_state
 
     platform = detect_platform(parallel.distributed_backend)
+    if deterministic_mode:
+        enable_deterministic_mode()
     if not platform.is_cuda:
         CPU_ADAPTOR.install()
     rank = int(os.environ.get("RANK", "0"))

@@ -71,12 +71,52 @@ class Platform:
         torch.cuda.set_device(local_rank)
 
     def peak_memory_bytes(self) -> int:
-        """Peak allocated accelerator memory; on CPU, the process's peak RSS."""
+        """Peak allocated accelerator memory since the last `reset_peak_memory()`; on CPU, the process's peak
+        RSS since it started."""
         if self.is_cuda:
             return torch.cuda.max_memory_allocated()
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset_peak_memory(self) -> None:
+        """Starts a new peak for `peak_memory_bytes` on CUDA. On CPU there is nothing to reset: the kernel
+        keeps one peak RSS per process, so the CPU figure stays the process's peak."""
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+
+DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+"""What Megatron-LM's --deterministic-mode sets (megatron/training/determinism.py): NCCL's ring all-reduce,
+whose reduction order is fixed; a fixed cuBLAS workspace, without which cuBLAS may pick a different split of a
+GEMM from run to run (torch refuses cuBLAS under deterministic algorithms without it); transformer-engine's
+deterministic attention kernels (megatron-core refuses TE attention under deterministic_mode otherwise)."""
+
+DETERMINISTIC_VALUES = {"NCCL_ALGO": {"Ring", "CollnetDirect", "CollnetChain", "^NVLS"},
+                        "CUBLAS_WORKSPACE_CONFIG": {":4096:8", ":16:8"}, "NVTE_ALLOW_NONDETERMINISTIC_ALGO": {"0"}}
+"""Values a launcher may have set that keep runs deterministic (Megatron-LM's accepted lists; NCCL_ALGO is a
+comma-separated list of them)."""
+
+
+def enable_deterministic_mode() -> None:
+    """--deterministic-mode: fills in `DETERMINISTIC_ENV` and turns on torch's deterministic algorithms.
+
+    Runs before anything touches CUDA: NCCL reads NCCL_ALGO when it creates a communicator, cuBLAS its
+    workspace setting when it creates a handle, TE its flag at its first attention. A value the launcher
+    already set is kept when it is deterministic and refused, naming it, when not. On CPU the variables
+    are inert and torch's flag changes nothing the engine runs.
+    """
+    for name, accepted in DETERMINISTIC_VALUES.items():
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        tokens = [token.strip() for token in value.split(",")] if name == "NCCL_ALGO" else [value]
+        if not all(token in accepted for token in tokens):
+            raise ValueError(f"--deterministic-mode: {name}={value} is not deterministic; unset it or use "
+                             f"{' or '.join(sorted(accepted))}")
+    for name, value in DETERMINISTIC_ENV.items():
+        os.environ.setdefault(name, value)
+    torch.use_deterministic_algorithms(True)
 
 
 def current_device() -> torch.device:

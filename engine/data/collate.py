@@ -36,6 +36,9 @@ class PairBatch:
     if any, is the last segment), for THD attention."""
     max_seqlen: int | None = None
     """Longest segment under packing."""
+    seq_lengths: list[int] | None = None
+    """The segments' lengths under packing (``cu_seqlens``' differences), kept on the host, where the
+    attention splits the row without reading ``cu_seqlens`` back from the device."""
     global_pairs: torch.Tensor | None = None
     """Pairs in the whole global batch (every micro-batch, every DP rank), a 0-dim tensor on the
     device; set with `global_nll_tokens` when the objective averages a term over the batch's tokens."""
@@ -129,4 +132,4 @@ def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0
     return PairBatch(tokens=torch.from_numpy(tokens)[None], labels=torch.from_numpy(labels)[None],
                      position_ids=torch.from_numpy(positions)[None], num_pairs=len(samples),
                      sequence_ids=torch.from_numpy(sequence_ids)[None], cu_seqlens=cu_seqlens,
-                     max_seqlen=max(lengths))
+                     max_seqlen=max(lengths), seq_lengths=lengths)

@@ -24,12 +24,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, preference_loss, rewards
 from engine.formats import IGNORE_INDEX
+from engine.model.attention import HostPackedSeqParams
 
 
 @dataclass
@@ -119,11 +119,13 @@ class PairwiseObjective:
         return {}
 
     def sequence_logps(self, logits: torch.Tensor, batch) -> SequenceLogps:
-        """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i."""
+        """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i.
+
+        Every per-sequence quantity is a reduction without atomics (`_sequence_sums`, `_count_before`), so
+        the same batch gives the same bits on every run, on CUDA too."""
         labels = batch.labels
         mask = labels != IGNORE_INDEX
-        ids = _sequence_index(batch)
-        flat, sequences = ids.flatten(), 2 * batch.num_pairs
+        selection = _sequence_selection(batch)
         prompt = None
         if self.nll_over_prompt:
             # One log-prob pass over every predicted token; the answer's are the labelled ones.
@@ -133,32 +135,27 @@ class PairwiseObjective:
             prompt_logps, token_logps = token_logps * prompt, token_logps * mask
         else:
             token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
-        total = token_logps.new_zeros(sequences).index_add(0, flat, token_logps.flatten())
-        count = ids.new_zeros(sequences).index_add(0, flat, mask.flatten().long())
-        logps = SequenceLogps(total, count)
+        count = _sequence_sums(mask.long(), selection)
+        logps = SequenceLogps(_sequence_sums(token_logps, selection), count)
         if prompt is not None:
-            logps.prompt_total = token_logps.new_zeros(sequences).index_add(0, flat, prompt_logps.flatten())
-            logps.prompt_count = ids.new_zeros(sequences).index_add(0, flat, prompt.flatten().long())
+            logps.prompt_total = _sequence_sums(prompt_logps, selection)
+            logps.prompt_count = _sequence_sums(prompt.long(), selection)
         if self.ld_alpha is not None:
-            # 1-based index of each answer token within its own sequence: the row's running count,
-            # restarted where the sequence starts.
-            running = mask.long().cumsum(dim=-1)
-            before = ids.new_zeros(sequences).scatter_reduce(
-                0, flat, (running - mask.long()).flatten(), reduce="amin", include_self=False)
-            position = running - before[ids]
+            # 1-based index of each answer token within its own sequence.
+            position = _count_before(mask, batch) + mask.long()
             # Sequence i and i + n form a pair; tokens past the shorter answer's length are the excess.
             n = batch.num_pairs
             public = torch.minimum(count[:n], count[n:]).repeat(2)
-            shared_tokens = token_logps * (position <= public[ids])
-            logps.shared = token_logps.new_zeros(sequences).index_add(0, flat, shared_tokens.flatten())
+            logps.shared = _sequence_sums(token_logps * (position <= public[_sequence_index(batch)]), selection)
         return logps
 
     def _forward(self, model, batch):
         """Padded rows go in as they are (causal attention); a packed row goes in the THD layout."""
         if batch.cu_seqlens is None:
             return model(batch.tokens, batch.position_ids, None, **self.model_kwargs)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+        packed = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                                     max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
+                                     seq_lengths=tuple(batch.seq_lengths))
         return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed, **self.model_kwargs)
 
     # Reference: forward only, results collected as non-loss data on the last stage.
@@ -206,8 +203,8 @@ class PairwiseObjective:
         if not self.nll_over_batch:
             return
         device = micro_batches[0].labels.device
-        counts = torch.stack([torch.tensor(sum(b.num_pairs for b in micro_batches), device=device),
-                              sum(self._nll_tokens(b).sum() for b in micro_batches)])
+        pairs = torch.full((), sum(b.num_pairs for b in micro_batches), device=device)  # a fill, not a copy
+        counts = torch.stack([pairs, sum(self._nll_tokens(b).sum() for b in micro_batches)])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
         for batch in micro_batches:
@@ -243,8 +240,8 @@ class PairwiseObjective:
                 tokens = tokens + policy.prompt_count[:n].sum()
             metrics["nll_loss"] = torch.stack([nll_sum.float(), tokens.float()])
         total = losses.sum()
-        metrics["loss"] = torch.stack([total.detach(), total.new_tensor(float(n))])
-        return total, torch.tensor(n, dtype=torch.int, device=total.device), metrics
+        metrics["loss"] = torch.stack([total.detach(), total.new_full((), n)])
+        return total, total.new_full((), n, dtype=torch.int), metrics
 
     def _metrics(self, batch, logits, policy: SequenceLogps, pair_logps: PairLogps) -> dict:
         n = batch.num_pairs
@@ -271,6 +268,20 @@ class PairwiseObjective:
         """Metrics of the stage's own, as (numerator, denominator) pairs."""
         return {}
 
+    def stage_metric_names(self) -> tuple[str, ...]:
+        """The names `stage_metrics` returns."""
+        return ()
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names `loss_func` returns metrics under, sorted: known before any step, so every rank reduces
+        the same metrics in the same order without the last pipeline stage sending their names each step."""
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", *self.stage_metric_names()]
+        if self.nll_per_pair or self.nll_over_batch:
+            names.append("nll_loss")
+        return tuple(sorted(names))
+
     # Stage state: carried across steps (and checkpoints).
     needs_current_logps = False
     """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the
@@ -296,21 +307,65 @@ def _sequence_index(batch) -> torch.Tensor:
     return batch.sequence_ids.clamp(min=0)
 
 
+def _sequence_selection(batch) -> torch.Tensor | None:
+    """[2n, t] one-hot of the packed row's sequences (sequence k's positions in row k); None for padded rows,
+    where row r already is sequence r."""
+    if batch.sequence_ids is None:
+        return None
+    sequences = torch.arange(2 * batch.num_pairs, device=batch.sequence_ids.device)
+    return batch.sequence_ids == sequences.unsqueeze(-1)
+
+
+def _sequence_sums(values: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
+    """The sum of `values` ([rows, L]) over each of the 2n sequences' positions, [2n], without atomics.
+
+    `index_add` / `scatter_reduce` sum with atomic adds on CUDA, in an order that changes from run to run,
+    and so do the last bits of each sum, of the loss, of every update: no bit-exact rerun or resume.
+    Padded rows hold one sequence each: a row sum. A packed row is masked once per sequence (`selection`,
+    through `torch.where`, so a NaN stays in its own sequence) and summed along the row: each sequence is
+    reduced on its own, by the reduction kernel's fixed tree, forward and backward elementwise.
+    The cost is [2n, t] elements per sum (16 sequences in a 32k-token row: 2 MiB in fp32), small beside
+    the logits. Rejected alternatives: differences of a cumsum over the packed row subtract running totals
+    of the whole row (fp32 loses the small sums' digits as the row grows; a floating cumsum is also
+    nondeterministic on CUDA); a one-hot matmul needs the same memory and may run in TF32; gathering the
+    sequences into a [2n, longest] block scatters in backward.
+    """
+    if selection is None:
+        return values.sum(dim=-1)
+    return torch.where(selection, values, 0).sum(dim=-1)
+
+
+def _count_before(mask: torch.Tensor, batch) -> torch.Tensor:
+    """How many `mask` positions precede each position within its own sequence, [rows, L].
+
+    A running count along the row (an integer cumsum: exact in any order); in a packed row, less its value
+    where the position's sequence starts, which `position_ids` give: they restart at 0 with every sequence.
+    """
+    counts = mask.long()
+    before = counts.cumsum(dim=-1) - counts
+    if batch.sequence_ids is None:
+        return before  # a padded row is one sequence, from column 0
+    start = torch.arange(mask.shape[-1], device=mask.device) - batch.position_ids
+    return before - before.gather(-1, start)
+
+
 def _prompt_and_answer_targets(batch) -> torch.Tensor:
     """Next-token targets of every position of each sequence but its last, prompt included;
     IGNORE_INDEX on padding. The answer is the labelled suffix of its sequence (the data's layout),
-    so a sequence's positions run up to its last labelled one, and the target there is the next input
-    token of the same sequence, the label itself on answer positions."""
-    labels = batch.labels
-    ids = _sequence_index(batch)
-    column = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
-    labelled = torch.where(labels != IGNORE_INDEX, column, -1)
-    last = column.new_full((2 * batch.num_pairs,), -1).scatter_reduce(
-        0, ids.flatten(), labelled.flatten(), reduce="amax")
-    inside = column <= last[ids]
+    so a sequence's positions run up to its last labelled one (those with a labelled position still
+    ahead of them in the sequence), and the target there is the next input token of the same sequence,
+    the label itself on answer positions."""
+    labelled = batch.labels != IGNORE_INDEX
+    answer_tokens = _sequence_sums(labelled.long(), _sequence_selection(batch))
+    inside = _count_before(labelled, batch) < answer_tokens[_sequence_index(batch)]
+    if batch.sequence_ids is not None:
+        inside &= batch.sequence_ids >= 0  # the packed row's padding tail belongs to no sequence
     return torch.where(inside, batch.tokens.roll(-1, dims=-1), IGNORE_INDEX)
 
 
 def mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:
-    """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks."""
-    return torch.stack([values.float().sum(), values.new_tensor(float(n), dtype=torch.float32)])
+    """(numerator, denominator) for a mean over pairs, reduced later over micro-batches and ranks.
+
+    The count is a fill on the device (`new_full`), not a tensor copied from a Python number: on CUDA such
+    a copy waits for the stream, and this runs for every metric of every micro-batch."""
+    return torch.stack([values.float().sum(), values.new_full((), n, dtype=torch.float32)])

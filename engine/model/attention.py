@@ -8,18 +8,35 @@ natively, so GPUs without TE still get flash attention.
 Packed micro-batches arrive in megatron's THD layout (``packed_seq_params`` with
 ``qkv_format='thd'``: q, k, v are [t, heads, hn], sequences delimited by
 ``cu_seqlens_q``): each sequence gets its own causal attention, so no [t, t] mask
-is built and no score is computed across sequences.
+is built and no score is computed across sequences. The split needs the lengths on the host:
+``HostPackedSeqParams`` brings them from the collate.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+
+@dataclass
+class HostPackedSeqParams(PackedSeqParams):
+    """megatron's THD parameters plus the sequences' lengths on the host.
+
+    megatron keeps `cu_seqlens` on the device, where TE's kernels read them; SDPAttention splits q, k and v
+    into sequences on the host, and reading the lengths back from the device would wait for the GPU in every
+    layer. The collate knows them, so they travel here (megatron hands this same object to every layer's core
+    attention; TE reads only its own fields).
+    """
+
+    seq_lengths: tuple[int, ...] | None = None
+    """Length of each segment of the row, in order (cu_seqlens' differences)."""
 
 
 class SDPAttention(MegatronModule):
@@ -79,7 +96,9 @@ class SDPAttention(MegatronModule):
         cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
         if cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
             raise NotImplementedError("SDPAttention packs self-attention only (cu_seqlens_q == cu_seqlens_kv)")
-        lengths = cu_q.diff().tolist()
+        lengths = getattr(packed_seq_params, "seq_lengths", None)
+        if lengths is None:  # megatron's own PackedSeqParams: one device-to-host read per layer
+            lengths = cu_q.diff().tolist()
         pieces = zip(*(t.split(lengths) for t in (query, key, value)))
         context = [self._sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), None, True, dropout_p)
                    for qkv in pieces]  # each [1, heads, s_i, hn]

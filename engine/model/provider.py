@@ -108,6 +108,8 @@ def transformer_config(config: EngineConfig, platform: Platform, transformer_imp
         # the two ranks: activations and gradients swap silently. Unbatched p2p orders the calls by
         # rank parity and sends the two directions through different groups.
         batch_p2p_comm=not (par.pipeline_model_parallel_size == 2 and config.virtual_pipeline_size),
+        # --deterministic-mode: megatron's own deterministic paths (the embedding's backward without atomics).
+        deterministic_mode=config.training.deterministic_mode,
         # CPU init draws the full weight from one generator, then splits it: the same seed
         # gives the same model for any TP size. On GPU, per-rank init is much faster.
         use_cpu_initialization=not on_gpu,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -56,26 +56,23 @@ def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimi
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
-def reduce_metrics(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def reduce_metrics(collected: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, float]:
     """Sum each metric's (numerator, denominator) pairs over micro-batches, then over DP and
-    pipeline ranks (only the last stage has them), and return numerator / denominator."""
+    pipeline ranks (only the last stage has them), and return numerator / denominator.
+
+    `names` are the metrics the loss function returns (`PairwiseObjective.metric_names`), known on every
+    rank, so nothing but the sums crosses ranks; the ratios come back to the host in one read.
+    """
     if collected:
-        names = sorted(collected[0])
-        totals = torch.stack([sum(mb[n] for mb in collected) for n in names]).double()
-    else:
-        names, totals = [], torch.zeros(0, 2, dtype=torch.float64, device=current_device())
-    # Every rank joins both collectives; ranks before the last stage contribute zeros.
-    names_box = [names]
-    torch.distributed.broadcast_object_list(
-        names_box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-        group=parallel_state.get_pipeline_model_parallel_group(),
-    )
-    names = names_box[0]
-    if totals.numel() == 0:
+        returned = sorted(collected[0])
+        if returned != sorted(names):
+            raise ValueError(f"the loss function returned metrics {returned}, but declared {sorted(names)}")
+        totals = torch.stack([torch.stack([mb[n] for n in names]) for mb in collected]).double().sum(dim=0)
+    else:  # ranks before the last stage join the collectives with zeros
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=current_device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
+    return dict(zip(names, (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()))
 
 
 def chunk_iterators(items: list, model: list[torch.nn.Module]) -> list[Iterator]:
@@ -131,7 +128,9 @@ def train_step(
     num_microbatches: int,
     micro_batch_size: int,
     seq_length: int,
+    metric_names: Sequence[str],
 ) -> StepResult:
+    """One update over a global batch; `metric_names` are those the loss function returns (see `reduce_metrics`)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -144,7 +143,7 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    metrics = reduce_metrics(collected)
+    metrics = reduce_metrics(collected, metric_names)
     learning_rate = optimizer.param_groups[0]["lr"]
     loss_is_finite = all(math.isfinite(value) for value in metrics.values())
     update_successful, grad_norm = guarded_optimizer_step(optimizer, loss_is_finite)

@@ -88,7 +88,8 @@ class DPOTrainer:
     def __init__(self, config: EngineConfig):
         self.config = config
         check_inputs(config)
-        self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size)
+        self.platform = initialize_distributed(config.parallel, config.virtual_pipeline_size,
+                                               config.training.deterministic_mode)
         self.save_lock = SaveDirLock(config.checkpoint.save) if config.checkpoint.save else None
         if self.save_lock is not None:
             self.save_lock.acquire()
@@ -217,7 +218,11 @@ class DPOTrainer:
                                "written (raise --train-iters to train further)", self.state.iteration, train.train_iters)
             return self.state
         batches = iter(self._sampler("train", self.state.consumed_train_samples))
+        self.platform.reset_peak_memory()  # the first interval's peak is its steps', not the build's
         while self.state.iteration < train.train_iters:
+            # The clock brackets the step's device work: kernels are queued asynchronously, so without a
+            # synchronization the time would be the host's, and the next step would pay for this one's.
+            self.platform.synchronize()
             start = time.perf_counter()
             indices = next(batches)
             micro_batches, lengths = self._micro_batches("train", indices)
@@ -227,14 +232,16 @@ class DPOTrainer:
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
                 self.scheduler, self.num_microbatches, train.micro_batch_size,
-                max(b.tokens.shape[1] for b in micro_batches),
+                max(b.tokens.shape[1] for b in micro_batches), self.objective.metric_names,
             )
             self.state.iteration += 1
             self.state.consumed_train_samples += train.global_batch_size
             self._account_for_skips(result, indices)
+            self.platform.synchronize()
             elapsed = time.perf_counter() - start
             if self.state.iteration % self.config.logging.log_interval == 0:
                 self.metrics.log(self.state.iteration, self._step_scalars(result, lengths, elapsed))
+                self.platform.reset_peak_memory()
             if train.eval_interval and self.state.iteration % train.eval_interval == 0:
                 self.evaluate()
             saved = self.checkpointer.interval_due(self.state.iteration)
@@ -284,6 +291,10 @@ class DPOTrainer:
             )
 
     def _step_scalars(self, result, lengths: list[int], elapsed: float) -> dict[str, float]:
+        """The logged step: its metrics, and `step_time_s` (`elapsed`, between device synchronizations) with the
+        throughput derived from it. `peak_memory_gib` is, on CUDA, the peak allocated since the previous log
+        line (reset every --log-interval, so it covers the interval's steps and any evaluation or save in
+        it); on CPU it is the process's peak RSS since it started, which cannot be reset."""
         tokens, flops = self._global_work(lengths)
         world = dist.get_world_size()
         scalars = {"consumed_pairs": self.state.consumed_train_samples, **result.metrics,
@@ -322,7 +333,7 @@ class DPOTrainer:
             collected += forward_only(self.objective.policy_forward_step, items, self.model)
         for chunk in self.model:
             chunk.train()
-        scalars = reduce_metrics(collected)
+        scalars = reduce_metrics(collected, self.objective.metric_names)
         self.metrics.log(self.state.iteration, scalars, split="valid")
         return scalars
 

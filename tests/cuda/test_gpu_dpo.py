@@ -92,15 +92,17 @@ def test_lora_trains_with_the_default_spec(assets, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_resume_is_bit_exact_under_deterministic_settings(assets, base, tmp_path):
+def test_resume_is_bit_exact_under_deterministic_mode(assets, tmp_path):
     checkpoint, _ = assets.checkpoint(1, 1)
+    flags = f"{LOCAL} --deterministic-mode"
+    straight = run(assets, tmp_path / "straight", f"{STEPS} {flags}")
     resumed = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed)
-    run(assets, resumed, f"{STEPS.replace('5', '3', 1)} {LOCAL}", load=resumed)
-    run(assets, resumed, f"{STEPS} {LOCAL}", load=resumed)
+    run(assets, resumed, f"{STEPS.replace('5', '3', 1)} {flags}", load=resumed)
+    run(assets, resumed, f"{STEPS} {flags}", load=resumed)
     rows = read_metrics(resumed)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
-    assert losses(rows) == losses(base)
+    assert losses(rows) == losses(straight)
 
 
 # -- transformer-engine's spec against the local one (skipped without TE) -------------------------------------

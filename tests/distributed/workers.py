@@ -111,7 +111,8 @@ def lm_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, step
     losses, norms = [], []
     for _ in range(steps):
         result = train_step(forward_step, _iterators(config, micro), model, optimizer, scheduler,
-                            num_microbatches=len(micro), micro_batch_size=train.micro_batch_size, seq_length=seq)
+                            num_microbatches=len(micro), micro_batch_size=train.micro_batch_size, seq_length=seq,
+                            metric_names=["lm loss"])
         losses.append(result.metrics["lm loss"])
         norms.append(result.grad_norm)
     return (losses, norms) if _is_reporting_rank() else None

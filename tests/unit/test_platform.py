@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import megatron.core
 import pytest
 import torch
 
-from engine.platform import CPU_ADAPTOR, Platform, current_device, detect_platform, unchecked_version_message
+from engine.platform import (
+    CPU_ADAPTOR,
+    DETERMINISTIC_ENV,
+    Platform,
+    current_device,
+    detect_platform,
+    enable_deterministic_mode,
+    unchecked_version_message,
+)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptor is for machines without CUDA")
 
@@ -144,6 +154,19 @@ def test_each_local_rank_gets_its_own_gpu(gpus):
     Platform("cpu", "gloo").bind_local_device(5, 8)  # CPU: nothing to bind
 
 
+def test_the_memory_peak_restarts_on_cuda_and_is_the_process_peak_on_cpu(gpus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
+    cuda = Platform("cuda", "nccl")
+    cuda.reset_peak_memory()
+    assert calls == ["reset"] and cuda.peak_memory_bytes() == 5 * 2**30
+    cpu = Platform("cpu", "gloo")
+    before = cpu.peak_memory_bytes()
+    cpu.reset_peak_memory()
+    assert calls == ["reset"] and cpu.peak_memory_bytes() >= before > 0  # the peak RSS cannot go down
+
+
 def test_initialize_refuses_more_ranks_than_gpus_before_joining_the_group(gpus, monkeypatch):
     from engine.arguments import ParallelConfig
     from engine.initialize import initialize_distributed
@@ -154,6 +177,53 @@ def test_initialize_refuses_more_ranks_than_gpus_before_joining_the_group(gpus, 
         initialize_distributed(ParallelConfig())
     assert not torch.distributed.is_initialized()
 
+
+# -- --deterministic-mode -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No determinism variable set by the launcher; torch's global switch recorded instead of flipped."""
+    for name in DETERMINISTIC_ENV:
+        monkeypatch.setenv(name, "unset")  # so that teardown restores the variable's absence
+        monkeypatch.delenv(name)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kwargs: calls.append(mode))
+    return calls
+
+
+def test_deterministic_mode_sets_what_megatron_lm_sets(clean_env, monkeypatch):
+    enable_deterministic_mode()
+    assert {name: os.environ[name] for name in DETERMINISTIC_ENV} == {
+        "NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+    assert clean_env == [True]
+    # A deterministic choice of the launcher's is kept; a nondeterministic one is refused, naming the flag.
+    monkeypatch.setenv("NCCL_ALGO", "CollnetDirect,CollnetChain")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    enable_deterministic_mode()
+    assert os.environ["NCCL_ALGO"] == "CollnetDirect,CollnetChain" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("NCCL_ALGO", "Tree")
+    with pytest.raises(ValueError) as err:
+        enable_deterministic_mode()
+    assert str(err.value) == ("--deterministic-mode: NCCL_ALGO=Tree is not deterministic; unset it or use "
+                              "CollnetChain or CollnetDirect or Ring or ^NVLS")
+    assert clean_env == [True, True]
+
+
+def test_initialize_applies_deterministic_mode_before_the_first_cuda_call(gpus, clean_env, monkeypatch):
+    from engine.arguments import ParallelConfig
+    from engine.initialize import initialize_distributed
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: clean_env.append(f"set_device {device}"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # refused at the first CUDA call, before joining a group
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        initialize_distributed(ParallelConfig(), deterministic_mode=True)
+    assert clean_env == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    with pytest.raises(RuntimeError, match="3 ranks on this node"):
+        initialize_distributed(ParallelConfig())  # the default leaves torch and the environment alone
+    assert clean_env == [True] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def test_allocation_with_current_device_inside_autograd_backward(adaptor):

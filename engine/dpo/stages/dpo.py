@@ -31,7 +31,11 @@ class DPOObjective(PairwiseObjective):
     def stage_metrics(self, pair_logps: PairLogps, chosen_rewards: torch.Tensor, n: int) -> dict:
         if not self.needs_current_logps:
             return {}
-        return {"delta": chosen_rewards.new_tensor([self.bco_delta * n, n], dtype=torch.float32)}
+        pairs = chosen_rewards.new_full((), n, dtype=torch.float32)
+        return {"delta": torch.stack([pairs * self.bco_delta, pairs])}
+
+    def stage_metric_names(self) -> tuple[str, ...]:
+        return ("delta",) if self.needs_current_logps else ()
 
     def before_step(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
         """Fold the global batch's mean reward into BCO's running mean delta before its step.
@@ -46,7 +50,7 @@ class DPOObjective(PairwiseObjective):
             if packed is None:
                 continue
             chosen, rejected = rewards(self.pair_logps(SequenceLogps.unpack(packed), reference), self.beta)
-            local += torch.stack([chosen.sum() + rejected.sum(), chosen.new_tensor(2.0 * batch.num_pairs)]).double()
+            local += torch.stack([chosen.sum() + rejected.sum(), chosen.new_full((), 2.0 * batch.num_pairs)]).double()
         for group in groups:
             dist.all_reduce(local, group=group)
         total, count = local.tolist()

@@ -14,3 +14,6 @@ class ORPOObjective(PairwiseObjective):
         """TRL's ORPO names: the mean of logsigmoid(log odds ratio), and the mean log odds ratio."""
         odds = log_odds(pair_logps.averaged()).detach()
         return {"log_odds_ratio": mean_pair(F.logsigmoid(odds), n), "log_odds_chosen": mean_pair(odds, n)}
+
+    def stage_metric_names(self) -> tuple[str, ...]:
+        return ("log_odds_ratio", "log_odds_chosen")

@@ -35,6 +35,7 @@ def test_one_thd_row_holds_every_sequence_in_batch_order_with_its_own_positions_
     assert batch.cu_seqlens.dtype == torch.int32
     assert batch.cu_seqlens.tolist() == [0, 8, 15, 29, 34, 49, 55, 56]  # the padding tail is a segment
     assert batch.max_seqlen == 15
+    assert batch.seq_lengths == batch.cu_seqlens.diff().tolist()  # on the host, for the attention
     for k, s in enumerate(sequences):
         start, end = batch.cu_seqlens[k].item(), batch.cu_seqlens[k + 1].item()
         assert torch.equal(batch.tokens[0, start:end], torch.from_numpy(s))

@@ -14,6 +14,7 @@ so the chosen NLL is 3.9 / 7 over prompt and answer tokens (ORPO, TRL), 2.8 / 4 
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 import numpy as np
 import pytest
@@ -183,6 +184,14 @@ def test_one_micro_batch_of_8_and_four_of_2_give_the_same_loss_gradient_and_metr
     assert metrics4 == pytest.approx(metrics1, rel=1e-6)  # metrics are float32 (sum, count) pairs
 
 
+@pytest.mark.parametrize("flags", [{}, {"dpo_loss_type": "bco_pair"}, {"ld_alpha": 0.5}, *SPLIT_CASES],
+                         ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
+def test_the_declared_metric_names_are_those_the_loss_returns(flags):
+    obj = objective(**flags)
+    _, _, metrics = step_sums(obj, [pack_pairs([A, B])])
+    assert obj.metric_names == tuple(sorted(metrics))
+
+
 def test_a_mean_of_micro_batch_means_would_differ_and_missing_counts_are_an_error():
     pairs, obj = eight_pairs(), objective(stage="orpo")
     whole, _ = step(obj, [collate_pairs(pairs)])
@@ -191,3 +200,84 @@ def test_a_mean_of_micro_batch_means_would_differ_and_missing_counts_are_an_erro
     assert abs(each_alone.item() - whole.item()) > 1e-3
     with pytest.raises(ValueError, match="share_global_counts"):
         obj.loss_func(collate_pairs(pairs), None, logits(collate_pairs(pairs)))
+
+
+# -- per-sequence sums: exact and free of atomics -------------------------------------------------------------
+
+def long_pairs(seed: int = 1) -> tuple[list[dict], np.ndarray]:
+    """Six pairs of answers up to 700 tokens (a packed row of about 5000 tokens), and a float32 log-prob per
+    token id: the fake model gives each target that value, so every layout sees the same numbers."""
+    rng = np.random.default_rng(seed)
+    lengths = [(40, 700, 650), (3, 1, 500), (120, 333, 2), (7, 64, 65), (1, 600, 599), (90, 10, 400)]
+    pairs = [pair(rng.integers(1, 1000, p).tolist(), rng.integers(1, 1000, c).tolist(),
+                  rng.integers(1, 1000, r).tolist()) for p, c, r in lengths]
+    return pairs, -rng.uniform(0.0, 12.0, 1000).astype(np.float32)
+
+
+def reference_sums(pairs: list[dict], table: np.ndarray) -> dict[str, list[float]]:
+    """float64 sums straight from the samples: answer targets, the first k of them (k the pair's shorter
+    answer, LD-DPO), prompt targets (the prompt's tokens after its first)."""
+    values = table.astype(np.float64)
+    sums = {"total": [], "shared": [], "prompt_total": []}
+    for side in ("chosen", "rejected"):
+        for sample in pairs:
+            ids, labels = sample[f"{side}_input_ids"], sample[f"{side}_labels"]
+            prompt = int((labels == M).sum())
+            shorter = min(int((sample[f"{s}_labels"] != M).sum()) for s in ("chosen", "rejected"))
+            sums["total"].append(values[ids[prompt:]].sum())
+            sums["shared"].append(values[ids[prompt:prompt + shorter]].sum())
+            sums["prompt_total"].append(values[ids[1:prompt]].sum())
+    return sums
+
+
+@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
+def test_sequence_sums_equal_a_float64_reference(collate):
+    pairs, table = long_pairs()
+    batch = collate(pairs)
+    token_values = torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1)  # float32, as a model's
+    logps = objective(ld_alpha=0.5).sequence_logps(token_values, batch)
+    logps.prompt_total, logps.prompt_count = attrgetter("prompt_total", "prompt_count")(
+        objective(stage="orpo").sequence_logps(token_values, batch))
+    for name, reference in reference_sums(pairs, table).items():
+        got = getattr(logps, name)
+        assert got.dtype == torch.float32
+        # float32 keeps 24 bits: a sum of up to 700 terms, each rounded once on the way, stays within 1e-6
+        assert got.double().numpy() == pytest.approx(reference, rel=1e-6, abs=1e-6), name
+    answers = [int((s[f"{side}_labels"] != M).sum()) for side in ("chosen", "rejected") for s in pairs]
+    assert logps.count.tolist() == answers
+    assert logps.prompt_count.tolist() == [int((s[f"{side}_labels"] == M).sum()) - 1
+                                           for side in ("chosen", "rejected") for s in pairs]
+
+
+ATOMIC_OPS = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
+              "index_reduce", "index_reduce_", "put_", "_index_put_impl_", "index_put_", "index_put"}
+"""aten ops that accumulate into shared slots (atomically on CUDA), and the backward of gathers, which is one."""
+
+
+@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
+def test_sequence_sums_use_no_accumulating_scatter_forward_or_backward(collate):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[tuple[str, torch.dtype | None]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.ops.append((func.overloadpacket.__name__, first.dtype if first is not None else None))
+            return func(*args, **(kwargs or {}))
+
+    pairs, table = long_pairs()
+    batch = collate(pairs[:3])
+    values = torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1).requires_grad_()
+    with Recorder() as recorder:
+        shared = objective(ld_alpha=0.5).sequence_logps(values, batch).shared
+        prompt = objective(stage="orpo").sequence_logps(values, batch).prompt_total
+        forward_ops = len(recorder.ops)
+        (shared.sum() + prompt.sum()).backward()
+    assert len(recorder.ops) > forward_ops  # backward ran under the recorder too
+    assert not {name for name, _ in recorder.ops} & ATOMIC_OPS
+    # CUDA's floating-point cumsum is nondeterministic (torch refuses it under deterministic algorithms)
+    assert all(not dtype.is_floating_point for name, dtype in recorder.ops if name == "cumsum")
+    assert values.grad is not None and torch.isfinite(values.grad).all()

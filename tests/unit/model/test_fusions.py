@@ -72,3 +72,9 @@ def test_gelu_without_bias_keeps_the_activation_unfused(kernels):
     transformer_config(config, CUDA, "local")
     with_bias = parse_args([a for a in gelu if a != "--disable-bias-linear"], world_size=1)
     assert transformer_config(with_bias, CUDA, "local").bias_activation_fusion
+
+
+def test_deterministic_mode_reaches_megatron():
+    assert not transformer_config(parse_args(LLAMA, world_size=1), CPU).deterministic_mode
+    config = parse_args(LLAMA + ["--deterministic-mode"], world_size=1)
+    assert config.training.deterministic_mode and transformer_config(config, CPU).deterministic_mode

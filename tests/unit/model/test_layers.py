@@ -90,6 +90,7 @@ def _packed_and_separate_logits(argv):
 
     from engine.arguments import parse_args
     from engine.initialize import initialize_distributed
+    from engine.model.attention import HostPackedSeqParams
     from engine.model.provider import build_frozen_model
 
     config = parse_args(argv, world_size=1)
@@ -103,7 +104,10 @@ def _packed_and_separate_logits(argv):
                              max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     row = torch.cat(sequences, dim=1)
-    return torch.cat(separate, dim=1), model(row, positions, None, packed_seq_params=packed), model(row, positions, None)
+    host = HostPackedSeqParams(**vars(packed), seq_lengths=tuple(lengths))
+    with_host_lengths = model(row, positions, None, packed_seq_params=host)
+    return (torch.cat(separate, dim=1), model(row, positions, None, packed_seq_params=packed), model(row, positions, None),
+            with_host_lengths)
 
 
 def test_thd_packed_row_gives_each_sequence_the_logits_it_has_alone():
@@ -111,7 +115,8 @@ def test_thd_packed_row_gives_each_sequence_the_logits_it_has_alone():
     argv = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
             "--seq-length 16 --vocab-size 32 --position-embedding-type rope --normalization RMSNorm "
             "--swiglu --disable-bias-linear").split()
-    separate, packed, unpacked = run_ranks(_packed_and_separate_logits, 1, argv)[0]
+    separate, packed, unpacked, with_host_lengths = run_ranks(_packed_and_separate_logits, 1, argv)[0]
     assert packed.shape[:2] == separate.shape[:2] == (1, 32)
     assert (packed - separate).abs().max() < 1e-5
+    assert torch.equal(with_host_lengths, packed)  # the lengths the collate carries split the row the same way
     assert (unpacked - separate)[:, 5:].abs().amax(dim=-1).min() > 1e-4  # one causal row would mix sequences
