@@ -17,13 +17,11 @@ positions set to -100 (aligned, not shifted: the trainer shifts).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import multiprocessing
 import os
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from engine.data.handlers import HANDLERS, RecordError, build_handler
 from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
 from engine.data.templates import ChatEncoder, get_template
 from engine.data.truncation import truncate_lengths
+from engine.file_lock import lock_or_holder
 from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
 from engine.options import Section, add_options, option, require, section_from_args
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
@@ -262,24 +261,21 @@ class PrefixLock:
         self.path = os.path.join(directory, f".{name}.lock")
         self.prefix = os.path.join(directory, name)
         self.fd = self._open_locked()
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                 .encode())
 
     def _open_locked(self) -> int:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace") or "holder unknown"
-                os.close(fd)
-                raise DataError(f"--output-prefix {self.prefix} is being written by another preprocess_data.py "
-                                f"run ({holder}); wait for it to finish or choose another --output-prefix") from None
+                holder = lock_or_holder(fd)
             except OSError as err:
                 os.close(fd)
                 raise DataError(f"--output-prefix {self.prefix}: cannot lock {self.path} ({err.strerror}); write "
                                 "to a filesystem with flock support (local disk, NFSv4) and copy the files") from None
+            if holder is not None:
+                os.close(fd)
+                raise DataError(f"--output-prefix {self.prefix} is being written by another preprocess_data.py "
+                                f"run ({holder or 'holder unknown'}); wait for it to finish or choose another "
+                                "--output-prefix")
             try:
                 if os.path.samestat(os.fstat(fd), os.stat(self.path)):
                     return fd

@@ -1,22 +1,19 @@
 """An exclusive lock on the --save directory, so two runs never interleave checkpoints there.
 
-Global rank 0 holds an flock on SAVE/.engine.lock for the run's lifetime; the kernel
-releases it when the process ends, even by SIGKILL, so a crashed run never leaves a
-stale lock. The holder's pid, host and start time are written into the file for the
-error message a second run gets.
+Global rank 0 holds an flock on SAVE/.engine.lock for the run's lifetime (engine/file_lock.py:
+released by the kernel when the process ends, even by SIGKILL; the holder's pid, host and
+start time are written into the file for the error message a second run gets).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from engine.file_lock import lock_or_holder
 from engine.platform import current_device
 
 LOCK_FILE = ".engine.lock"
@@ -29,7 +26,7 @@ class SaveDirLockedError(RuntimeError):
 class SaveDirLock:
     def __init__(self, save_dir: str):
         self.path = Path(save_dir) / LOCK_FILE
-        self.handle = None
+        self.fd: int | None = None
 
     def acquire(self) -> None:
         """Collective: rank 0 takes the lock and every rank raises if it could not."""
@@ -45,24 +42,16 @@ class SaveDirLock:
 
     def _try_lock(self) -> str:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            handle.close()
-            return (f"--save {self.path.parent} is in use by another run ({holder}); "
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        holder = lock_or_holder(fd)
+        if holder is not None:
+            os.close(fd)
+            return (f"--save {self.path.parent} is in use by another run ({holder or 'unknown process'}); "
                     "wait for it to finish or choose another --save directory")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        self.handle = handle
+        self.fd = fd
         return ""
 
     def release(self) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None

@@ -9,7 +9,7 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
 LAYERS = [
-    {"formats", "options", "loss_catalog", "arguments"},  # flag declarations and formats: no torch
+    {"formats", "options", "loss_catalog", "arguments", "file_lock"},  # flags, formats, file locks: no torch
     {"platform", "initialize"},  # the accelerator and process groups
     {"tokenizer"},
     {"data"},
