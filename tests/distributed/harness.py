@@ -1,13 +1,16 @@
 """Run a function or a CLI on N gloo ranks on CPU, for tests.
 
-Each rank is a fresh spawned process with the torchrun environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port). A failing rank's traceback is
-raised in the test; a hung group is killed after `timeout` seconds.
+Each rank is a fresh process with the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT on a free port), forked from a server that imported torch,
+megatron-core and the engine once per session. A failing rank's traceback is raised in the
+test; a hung group is killed after `timeout` seconds. `run_cli` runs a CLI's `main(argv)` that
+way; `run_torchrun` launches the real `torchrun` (slower: every rank imports everything again).
 """
 
 from __future__ import annotations
 
 import os
+import importlib
 import pickle
 import queue as queue_module
 import socket
@@ -84,9 +87,21 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, res
             pass
 
 
+# Importing torch, megatron-core and the engine costs ~10 s of CPU per process, more than most tests
+# compute. Ranks fork from one server process that imported them once per test session; each rank is
+# still a fresh process with its own parallel state, as under torchrun.
+PRELOAD = ["torch", "megatron.core", "engine.training.trainer", "pretrain_dpo", "tests.distributed.harness"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
     """Call `fn(*args)` on `world_size` ranks; returns the per-rank return values in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
@@ -117,6 +132,90 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
                 proc.kill()
                 proc.join()
     return [values[r] for r in range(world_size)]
+
+
+def _cli_main(module: str, argv: list[str], env: dict[str, str], cwd: str, log_dir: str) -> int:
+    """One rank of a CLI: its stdout and stderr go to files (file descriptors, so logging and C code too)."""
+    rank = os.environ["RANK"]
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, name in ((1, "out"), (2, "err")):
+        with open(os.path.join(log_dir, f"rank{rank}.{name}"), "w") as stream:
+            os.dup2(stream.fileno(), fd)
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as exit_:  # argparse errors, sys.exit("message") in the CLI
+        code = exit_.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - reported like an uncaught exception: traceback, exit code 1
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code or 0
+
+
+def run_cli(module: str, args: list[str], nproc: int, timeout: float = 600, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc <module>.py args`, with ranks forked from the preloaded server.
+
+    Returns a finished process: stdout and stderr are the ranks' output in rank order; the exit code is
+    the first failing rank's own (torchrun would report 1 for any failure).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="run_cli_") as log_dir:
+        codes = run_ranks(_cli_main, nproc, module, list(args), dict(env or {}), str(cwd or REPO_ROOT), log_dir,
+                          timeout=timeout)
+        stdout, stderr = ("".join(Path(log_dir, f"rank{r}.{name}").read_text() for r in range(nproc))
+                          for name in ("out", "err"))
+    failed = [code for code in codes if code != 0]
+    return subprocess.CompletedProcess([module, *args], failed[0] if failed else 0, stdout, stderr)
+
+
+def _cli_process(module: str, argv: list[str], env: dict[str, str], cwd: str, log_dir: str) -> None:
+    os.environ.update(_rank_env(0, 1, free_port()))
+    sys.exit(_cli_main(module, argv, env, cwd, log_dir))
+
+
+class CliProcess:
+    """A one-rank CLI run in the background (forked from the preloaded server), for signal and lock tests."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str] | None = None):
+        import tempfile
+
+        self._logs = tempfile.TemporaryDirectory(prefix="cli_process_")
+        self._process = _context().Process(
+            target=_cli_process, args=(module, list(args), dict(env or {}), str(REPO_ROOT), self._logs.name))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def stderr(self) -> str:
+        path = Path(self._logs.name, "rank0.err")
+        return path.read_text() if path.exists() else ""
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        """Wait for the exit; returns (exit code, stderr). A signal's exit code is minus its number."""
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            self.kill()
+            raise TimeoutError(f"the run did not finish within {timeout:.0f}s:\n{self.stderr()[-3000:]}")
+        return self._process.exitcode, self.stderr()
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.join()
 
 
 def run_torchrun(script: str, args: list[str], nproc: int, timeout: float = 600, cwd: Path | None = None,

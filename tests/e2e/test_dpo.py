@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed.harness import REPO_ROOT, Layout, layout_cases, run_torchrun
+from tests.distributed.harness import Layout, layout_cases, run_cli, run_torchrun
 from tests.e2e.dpo_assets import build_preference_data, build_tiny_llama, convert
 
 SEQ = ["--seq-length", "128"]
@@ -69,7 +68,7 @@ def run_dpo(assets: Assets, save: Path, tp: int = 1, pp: int = 1, nproc: int = 1
     args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix,
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--load", str(load or checkpoint), "--save", str(save), *extra.split()]
-    result = run_torchrun("pretrain_dpo.py", args, nproc=nproc, timeout=600)
+    result = run_cli("pretrain_dpo", args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return read_metrics(save)
 
@@ -106,12 +105,27 @@ def test_step1_is_ln2_and_losses_agree_across_layouts(layout, assets, tp1_rows, 
     assert [r["rewards/margins"] for r in rows] == pytest.approx([r["rewards/margins"] for r in tp1_rows], abs=1e-5)
 
 
-def test_micro_batch_split_does_not_change_loss_or_update(assets, tmp_path):
+def test_micro_batch_split_does_not_change_loss_or_update(assets, tp1_rows, tmp_path):
     one = run_dpo(assets, tmp_path / "1x8", extra="--train-iters 3 --micro-batch-size 8")
-    eight = run_dpo(assets, tmp_path / "8x1", extra="--train-iters 3 --micro-batch-size 1")
-    for a, b in zip(one, eight):
+    for a, b in zip(one, tp1_rows[:3], strict=True):  # tp1_rows: 8 micro-batches of 1
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    """Ten steps at TP1, the baseline of the resume, packing, pipeline-split, cache and bf16 tests."""
+    return run_dpo(assets, tmp_path_factory.mktemp("straight"), extra="--train-iters 10 --micro-batch-size 4")
+
+
+def test_the_torchrun_launcher_trains_like_the_harness(assets, straight, tmp_path):
+    """The other tests fork ranks from a preloaded server; this one launches `torchrun` as users do."""
+    checkpoint, flags = assets.checkpoint(1, 1)
+    args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--load", str(checkpoint),
+            "--save", str(tmp_path), "--train-iters", "2", "--micro-batch-size", "4"]
+    result = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert [r["loss"] for r in read_metrics(tmp_path)] == pytest.approx([r["loss"] for r in straight[:2]], abs=1e-5)
 
 
 def _hf_sequence_logps(hf_dir: Path, ids: list, labels: list) -> float:
@@ -156,11 +170,10 @@ def test_step1_with_a_different_reference_matches_transformers(assets, tmp_path)
     assert step["logps/chosen"] == pytest.approx(logps["policy", "chosen"].mean().item(), rel=1e-5)
 
 
-def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, tmp_path):
+def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, straight, tmp_path):
     import shutil
 
     checkpoint, _ = assets.checkpoint(1, 1)
-    straight = run_dpo(assets, tmp_path / "straight", extra="--train-iters 10 --micro-batch-size 4")
     # MindSpeed-LLM flow: train in a copy of the converted directory, then resume from it.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed_dir)
@@ -195,10 +208,7 @@ def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, tmp_pa
 
 
 def _pretrain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, "pretrain_dpo.py", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "MASTER_PORT": "0", **(env or {})})
+    return run_cli("pretrain_dpo", args, nproc=1, timeout=300, env=env)
 
 
 def test_bad_input_fails_before_training_with_a_clear_error(assets, tmp_path):
@@ -226,8 +236,8 @@ def test_bad_input_fails_before_training_with_a_clear_error(assets, tmp_path):
     assert no_checkpoint.returncode == 2 and f"--load {tmp_path / 'none'}: no such directory" in no_checkpoint.stderr
 
 
-def test_precomputed_reference_matches_online_and_is_reused_until_inputs_change(assets, tmp_path):
-    online = run_dpo(assets, tmp_path / "online", extra="--train-iters 3 --micro-batch-size 2")
+def test_precomputed_reference_matches_online_and_is_reused_until_inputs_change(assets, straight, tmp_path):
+    online = straight[:3]
     cached_dir = tmp_path / "cached"
     extra = "--train-iters 3 --micro-batch-size 2 --precompute-ref-logps"
     first = run_dpo(assets, cached_dir, nproc=2, extra=extra)  # DP2: each rank computes half the table
@@ -241,7 +251,7 @@ def test_precomputed_reference_matches_online_and_is_reused_until_inputs_change(
     reference, _ = assets.checkpoint(1, 1)
     args = [*flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", "2",
             "--load", str(checkpoint), "--ref-model", str(reference), "--save", str(cached_dir), *extra.split()]
-    rerun = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    rerun = run_cli("pretrain_dpo", args, nproc=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "reference log-probs: reusing" in rerun.stderr
     assert [r["loss"] for r in read_metrics(cached_dir)] == pytest.approx([r["loss"] for r in online], abs=1e-5)
@@ -249,14 +259,14 @@ def test_precomputed_reference_matches_online_and_is_reused_until_inputs_change(
     # A different reference checkpoint changes the fingerprint: recomputed, and said so.
     other, _ = assets.checkpoint(2, 1, hf=build_tiny_llama(assets.root / "hf_other_ref", assets.vocab_size, seed=7))
     args[args.index("--ref-model") + 1] = str(other)
-    changed = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    changed = run_cli("pretrain_dpo", args, nproc=2)
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "fingerprint differs" in changed.stderr
     assert len(list((cached_dir / "reference_logps").glob("*.pt"))) == 2
 
 
-def test_packed_sequences_give_the_same_losses_as_padded(assets, tmp_path):
-    padded = run_dpo(assets, tmp_path / "padded", extra="--train-iters 3 --micro-batch-size 4")
+def test_packed_sequences_give_the_same_losses_as_padded(assets, straight, tmp_path):
+    padded = straight[:3]
     # TP2 + sequence parallel splits the THD row across ranks; PP2 stages exchange its varying length.
     packed = run_dpo(assets, tmp_path / "packed", tp=2, pp=2, nproc=4,
                      extra="--train-iters 3 --micro-batch-size 4 --pack-sequences --sequence-parallel")
@@ -265,12 +275,12 @@ def test_packed_sequences_give_the_same_losses_as_padded(assets, tmp_path):
     assert [r["logits/chosen"] for r in packed] == pytest.approx([r["logits/chosen"] for r in padded], abs=1e-5)
 
 
-def test_uneven_pipeline_stages_train_like_one_stage(assets, tmp_path):
+def test_uneven_pipeline_stages_train_like_one_stage(assets, straight, tmp_path):
     """--num-layer-list 1,3: megatron's pipeline layout builds the stages convert_ckpt.py wrote."""
-    even = run_dpo(assets, tmp_path / "pp1", extra="--train-iters 3 --micro-batch-size 2")
+    even = straight[:3]
     checkpoint, _ = assets.checkpoint(1, 2, num_layer_list=(1, 3))
     uneven = run_dpo(assets, tmp_path / "uneven", pp=2, nproc=2, load=checkpoint,
-                     extra="--train-iters 3 --micro-batch-size 2 --num-layer-list 1,3")
+                     extra="--train-iters 3 --micro-batch-size 4 --num-layer-list 1,3")
     assert [r["loss"] for r in uneven] == pytest.approx([r["loss"] for r in even], abs=1e-5)
     assert [r["grad_norm"] for r in uneven] == pytest.approx([r["grad_norm"] for r in even], rel=1e-5)
     saved = torch.load(tmp_path / "uneven" / "iter_0000003" / "mp_rank_00_001" / "model_optim_rng.pt",
@@ -281,13 +291,13 @@ def test_uneven_pipeline_stages_train_like_one_stage(assets, tmp_path):
     checkpoint_flags = assets.checkpoint(1, 2)[1]
     args = [*checkpoint_flags, *SEQ, *TRAIN, "--data-path", assets.data_prefix, "--pipeline-model-parallel-size", "2",
             "--load", str(checkpoint), "--save", str(tmp_path / "wrong"), "--train-iters", "1"]
-    wrong = run_torchrun("pretrain_dpo.py", args, nproc=2)
+    wrong = run_cli("pretrain_dpo", args, nproc=2)
     assert wrong.returncode != 0
     assert "splits the layers over pipeline stages as 1,3, the run as 2,2: pass --num-layer-list 1,3" in wrong.stderr
 
 
-def test_bf16_training_tracks_fp32(assets, tmp_path):
-    fp32 = run_dpo(assets, tmp_path / "fp32", extra="--train-iters 4 --micro-batch-size 4")
+def test_bf16_training_tracks_fp32(assets, straight, tmp_path):
+    fp32 = straight[:4]
     # bf16 params and bf16 logits (never upcast whole), fp32 main weights and grad reduction.
     bf16 = run_dpo(assets, tmp_path / "bf16", tp=2, nproc=2,
                    extra="--train-iters 4 --micro-batch-size 4 --bf16 --use-distributed-optimizer")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import run_torchrun
+from tests.distributed.harness import run_cli
 from tests.e2e.test_dpo import SEQ, Assets, read_metrics
 
 COMMON = ("--is-pairwise-dataset --split 100,0,0 --lr 1e-3 --lr-decay-style constant --clip-grad 1.0 "
@@ -46,7 +46,7 @@ def run_objective(assets: Assets, save: Path, tp: int, pp: int, flags: str):
     checkpoint, model_flags = assets.checkpoint(tp, pp)
     args = [*model_flags, *SEQ, *COMMON, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(tp),
             "--pipeline-model-parallel-size", str(pp), "--load", str(checkpoint), "--save", str(save), *flags.split()]
-    result = run_torchrun("pretrain_dpo.py", args, nproc=tp * pp, timeout=600)
+    result = run_cli("pretrain_dpo", args, nproc=tp * pp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return read_metrics(save), result.stdout + result.stderr
 

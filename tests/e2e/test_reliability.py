@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import REPO_ROOT, free_port, run_torchrun
+from tests.distributed.harness import CliProcess, run_torchrun
 from tests.e2e.test_dpo import SEQ, TRAIN, Assets, read_metrics
 
 
@@ -31,25 +28,21 @@ def run_args(assets: Assets, save: Path, extra: str) -> list[str]:
             "--micro-batch-size", "4", *extra.split()]
 
 
-def start(assets: Assets, save: Path, extra: str) -> subprocess.Popen:
+def start(assets: Assets, save: Path, extra: str) -> CliProcess:
     """One rank, without torchrun, so a signal reaches the training process itself."""
-    args = run_args(assets, save, extra)
-    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "pretrain_dpo.py", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return CliProcess("pretrain_dpo", run_args(assets, save, extra))
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    _, stderr = process.communicate(timeout=timeout)
-    return process.returncode, stderr
+def finish(process: CliProcess, timeout: float = 300) -> tuple[int, str]:
+    return process.finish(timeout)
 
 
-def wait_for_iteration(save: Path, iteration: int, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_iteration(save: Path, iteration: int, process: CliProcess, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (save / "metrics.jsonl").exists() and any(r["iteration"] >= iteration for r in read_metrics(save)):
             return
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, process.stderr()[-3000:]
         time.sleep(0.05)
     raise TimeoutError(f"iteration {iteration} not reached")
 
@@ -70,7 +63,7 @@ def test_sigkill_sigterm_and_exit_interval_all_resume_exactly(assets, tmp_path):
     process = start(assets, killed, "--train-iters 8 --save-interval 1")
     wait_for_iteration(killed, 4, process)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.finish()[0] == -signal.SIGKILL
     code, err = finish(start(assets, killed, "--train-iters 8 --save-interval 1"))
     assert code == 0, err[-3000:]
     assert losses(killed) == straight
@@ -105,7 +98,6 @@ def test_save_directory_is_locked_while_a_run_uses_it(assets, tmp_path):
         assert f"--save {save} is in use by another run (pid {first.pid}" in err
     finally:
         first.kill()
-        first.wait()
 
 
 def test_a_diverging_run_skips_updates_then_stops_with_a_clear_error(assets, tmp_path):
