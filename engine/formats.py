@@ -43,3 +43,7 @@ def missing_shards_message(prefix: str) -> str | None:
             hint = f" (the directory holds {[f[:-len(suffix)] for f in found]})"
     return (f"--data-path {prefix!r}: no preprocessed pairwise files (expected {paths[0]} and seven more); "
             f"pass the prefix given to preprocess_data.py --output-prefix{hint}")
+
+VALUE_HEAD_KEY = "value_head.weight"
+"""State-dict key of a reward model's scalar head ([1, hidden], replicated over TP, on the last pipeline stage),
+in place of the language model's `output_layer.weight`: its presence marks a reward-model checkpoint."""
