@@ -15,6 +15,9 @@ IGNORE_INDEX = -100
 
 OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 """The four indexed datasets a pairwise preprocessing run writes; document i of each is pair i."""
+MARGIN_KEY = "margin"
+"""An optional fifth dataset, `PREFIX_packed_margin_document.{bin,idx}`: float32, document i is pair i's reward
+margin (one value), written when --map-keys names a `margin` column; --stage rm subtracts it in its loss."""
 
 
 def output_path_prefix(output_prefix: str, key: str) -> str:

@@ -72,9 +72,10 @@ def _sequences(samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _margins(samples: list[dict]) -> torch.Tensor | None:
     """The pairs' margins when the data carries them (`margin` of each sample), else None."""
-    if "margin" not in samples[0]:
+    if not any("margin" in s for s in samples):
         return None
-    return torch.tensor([float(s["margin"]) for s in samples], dtype=torch.float32)
+    # blended data sets: pairs of a set without margins have margin 0
+    return torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
 
 
 def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:

@@ -35,7 +35,7 @@ from engine.data.readers import DataError, Source, find_sources, first_record_co
 from engine.data.templates import ChatEncoder, get_template
 from engine.data.truncation import truncate_lengths
 from engine.file_lock import lock_or_holder
-from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
+from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, output_path_prefix
 from engine.options import Section, add_options, option, require, section_from_args
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
@@ -45,6 +45,8 @@ CHUNK_SIZE = 32
 """Records per worker task: large enough to amortise IPC, small enough to keep workers busy."""
 MAX_LISTED_BAD = 10
 WRITE_BUFFER = 1 << 20
+ALL_KEYS = OUTPUT_KEYS + (MARGIN_KEY,)
+"""Every dataset a run may write (the margins only when --map-keys names a margin column)."""
 
 
 def json_object(text: str) -> dict[str, str]:
@@ -116,6 +118,8 @@ class EncodedPair(NamedTuple):
     """Prompt tokens kept (masked in both sequences)."""
     truncated: bool
     identical: bool
+    margin: float | None = None
+    """The pair's margin column (--map-keys margin), if mapped."""
 
 
 class RecordFailure(NamedTuple):
@@ -142,6 +146,7 @@ class PairEncoder:
         try:
             record = _parse(payload)
             sample = self.handler(record)
+            margin = self.handler.margin(record)
         except RecordError as e:
             return RecordFailure(source, index, "bad_record", e.field, str(e))
         prompt = self.chat.encode_prompt(sample.conversation)
@@ -159,7 +164,7 @@ class PairEncoder:
             truncated = True
         return EncodedPair(source, index, np.asarray(prompt + chosen, dtype=np.int32).tobytes(),
                            np.asarray(prompt + rejected, dtype=np.int32).tobytes(), len(prompt), truncated,
-                           sample.chosen == sample.rejected)
+                           sample.chosen == sample.rejected, margin)
 
 
 def _parse(payload: bytes | dict) -> dict:
@@ -304,24 +309,27 @@ class PairShardWriter:
     between leaves an incomplete set (which the trainer reports), never a mix of old and new files.
     """
 
-    def __init__(self, output_prefix: str, overwrite: bool = False) -> None:
+    def __init__(self, output_prefix: str, overwrite: bool = False, margins: bool = False) -> None:
         directory, name = os.path.split(os.path.abspath(output_prefix))
         os.makedirs(directory, exist_ok=True)
-        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in OUTPUT_KEYS}
+        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in ALL_KEYS}
         temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        self.temp = {k: output_path_prefix(temp, k) for k in OUTPUT_KEYS}
+        self.temp = {k: output_path_prefix(temp, k) for k in ALL_KEYS}
+        self.keys = OUTPUT_KEYS + ((MARGIN_KEY,) if margins else ())
         self.builders = {}
         self.lock = PrefixLock(directory, name)
         try:
             _remove_stale_staging(directory, name)
-            self.replaced = [self.final[k] + ext for k in OUTPUT_KEYS for ext in (".bin", ".idx")
+            # every file of an old set, its margins included, so none outlives the set it belongs to
+            self.replaced = [self.final[k] + ext for k in ALL_KEYS for ext in (".bin", ".idx")
                              if os.path.exists(self.final[k] + ext)]
             if self.replaced and not overwrite:
                 more = f" and {len(self.replaced) - 1} more" if len(self.replaced) > 1 else ""
                 raise DataError(f"--output-prefix {output_prefix} holds a data set already ({self.replaced[0]}{more}); "
                                 "pass --overwrite to replace it, or choose another --output-prefix")
-            for k in OUTPUT_KEYS:
-                builder = IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32)
+            for k in self.keys:
+                builder = IndexedDatasetBuilder(self.temp[k] + ".bin",
+                                                dtype=np.float32 if k == MARGIN_KEY else np.int32)
                 # megatron opens the .bin with Python's 8 KiB buffer: a 1 MiB one makes writes ~4x cheaper
                 builder.data_file.close()
                 builder.data_file = open(self.temp[k] + ".bin", "wb", buffering=WRITE_BUFFER)
@@ -330,7 +338,9 @@ class PairShardWriter:
             self.abort()
             raise
 
-    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
+    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int, margin: float | None = None) -> None:
+        if MARGIN_KEY in self.builders:
+            self.builders[MARGIN_KEY].add_document(np.asarray([margin], dtype=np.float32), [1])
         for side, ids in (("chosen", chosen), ("rejected", rejected)):
             labels = ids.copy()
             labels[:prompt_len] = IGNORE_INDEX
@@ -343,7 +353,7 @@ class PairShardWriter:
         for path in self.replaced:
             os.remove(path)
         files = []
-        for k in OUTPUT_KEYS:
+        for k in self.keys:
             for ext in (".bin", ".idx"):
                 os.replace(self.temp[k] + ext, self.final[k] + ext)
                 files.append(self.final[k] + ext)
@@ -364,7 +374,7 @@ class PairShardWriter:
 
 def _remove_stale_staging(directory: str, name: str) -> None:
     """Removes the staging files of --output-prefix DIR/NAME left by killed runs (call under its lock)."""
-    staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({'|'.join(OUTPUT_KEYS)})_document\.(bin|idx)")
+    staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({'|'.join(ALL_KEYS)})_document\.(bin|idx)")
     stale = sorted(f for f in os.listdir(directory) if staging.fullmatch(f))
     for file in stale:
         os.remove(os.path.join(directory, file))
@@ -460,7 +470,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
             results = pool.imap(_encode_in_worker, feeder, chunksize=CHUNK_SIZE)
         # after the fork: workers a killed run leaves behind must not inherit (and keep) the prefix lock
-        writer = PairShardWriter(config.output_prefix, config.overwrite)
+        writer = PairShardWriter(config.output_prefix, config.overwrite, margins=encoder.handler.has_margin)
         for result in results:
             nbytes = feeder.done(result.source, result.index)
             if isinstance(result, RecordFailure):
@@ -475,7 +485,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 continue
             chosen = np.frombuffer(result.chosen, dtype=np.int32)
             rejected = np.frombuffer(result.rejected, dtype=np.int32)
-            writer.add(chosen, rejected, result.prompt_len)
+            writer.add(chosen, rejected, result.prompt_len, result.margin)
             summary.pairs_written += 1
             summary.truncated += result.truncated
             if result.identical:
