@@ -195,14 +195,21 @@ def _rank0(results: list) -> torch.Tensor:
     return next(r for r in results if r is not None)
 
 
-def test_engine_rewards_equal_the_exported_classifier_at_tp1_and_tp2pp2(assets, tp1, tp2pp2, tmp_path):
+@pytest.fixture(scope="module")
+def exported(tp1, tp2pp2, tmp_path_factory) -> dict[tuple[int, int], Path]:
+    """The TP1 and TP2 x PP2 runs' last checkpoints as transformers classifiers (mg -> hf)."""
+    root = tmp_path_factory.mktemp("exported")
+    return {(1, 1): _export(tp1[0], root / "tp1"), (2, 2): _export(tp2pp2[0], root / "tp2pp2")}
+
+
+def test_engine_rewards_equal_the_exported_classifier_at_tp1_and_tp2pp2(assets, tp1, tp2pp2, exported, tmp_path):
     from engine.data.dataset import PairwiseDataset
 
     samples = [PairwiseDataset(assets.data_prefix, 128)[i] for i in (0, 7, 40, 45)]
     _, flags = assets.checkpoint(1, 1)
     model_flags = [*flags, *SEQ, "--stage", "rm"]
-    for (save, _), tp, pp in (((tp1[0], None), 1, 1), (tp2pp2, 2, 2)):
-        hf = _export(save, tmp_path / f"hf_tp{tp}pp{pp}")
+    for save, tp, pp in ((tp1[0], 1, 1), (tp2pp2[0], 2, 2)):
+        hf = exported[(tp, pp)]
         config = json.loads((hf / "config.json").read_text())
         assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == assets.pad_id
         layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
@@ -214,8 +221,37 @@ def test_engine_rewards_equal_the_exported_classifier_at_tp1_and_tp2pp2(assets, 
     from tests.e2e.dpo_assets import convert
 
     back = tmp_path / "mg_from_classifier"
-    convert(tmp_path / "hf_tp2pp2", back, tp=2)
+    convert(exported[(2, 2)], back, tp=2)
     layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1"]
     engine = _rank0(run_ranks(engine_rewards, 2, [*model_flags, *layout], str(back), samples))
-    torch.testing.assert_close(engine, classifier_logits(tmp_path / "hf_tp2pp2", samples, assets.pad_id),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(engine, classifier_logits(exported[(2, 2)], samples, assets.pad_id), atol=1e-4, rtol=0)
+
+
+def test_score_tool_scores_pairs_and_answers_from_a_megatron_checkpoint(assets, tp2pp2, exported, tmp_path, capsys):
+    """tools/score.py on the TP2 x PP2 checkpoint gives the exported classifier's logits of the training sequences,
+    and the validation pairs' accuracy."""
+    import importlib.util
+
+    from engine.data.dataset import PairwiseDataset
+
+    spec = importlib.util.spec_from_file_location("score", Path(__file__).parents[2] / "tools" / "score.py")
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    held_out = list(range(40, 48))  # --split 80,20,0: the validation pairs
+    records = [learnable_pairs(48)[i] for i in held_out]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"prompt": r["instruction"], "response": r["chosen"]})
+                                                    + "\n" for r in records))
+    common = ["--load", str(tp2pp2[0]), "--prompt-type", "llama3", "--tokenizer-name-or-path", assets.tokenizer_dir,
+              "--batch-size", "3"]
+    assert score.main([*common, "--input", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "p.jsonl")]) == 0
+    expected = classifier_logits(exported[(2, 2)], [PairwiseDataset(assets.data_prefix, 128)[i] for i in held_out],
+                                 assets.pad_id)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    got = torch.tensor([[r["chosen_score"] for r in rows], [r["rejected_score"] for r in rows]]).flatten()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    accuracy = (expected[:8] > expected[8:]).float().mean().item()
+    assert accuracy >= 0.9 and f"8 pairs: accuracy {accuracy:.4f}" in capsys.readouterr().out
+    assert score.main([*common, "--input", str(tmp_path / "answers.jsonl"), "--output", str(tmp_path / "a.jsonl")]) == 0
+    answers = [json.loads(line)["score"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(answers), expected[:8], atol=1e-5, rtol=0)
