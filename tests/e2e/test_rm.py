@@ -255,3 +255,29 @@ def test_score_tool_scores_pairs_and_answers_from_a_megatron_checkpoint(assets, 
     assert score.main([*common, "--input", str(tmp_path / "answers.jsonl"), "--output", str(tmp_path / "a.jsonl")]) == 0
     answers = [json.loads(line)["score"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(answers), expected[:8], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3", "mistral", "qwen2", "qwen3"])
+def test_every_dense_family_round_trips_as_a_sequence_classifier(family, tmp_path):
+    """An HF `*ForSequenceClassification` (num_labels 1) of each family -> megatron at TP2 x PP2 (its score as the
+    value head, the tied embedding's output copy left out) -> the same classifier, tensor for tensor."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tests.e2e.convert_assets import FAMILY_CONFIGS, TINY
+    from tests.e2e.dpo_assets import convert
+
+    config_class, overrides = FAMILY_CONFIGS[family]
+    config = getattr(transformers, config_class)(**{**TINY, **overrides, "num_labels": 1, "pad_token_id": 3})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mg", tp=2, pp=2)
+    last = torch.load(tmp_path / "mg" / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+    assert last["model"]["value_head.weight"].shape == (1, 64) and "output_layer.weight" not in last["model"]
+    _export(tmp_path / "mg", tmp_path / "back")
+    saved = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert saved["architectures"] == [type(model).__name__] and saved["pad_token_id"] == 3
+    original, back = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(back) == set(original) - {"lm_head.weight"}
+    assert all(torch.equal(back[k], original[k]) for k in back)
