@@ -47,7 +47,7 @@ from engine.checkpoint.layout import (
 from engine.checkpoint.manifest import record_digest
 from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 from engine.formats import VALUE_HEAD_KEY
-from engine.model.lora import is_adapter_key
+from engine.model.lora import is_adapter_key, trained_with_adapters
 from engine.model.provider import unwrap_model
 from engine.model.spelling import match_spelling
 from engine.platform import accelerator_rng_state, set_accelerator_rng_state
@@ -373,7 +373,7 @@ class Checkpointer:
         for key, chunk in zip(_model_keys(len(model)), model):
             weights = unwrap_model(chunk).state_dict()
             if self.config.lora.lora_ckpt_filter:
-                weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
+                weights = {k: v for k, v in weights.items() if trained_with_adapters(k)}
             rank_state[key] = weights
         path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
         writes = parallel_state.get_data_parallel_rank() == 0
@@ -426,7 +426,7 @@ class Checkpointer:
         state, path = _checked_rank_state(root, latest, self.config)
         for key, chunk in zip(_model_keys(len(model)), model):
             module = unwrap_model(chunk)
-            wanted = [k for k in module.state_dict() if is_adapter_key(k)]
+            wanted = [k for k in module.state_dict() if trained_with_adapters(k)]
             saved = state.get(key, {})
             missing = [k for k in wanted if k not in saved]
             if missing:

@@ -281,3 +281,44 @@ def test_every_dense_family_round_trips_as_a_sequence_classifier(family, tmp_pat
     original, back = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert set(back) == set(original) - {"lm_head.weight"}
     assert all(torch.equal(back[k], original[k]) for k in back)
+
+
+def test_lora_reward_model_trains_its_head_and_exports_merged_and_as_peft(assets, tmp_path):
+    """LoRA at TP2 + sequence parallel: the frozen base's adapters and the new value head train (and nothing else is
+    saved under --lora-ckpt-filter); the merged export and the PEFT adapter (the head in modules_to_save) on the
+    base HF model score the validation pairs as the engine did."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.convert.common import ConvertConfig
+    from engine.convert.run import run_conversion
+    from engine.data.dataset import PairwiseDataset
+
+    save = tmp_path / "lora"
+    lora = dict(lora_load=str(save), lora_r=4, lora_alpha=8.0)
+    rows, _ = run_rm(assets, save, tp=2, nproc=2, extra="--sequence-parallel --lora-r 4 --lora-alpha 8 "
+                                                        "--lora-ckpt-filter --lr 5e-3")
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/accuracies"] >= 0.9
+    saved = torch.load(save / "iter_0000006" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert "value_head.weight" in saved and all(".lora_" in k for k in saved if k != "value_head.weight")
+    init = torch.empty(1, 64).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1234))
+    assert (saved["value_head.weight"] - init).abs().max() > 1e-3  # the head trained beside the adapters
+
+    base, _ = assets.checkpoint(2, 1)
+    merged, peft_dir = tmp_path / "merged", tmp_path / "peft"
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(merged), **lora))
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(peft_dir), save_lora_to_hf=True, **lora))
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+
+    valid = [PairwiseDataset(assets.data_prefix, 128)[i] for i in range(38, 46)]  # the evaluated batch
+    expected = classifier_logits(merged, valid, assets.pad_id)
+    engine = read_metrics(save, "valid")[-1]
+    assert engine["rewards/chosen"] == pytest.approx(expected[:8].mean().item(), abs=1e-4)
+    assert engine["rewards/rejected"] == pytest.approx(expected[8:].mean().item(), abs=1e-4)
+    model = AutoModelForSequenceClassification.from_pretrained(assets.hf_policy, num_labels=1, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, peft_dir).eval()
+    sequences = [torch.as_tensor(s[f"{side}_input_ids"]) for side in ("chosen", "rejected") for s in valid]
+    with torch.no_grad():
+        scores = torch.stack([model(input_ids=s.unsqueeze(0)).logits[0, 0] for s in sequences])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
