@@ -1,7 +1,8 @@
 """The reward model: megatron-core's GPTModel with a scalar value head in place of the vocab projection.
 
 GPTModel builds its output layer in its constructor and calls it from `_postprocess`; a reward model
-keeps the decoder (final norm included) and replaces that one step. The head is a [1, hidden] weight,
+keeps the decoder (final norm included) and replaces that one step (`_postprocess`, called with keyword
+arguments from `forward`: read in megatron-core 0.16.1 and in Megatron-LM main). The head is a [1, hidden] weight,
 replicated over tensor-parallel ranks: every TP rank holds the full hidden state after the decoder's
 row-parallel reductions, so each computes the same rewards and the same head gradient, and nothing
 needs a TP collective except, under sequence parallelism, gathering the sequence shards first (whose
