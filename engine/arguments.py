@@ -277,10 +277,19 @@ class TrainingConfig(Section):
             not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
             "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive",
         )
+        # megatron's scheduler asserts warm-up < decay steps: say it with the flags instead.
         require(
-            self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
-            "--lr-warmup-fraction must be in [0, 1]",
+            self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction < 1.0,
+            "--lr-warmup-fraction must be in [0, 1): warm-up has to end before the decay does",
         )
+        decay_iters = self.lr_decay_iters or self.train_iters
+        require(self.lr_decay_iters is None or self.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
+        require(
+            decay_iters is None or self.lr_warmup_iters < decay_iters,
+            f"--lr-warmup-iters ({self.lr_warmup_iters}) must be below the decay steps ({decay_iters}, "
+            f"{'--lr-decay-iters' if self.lr_decay_iters else '--train-iters'})",
+        )
+        require(self.lr_warmup_init <= self.lr, f"--lr-warmup-init ({self.lr_warmup_init}) exceeds --lr ({self.lr})")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/2 must be in [0, 1)")
         require(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
