@@ -64,28 +64,29 @@ def tp1_rows(assets, tmp_path_factory):
 
 
 def _hf_logps(hf_dir: Path, sequences: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Summed log-probs of each sequence's labelled tokens under the HF model (float64 softmax)."""
+    """Summed log-probs of each sequence's labelled tokens under the HF model (float64 softmax), in one forward
+    over right-padded rows (causal attention: the padding after a sequence does not change its logits)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out = []
+    length = max(len(ids) for ids, _ in sequences)
+    ids = torch.tensor([seq + [0] * (length - len(seq)) for seq, _ in sequences])
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in sequences])
     with torch.no_grad():
-        for ids, labels in sequences:
-            logits = model(torch.tensor(ids).unsqueeze(0)).logits[0, :-1].double()
-            target = torch.tensor(labels[1:])
-            logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out.append((logp * (target != -100)).sum().item())
-    return torch.tensor(out, dtype=torch.float64)
+        logits = model(ids).logits[:, :-1].double()
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (target != -100)).sum(dim=-1)
 
 
-def test_step1_matches_transformers(assets, tmp_path):
-    """One global batch holding every sample, so its means do not depend on the sampling order; the KL
-    completions are those of the data's KL blocks (MismatchedPairs, read back here for the token ids)."""
-    from engine.data.unpaired import MismatchedPairs, UnpairedDataset
+def test_step1_matches_transformers(assets, tp1_rows):
+    """The first global batch, read back with the data code (KL blocks, block sampler) for its token ids;
+    the log-probs, the KL point, the loss and the rewards computed here from transformers alone."""
+    from engine.data.unpaired import BlockBatchSampler, MismatchedPairs, UnpairedDataset
 
-    rows = run_kto(assets, tmp_path, extra="--train-iters 1 --micro-batch-size 8 --global-batch-size 48")
-    items = MismatchedPairs(UnpairedDataset(assets.unpaired_prefix, 128), 8, 128, SEED)
-    items = [items[j] for j in range(len(items))]
+    pairs = MismatchedPairs(UnpairedDataset(assets.unpaired_prefix, 128), 4, 128, SEED)
+    batch = next(iter(BlockBatchSampler(len(pairs), 16, 4, 0, 1, SEED)))
+    items = [pairs[j] for micro in batch for j in micro]
     desirable = torch.tensor([item["desirable"] for item in items])
     logps = {(model, kind): _hf_logps(hf, [(item[f"{kind}_input_ids"].tolist(), item[f"{kind}_labels"].tolist())
                                            for item in items])
@@ -95,8 +96,9 @@ def test_step1_matches_transformers(assets, tmp_path):
     kl = raw_kl.clamp(min=0)
     ratios = logps["policy", "chosen"] - logps["reference", "chosen"]
     losses = torch.where(desirable, 1 - torch.sigmoid(0.1 * (ratios - kl)), 1 - torch.sigmoid(0.1 * (kl - ratios)))
-    step = rows[0]
+    step = tp1_rows[0]
     assert raw_kl > 1e-3  # the reference really differs, and the KL point is not clamped away
+    assert 0 < int(desirable.sum()) < len(items)
     assert step["kl"] == pytest.approx(kl.item(), abs=1e-5)
     assert step["loss"] == pytest.approx(losses.mean().item(), abs=1e-5)
     assert step["rewards/chosen"] == pytest.approx(0.1 * ratios[desirable].mean().item(), abs=1e-5)
