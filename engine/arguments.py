@@ -388,7 +388,8 @@ class PreferenceConfig(Section):
               + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo, default sigmoid)", metavar="LOSS")
     dpo_loss_weights: list[float] | None = option(None, "one weight per --dpo-loss-type: the loss is the weighted "
                                                         "sum (default all 1)", metavar="W")
-    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and kto; "
+    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and "
+                                          "kto; "
                                           "default 0.1")
     dpo_label_smoothing: float = option(0.0, "label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, "
                                              "exo_pair, sigmoid_norm, aot, aot_unpaired, simpo)")
@@ -536,8 +537,8 @@ class PreferenceConfig(Section):
     def describe(self) -> str:
         """The objective and every hyper-parameter in effect, for the startup log."""
         if self.traits.data == "unpaired":
-            return (f"{self.stage}: loss = {self.kto_desirable_weight:g}*(1 - sigmoid(beta (logratio - kl))) desirable, "
-                    f"{self.kto_undesirable_weight:g}*(1 - sigmoid(beta (kl - logratio))) undesirable | "
+            return (f"{self.stage}: loss = {self.kto_desirable_weight:g}*(1 - sigmoid(beta (logratio - kl))) "
+                    f"desirable, {self.kto_undesirable_weight:g}*(1 - sigmoid(beta (kl - logratio))) undesirable | "
                     f"--dpo-beta {self.beta:g}, kl: mean over the global batch of mismatched prompt/completion "
                     "log-ratios, clamped at 0, " + ("reference model" if self.uses_reference else "reference-free"))
         types = self.loss_types

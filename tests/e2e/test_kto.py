@@ -122,11 +122,15 @@ def test_layouts_agree_with_tp1(layout, assets, tp1_rows, tmp_path):
 
 
 def test_learnable_set_separates_desirable_from_undesirable(assets, tmp_path):
-    """LoRA against its own base (adapters off): step 1 has log-ratios 0, so every loss is 1 - sigmoid(0)."""
+    """LoRA against its own base (adapters off): step 1 has log-ratios 0, so every loss is 1 - sigmoid(0); the
+margin of desirable over undesirable rewards grows, and an evaluation step runs."""
     rows = run_kto(assets, tmp_path, extra="--train-iters 8 --lr 5e-3 --lora-r 8 --lora-alpha 16 "
-                                           "--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2",
+                                           "--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                                           "--split 90,10,0 --eval-interval 8 --eval-iters 1",
                    reference=False)
     assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    (valid,) = read_metrics(tmp_path, "valid")  # evaluation computes its own batch's KL point
+    assert valid["kl"] >= 0 and 0 < valid["loss"] < 1
     margins = [r["rewards/chosen"] - r["rewards/rejected"] for r in rows]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.01
     assert margins[-1] > 0.05 and margins[-1] > margins[0]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tokenize preference pairs as unpaired samples for kto_mistral_7b_full_ptd.sh with the mistral_v3 prompt type and the Mistral-7B-Instruct-v0.3 tokenizer.
+# Tokenize pairs as unpaired samples for kto_mistral_7b_full_ptd.sh with the mistral_v3 prompt type and the Mistral-7B-Instruct-v0.3 tokenizer.
 # Default input: HuggingFaceH4/ultrafeedback_binarized (train_prefs split, parquet): each row's "chosen" and
 # "rejected" are whole conversations sharing the prompt, so TrlStylePairwiseHandler reads them with
 # --map-keys '{"prompt":""}' (ignore the plain-text "prompt" column; the prompt is the shared prefix).

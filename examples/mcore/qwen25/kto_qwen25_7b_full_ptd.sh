@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KTO (unpaired thumbs-up/down data), full fine-tuning of Qwen2.5-7B-Instruct: TP4 x PP1 x DP2 on one node of 8 x 80 GB GPUs.
+# KTO (unpaired data), full fine-tuning of Qwen2.5-7B-Instruct: TP4 x PP1 x DP2 on one node of 8 x 80 GB GPUs.
 # Before:
 #   bash examples/mcore/qwen25/data_convert_qwen25_7b_unpaired.sh   (unpaired samples in $DATA_PATH)
 #   bash examples/mcore/qwen25/ckpt_convert_qwen25_7b_hf2mcore.sh   (TP4 PP1 checkpoint)

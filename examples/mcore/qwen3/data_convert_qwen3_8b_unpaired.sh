@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tokenize preference pairs as unpaired samples for kto_qwen3_8b_full_ptd.sh with the qwen3 prompt type and the Qwen3-8B tokenizer.
+# Tokenize pairs as unpaired samples for kto_qwen3_8b_full_ptd.sh with the qwen3 prompt type and the Qwen3-8B tokenizer.
 # Default input: HuggingFaceH4/ultrafeedback_binarized (train_prefs split, parquet): each row's "chosen" and
 # "rejected" are whole conversations sharing the prompt, so TrlStylePairwiseHandler reads them with
 # --map-keys '{"prompt":""}' (ignore the plain-text "prompt" column; the prompt is the shared prefix).

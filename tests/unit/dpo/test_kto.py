@@ -42,7 +42,8 @@ def samples(first_desirable: bool = True, second_desirable: bool = False) -> lis
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     for module in (objective_module, kto_module):
-        monkeypatch.setattr(module, "vocab_parallel_logprobs", lambda logits, labels, vocab: logits[..., 0] * (labels != M))
+        monkeypatch.setattr(module, "vocab_parallel_logprobs",
+                            lambda logits, labels, vocab: logits[..., 0] * (labels != M))
         monkeypatch.setattr(module, "vocab_parallel_mean_logits", lambda logits, vocab: logits[..., 0])
 
 
