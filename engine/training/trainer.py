@@ -189,7 +189,7 @@ class DPOTrainer:
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and the unpadded length of every sequence in them."""
+        and the unpadded length of every sequence the policy trains on in them."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
         lengths = [n for micro in samples for s in micro for n in self.data.sequence_lengths(s)]

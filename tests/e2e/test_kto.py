@@ -1,7 +1,7 @@
 """--stage kto end to end on CPU: step-1 loss, KL point and rewards equal values computed independently
-from transformers log-probs; TP2 (with the precomputed reference cache), PP2 (packed) and DP2 agree with
-TP1 to 1e-5; LoRA trains from the KTO loss of a policy equal to its reference; a learnable set separates
-desirable from undesirable completions.
+from transformers log-probs; TP2 (sequence parallel, packed, with the precomputed reference cache), PP2
+(packed) and DP2 agree with TP1 to 1e-5; LoRA against its own base separates desirable from undesirable
+completions of a learnable set, and evaluates.
 
 The data are test_dpo.py's learnable pairs turned into unpaired samples by preprocess_data.py --unpair.
 """
@@ -108,7 +108,7 @@ def test_step1_matches_transformers(assets, tp1_rows):
 
 
 LAYOUTS = [
-    Layout("tp2_cached_reference", 2, "--precompute-ref-logps", tp=2),
+    Layout("tp2_sp_packed_cached_reference", 2, "--sequence-parallel --pack-sequences --precompute-ref-logps", tp=2),
     Layout("pp2_packed", 2, "--pack-sequences", pp=2),
     Layout("dp2", 2),
 ]
