@@ -103,7 +103,12 @@ def test_megatron_lm_rope_scaling_spelling():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("--stage kto", r"invalid choice: 'kto'"),
+        ("--stage rrhf", r"invalid choice: 'rrhf'"),
+        ("--kto-desirable-weight 2", r"--kto-desirable-weight does not apply to --stage dpo"),
+        ("--stage kto --kto-undesirable-weight 0", r"--kto-undesirable-weight must be > 0"),
+        ("--stage kto --reference-free", r"--reference-free does not apply to --stage kto: its KL reference point"),
+        ("--stage kto --micro-batch-size 1", r"--stage kto pairs each prompt with another completion .* "
+                                             r"--micro-batch-size >= 2"),
         ("--discopop-tau 0.1", r"--discopop-tau needs --dpo-loss-type discopop"),
         ("--simpo-gamma 0.5", r"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
                               r"not to --stage dpo"),
