@@ -11,7 +11,11 @@ logged) from those of a live one; an existing data set is replaced only with
 
 Output: ``PREFIX_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}``
 (int32); document i of each is pair i; labels are input_ids with prompt
-positions set to -100 (aligned, not shifted: the trainer shifts).
+positions set to -100 (aligned, not shifted: the trainer shifts). Unpaired
+(KTO) data, from ``--handler-name UnpairedHandler`` or pairwise records with
+``--unpair``, goes the same way into
+``PREFIX_packed_{completion_input_ids,completion_labels,desirable}_document``
+(engine/data/unpaired.py).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from engine.data.handlers import HANDLERS, RecordError, build_handler
 from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
 from engine.data.templates import ChatEncoder, get_template
 from engine.data.truncation import truncate_lengths
+from engine.data.unpaired import UNPAIRED_HANDLERS, unpair
 from engine.file_lock import lock_or_holder
-from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, output_path_prefix
+from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
 from engine.options import Section, add_options, option, require, section_from_args
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
@@ -45,8 +50,6 @@ CHUNK_SIZE = 32
 """Records per worker task: large enough to amortise IPC, small enough to keep workers busy."""
 MAX_LISTED_BAD = 10
 WRITE_BUFFER = 1 << 20
-ALL_KEYS = OUTPUT_KEYS + (MARGIN_KEY,)
-"""Every dataset a run may write (the margins only when --map-keys names a margin column)."""
 
 
 def json_object(text: str) -> dict[str, str]:
@@ -67,7 +70,11 @@ class PreprocessConfig(Section):
     input: str = option(help="a JSONL, JSON-array or parquet file, or a directory/glob of them")
     output_prefix: str = option(help="OUT/name; files are OUT/name_packed_*_document.{bin,idx}")
     tokenizer: TokenizerConfig = option(cli=False, help="the tokenizer flags")
-    handler_name: str = option("AlpacaStylePairwiseHandler", "input data shape", choices=sorted(HANDLERS))
+    handler_name: str = option("AlpacaStylePairwiseHandler", "input data shape; UnpairedHandler: unpaired (KTO) "
+                                                              "records {prompt or messages, completion, label}",
+                               choices=sorted({**HANDLERS, **UNPAIRED_HANDLERS}))
+    unpair: bool = option(False, "write unpaired (KTO) data from pairwise records: each pair becomes two samples, "
+                                 "its chosen answer desirable and its rejected answer undesirable")
     prompt_type: str = option("empty", "chat template (see engine/data/templates.json)")
     prompt_type_path: str | None = option(None, "JSON file of extra templates (same schema as templates.json)")
     map_keys: dict[str, str] = option(default_factory=dict, type=json_object,
@@ -92,9 +99,17 @@ class PreprocessConfig(Section):
                 f"--seq-length must be at least 2, got {self.seq_length}")
         require(not self.drop_long or self.seq_length is not None, "--drop-long needs --seq-length")
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(not (self.unpair and self.handler_name in UNPAIRED_HANDLERS),
+                f"--unpair turns pairwise records into unpaired ones; --handler-name {self.handler_name} reads "
+                "unpaired records already")
         require(self.log_interval >= 1, f"--log-interval must be >= 1, got {self.log_interval}")
         require(self.prompt_type_path is None or os.path.isfile(self.prompt_type_path),
                 f"--prompt-type-path {self.prompt_type_path!r} is not a file")
+
+    @property
+    def unpaired(self) -> bool:
+        """The run writes unpaired (KTO) shards."""
+        return self.unpair or self.handler_name in UNPAIRED_HANDLERS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PreprocessConfig:
@@ -122,6 +137,15 @@ class EncodedPair(NamedTuple):
     """The pair's margin column (--map-keys margin), if mapped."""
 
 
+class EncodedUnpaired(NamedTuple):
+    source: int
+    index: int
+    documents: list[tuple[bytes, int, bool]]
+    """Per sample of the record (two under --unpair): int32 ids of prompt + completion, prompt tokens kept,
+    desirable."""
+    truncated: int
+
+
 class RecordFailure(NamedTuple):
     source: int
     index: int
@@ -135,7 +159,10 @@ class PairEncoder:
     """Record -> EncodedPair or RecordFailure; one per process."""
 
     def __init__(self, config: PreprocessConfig) -> None:
-        self.handler = build_handler(config.handler_name, config.map_keys)
+        if config.handler_name in UNPAIRED_HANDLERS:
+            self.handler = UNPAIRED_HANDLERS[config.handler_name](config.map_keys)
+        else:
+            self.handler = build_handler(config.handler_name, config.map_keys)
         self.chat = ChatEncoder(get_template(config.prompt_type, config.prompt_type_path),
                                 build_tokenizer(config.tokenizer))
         self.seq_length = config.seq_length
@@ -166,6 +193,76 @@ class PairEncoder:
                            np.asarray(prompt + rejected, dtype=np.int32).tobytes(), len(prompt), truncated,
                            sample.chosen == sample.rejected, margin)
 
+    def writer(self, output_prefix: str, overwrite: bool) -> PairShardWriter:
+        return PairShardWriter(output_prefix, overwrite, margins=self.handler.has_margin)
+
+    @staticmethod
+    def write(result: EncodedPair, writer: PairShardWriter, summary: PreprocessSummary, where: str) -> int:
+        """Adds a result to the shards and the summary; returns the tokens written."""
+        chosen = np.frombuffer(result.chosen, dtype=np.int32)
+        rejected = np.frombuffer(result.rejected, dtype=np.int32)
+        writer.add(chosen, rejected, result.prompt_len, result.margin)
+        summary.pairs_written += 1
+        summary.truncated += result.truncated
+        if result.identical:
+            summary.identical += 1
+            if summary.identical <= MAX_LISTED_BAD:
+                logger.warning("%s: chosen == rejected", where)
+        summary.prompt.add(result.prompt_len)
+        summary.chosen.add(chosen.size)
+        summary.rejected.add(rejected.size)
+        return chosen.size + rejected.size
+
+
+class UnpairedEncoder(PairEncoder):
+    """Record -> EncodedUnpaired (one sample, or a pair's two under --unpair) or RecordFailure; each sample
+    is truncated on its own by the pairwise rule (its completion as the longest answer)."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        super().__init__(config)
+        self.unpair = config.unpair
+        if self.handler.has_margin:
+            raise ValueError("--map-keys margin: a per-pair reward margin (--stage rm) needs pairwise data; unpaired "
+                             "samples have no pair")
+
+    def __call__(self, item: tuple[int, int, bytes | dict]) -> EncodedUnpaired | RecordFailure:
+        source, index, payload = item
+        try:
+            sample = self.handler(_parse(payload))
+        except RecordError as e:
+            return RecordFailure(source, index, "bad_record", e.field, str(e))
+        samples = unpair(sample) if self.unpair else sample
+        documents, truncated = [], 0
+        for s in samples:
+            prompt, completion = self.chat.encode_prompt(s.conversation), self.chat.encode_response(s.completion)
+            n = len(prompt) + len(completion)
+            if self.seq_length is not None and n > self.seq_length:
+                if self.drop_long:
+                    return RecordFailure(source, index, "too_long", None, f"{n} tokens > --seq-length")
+                keep_prompt, keep_completion = truncate_lengths(len(prompt), len(completion), self.seq_length)
+                prompt, completion = prompt[len(prompt) - keep_prompt:], completion[:keep_completion]
+                truncated += 1
+            documents.append((np.asarray(prompt + completion, dtype=np.int32).tobytes(), len(prompt), s.desirable))
+        return EncodedUnpaired(source, index, documents, truncated)
+
+    def writer(self, output_prefix: str, overwrite: bool) -> UnpairedShardWriter:
+        return UnpairedShardWriter(output_prefix, overwrite)
+
+    @staticmethod
+    def write(result: EncodedUnpaired, writer: UnpairedShardWriter, summary: PreprocessSummary, where: str) -> int:
+        """Adds a result to the shards and the summary (desirable samples as `chosen`, undesirable as
+        `rejected`); returns the tokens written."""
+        tokens = 0
+        for ids, prompt_len, desirable in result.documents:
+            ids = np.frombuffer(ids, dtype=np.int32)
+            writer.add(ids, prompt_len, desirable)
+            summary.pairs_written += 1
+            summary.prompt.add(prompt_len)
+            (summary.chosen if desirable else summary.rejected).add(ids.size)
+            tokens += ids.size
+        summary.truncated += result.truncated
+        return tokens
+
 
 def _parse(payload: bytes | dict) -> dict:
     if isinstance(payload, bytes):
@@ -182,6 +279,10 @@ def _parse(payload: bytes | dict) -> dict:
     return payload
 
 
+def build_encoder(config: PreprocessConfig) -> PairEncoder:
+    return UnpairedEncoder(config) if config.unpaired else PairEncoder(config)
+
+
 _worker_encoder: PairEncoder | None = None
 """The pool worker's own encoder, set once by ``_init_worker`` (never used in the parent)."""
 
@@ -189,7 +290,7 @@ _worker_encoder: PairEncoder | None = None
 def _init_worker(encoder: PairEncoder | PreprocessConfig) -> None:
     """Forked workers inherit the parent's encoder (no tokenizer reload); spawned ones build their own."""
     global _worker_encoder
-    _worker_encoder = encoder if isinstance(encoder, PairEncoder) else PairEncoder(encoder)
+    _worker_encoder = encoder if isinstance(encoder, PairEncoder) else build_encoder(encoder)
 
 
 def _encode_in_worker(item):
@@ -232,6 +333,8 @@ class PreprocessSummary:
     rejected: LengthStats = field(default_factory=LengthStats)
     elapsed_s: float = 0.0
     output_files: list[str] = field(default_factory=list)
+    unit: str = "pairs"
+    """What a document is: pairs, or unpaired samples (whose chosen/rejected stats are desirable/undesirable)."""
 
     @property
     def tokens(self) -> int:
@@ -239,15 +342,18 @@ class PreprocessSummary:
 
     def lines(self) -> list[str]:
         rate = max(self.elapsed_s, 1e-9)
+        unit = self.unit
+        good, bad = ("chosen", "rejected") if unit == "pairs" else ("desirable", "undesirable")
         out = [
-            f"pairs written: {self.pairs_written} in {self.elapsed_s:.1f}s "
-            f"({self.pairs_written / rate:.0f} pairs/s, {self.tokens / rate:.0f} tokens/s)",
-            f"pairs dropped: {sum(self.dropped.values())} {dict(sorted(self.dropped.items()))}",
-            f"pairs truncated: {self.truncated}; chosen == rejected: {self.identical}",
-            f"tokens: prompt {self.prompt.total}, chosen {self.chosen.total}, rejected {self.rejected.total}",
+            f"{unit} written: {self.pairs_written} in {self.elapsed_s:.1f}s "
+            f"({self.pairs_written / rate:.0f} {unit}/s, {self.tokens / rate:.0f} tokens/s)",
+            f"{unit} dropped: {sum(self.dropped.values())} {dict(sorted(self.dropped.items()))}",
+            f"{unit} truncated: {self.truncated}" + ("; chosen == rejected: " + str(self.identical)
+                                                     if unit == "pairs" else f"; {good}: {self.chosen.count}"),
+            f"tokens: prompt {self.prompt.total}, {good} {self.chosen.total}, {bad} {self.rejected.total}",
         ]
         out += [f"{name} length: max {s.max}, mean {s.mean:.1f}"
-                for name, s in (("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected))]
+                for name, s in (("prompt", self.prompt), (good, self.chosen), (bad, self.rejected))]
         if self.bad_records:
             out.append("first bad records: " + "; ".join(self.bad_records))
         return out
@@ -301,7 +407,8 @@ class PrefixLock:
 
 
 class PairShardWriter:
-    """The four indexed datasets of a run, under temporary names until ``commit``.
+    """The four indexed datasets of a run (`keys`; the three unpaired ones in `UnpairedShardWriter`), under
+    temporary names until ``commit``.
 
     Staging names are ``.NAME.tmpPID_packed_*``. Made under the prefix lock, the writer removes
     those of killed runs first (and logs them), and refuses an existing data set unless
@@ -309,19 +416,26 @@ class PairShardWriter:
     between leaves an incomplete set (which the trainer reports), never a mix of old and new files.
     """
 
+    keys = OUTPUT_KEYS
+    """The datasets it writes (with MARGIN_KEY when the records have a margin column)."""
+    replaces = OUTPUT_KEYS + (MARGIN_KEY,)
+    """The files of an old data set at the prefix that --overwrite removes: a margin file too, so none outlives
+    the set it belongs to."""
+
     def __init__(self, output_prefix: str, overwrite: bool = False, margins: bool = False) -> None:
+        if margins:
+            self.keys = OUTPUT_KEYS + (MARGIN_KEY,)
         directory, name = os.path.split(os.path.abspath(output_prefix))
         os.makedirs(directory, exist_ok=True)
-        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in ALL_KEYS}
+        names = dict.fromkeys(self.keys + self.replaces)
+        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in names}
         temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        self.temp = {k: output_path_prefix(temp, k) for k in ALL_KEYS}
-        self.keys = OUTPUT_KEYS + ((MARGIN_KEY,) if margins else ())
+        self.temp = {k: output_path_prefix(temp, k) for k in names}
         self.builders = {}
         self.lock = PrefixLock(directory, name)
         try:
             _remove_stale_staging(directory, name)
-            # every file of an old set, its margins included, so none outlives the set it belongs to
-            self.replaced = [self.final[k] + ext for k in ALL_KEYS for ext in (".bin", ".idx")
+            self.replaced = [self.final[k] + ext for k in self.replaces for ext in (".bin", ".idx")
                              if os.path.exists(self.final[k] + ext)]
             if self.replaced and not overwrite:
                 more = f" and {len(self.replaced) - 1} more" if len(self.replaced) > 1 else ""
@@ -372,9 +486,23 @@ class PairShardWriter:
         self.lock.release()
 
 
+class UnpairedShardWriter(PairShardWriter):
+    """The three indexed datasets of an unpaired (KTO) run."""
+
+    keys = replaces = UNPAIRED_KEYS
+
+    def add(self, ids: np.ndarray, prompt_len: int, desirable: bool) -> None:
+        labels = ids.copy()
+        labels[:prompt_len] = IGNORE_INDEX
+        self.builders["completion_input_ids"].add_document(ids, [ids.size])
+        self.builders["completion_labels"].add_document(labels, [labels.size])
+        self.builders["desirable"].add_document(np.array([int(desirable)], dtype=np.int32), [1])
+
+
 def _remove_stale_staging(directory: str, name: str) -> None:
     """Removes the staging files of --output-prefix DIR/NAME left by killed runs (call under its lock)."""
-    staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({'|'.join(ALL_KEYS)})_document\.(bin|idx)")
+    keys = "|".join(OUTPUT_KEYS + (MARGIN_KEY,) + UNPAIRED_KEYS)
+    staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({keys})_document\.(bin|idx)")
     stale = sorted(f for f in os.listdir(directory) if staging.fullmatch(f))
     for file in stale:
         os.remove(os.path.join(directory, file))
@@ -452,12 +580,12 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Tokenize all pairs of ``config.input`` into the four output datasets."""
     start = time.perf_counter()
     sources = find_sources(config.input)
-    encoder = PairEncoder(config)  # validates handler, template and tokenizer before any work
+    encoder = build_encoder(config)  # validates handler, template and tokenizer before any work
     _check_columns(sources, encoder.handler)
     logger.info("preprocessing %d file(s) with %d worker(s), --prompt-type %s, %s",
                 len(sources), config.workers, config.prompt_type, config.handler_name)
 
-    summary = PreprocessSummary()
+    summary = PreprocessSummary(unit="samples" if config.unpaired else "pairs")
     progress = _Progress(config.log_interval, total_bytes(sources))
     feeder = _Feeder(read_records(sources), limit=CHUNK_SIZE * config.workers * 8)
     pool = writer = None
@@ -470,7 +598,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(encoder if fork else config,))
             results = pool.imap(_encode_in_worker, feeder, chunksize=CHUNK_SIZE)
         # after the fork: workers a killed run leaves behind must not inherit (and keep) the prefix lock
-        writer = PairShardWriter(config.output_prefix, config.overwrite, margins=encoder.handler.has_margin)
+        writer = encoder.writer(config.output_prefix, config.overwrite)
         for result in results:
             nbytes = feeder.done(result.source, result.index)
             if isinstance(result, RecordFailure):
@@ -483,21 +611,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                     summary.bad_records.append(f"{where}:{about} {result.message}")
                 progress.update(nbytes, 0)
                 continue
-            chosen = np.frombuffer(result.chosen, dtype=np.int32)
-            rejected = np.frombuffer(result.rejected, dtype=np.int32)
-            writer.add(chosen, rejected, result.prompt_len, result.margin)
-            summary.pairs_written += 1
-            summary.truncated += result.truncated
-            if result.identical:
-                summary.identical += 1
-                if summary.identical <= MAX_LISTED_BAD:
-                    logger.warning("%s: chosen == rejected", sources[result.source].where(result.index))
-            summary.prompt.add(result.prompt_len)
-            summary.chosen.add(chosen.size)
-            summary.rejected.add(rejected.size)
-            progress.update(nbytes, chosen.size + rejected.size)
+            tokens = encoder.write(result, writer, summary, sources[result.source].where(result.index))
+            progress.update(nbytes, tokens)
         if summary.pairs_written == 0:
-            raise DataError(f"--input {config.input!r}: no pairs to write")
+            raise DataError(f"--input {config.input!r}: no {summary.unit} to write")
         summary.output_files = writer.commit()
     except BaseException:
         if writer is not None:
