@@ -146,7 +146,8 @@ def write_peft_adapter(config: ConvertConfig) -> Path:
         tensors[f"base_model.model.{SCORE}"] = (head.to(config.dtype) if config.dtype else head).contiguous().clone()
     hf_config = base.get("hf_config") or {}
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "r": config.lora_r, "lora_alpha": config.lora_alpha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
         "lora_dropout": ((args.get("engine") or {}).get("lora") or {}).get("lora_dropout", 0.0),
         "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "base_model_name_or_path": hf_config.get("_name_or_path") or None,
