@@ -48,3 +48,10 @@ def test_margins_of_another_run_are_refused(tmp_path, llama3_dir):
     with pytest.raises(DataError, match="3 margins for 4 pairs"):
         PairwiseDataset(prefix, seq_length=256)
     assert np.isfinite(PairwiseDataset(other, seq_length=256)[2]["margin"])
+
+
+def test_margins_are_refused_for_unpaired_data(tmp_path, llama3_dir):
+    records = [{**r, "gap": 1.0} for r in make_records(2)]
+    with pytest.raises(ValueError, match="--map-keys margin: a per-pair reward margin .* needs pairwise data"):
+        run(tmp_path, llama3_dir, write_jsonl(tmp_path / "d.jsonl", records), handler_name="AlpacaStylePairwiseHandler",
+            unpair=True, map_keys={"margin": "gap"})
