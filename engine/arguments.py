@@ -381,7 +381,8 @@ class PreferenceConfig(Section):
 
     stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free; kto trains on "
                                "unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or "
-                               "--unpair) against a reference policy",
+                               "--unpair) against a reference policy; rm trains a reward model (a scalar value head) "
+                               "on the pairwise data",
                         choices=STAGES)
     dpo_loss_type: list[str] | None = option(
         None, "one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); one of: "
@@ -420,6 +421,9 @@ class PreferenceConfig(Section):
                                                       "losses (TRL's desirable_weight); default 1.0")
     kto_undesirable_weight: float | None = option(None, "--stage kto: weight of the undesirable (thumbs-down) "
                                                         "samples' losses (TRL's undesirable_weight); default 1.0")
+    center_rewards_coefficient: float | None = option(
+        None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
+              "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
     refer_model_iter: int | None = option(None, "iteration of the reference checkpoint used when resuming "
                                                 "(default 1)")
@@ -439,7 +443,7 @@ class PreferenceConfig(Section):
                 f"--reference-free does not apply to --stage {stage}: its KL reference point needs a reference model")
         require(traits.nll_per_pair or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
                 + (f" (use --{traits.nll_weight.replace('_', '-')})" if traits.nll_weight else
-                   " (its NLL term is built in)"))
+                   "" if traits.value_head else " (its NLL term is built in)"))
 
         for name, value in traits.defaults.items():
             if getattr(self, name) is None:
@@ -449,12 +453,14 @@ class PreferenceConfig(Section):
         require(self.cpo_alpha is None or self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
         for name in ("kto_desirable_weight", "kto_undesirable_weight"):
             require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        require(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+                "--center-rewards-coefficient must be >= 0")
         for name in self.dpo_loss_type or []:
             require(name in traits.loss_types, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
                                                f"choose from {', '.join(traits.loss_types)}")
         types = self.loss_types
         require(len(set(types)) == len(types), "--dpo-loss-type names a loss twice")
-        require(traits.several_losses or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
+        require(traits.several_losses or len(types) <= 1, f"--stage {stage} takes one --dpo-loss-type")
         if self.dpo_loss_weights is not None:
             require(
                 len(self.dpo_loss_weights) == len(types),
@@ -512,6 +518,8 @@ class PreferenceConfig(Section):
 
     @property
     def loss_types(self) -> list[str]:
+        if self.traits.value_head:
+            return []  # the reward model's Bradley-Terry loss is the stage's own, not a log-prob loss
         return list(self.dpo_loss_type or []) if self.traits.loss_types else [self.stage]
 
     @property
@@ -522,13 +530,15 @@ class PreferenceConfig(Section):
 
     @property
     def beta(self) -> float:
-        """The beta of the stage (--orpo-beta is ORPO's lambda)."""
-        return getattr(self, self.traits.beta)
+        """The beta of the stage (--orpo-beta is ORPO's lambda); None under rm."""
+        return getattr(self, self.traits.beta) if self.traits.beta else None
 
     @property
     def nll_weight(self) -> float:
         """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
         (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
+        if self.traits.value_head:
+            return 0.0
         if self.traits.nll_weight is None:
             return 1.0
         weight = getattr(self, self.traits.nll_weight)
@@ -541,6 +551,12 @@ class PreferenceConfig(Section):
                     f"desirable, {self.kto_undesirable_weight:g}*(1 - sigmoid(beta (kl - logratio))) undesirable | "
                     f"--dpo-beta {self.beta:g}, kl: mean over the global batch of mismatched prompt/completion "
                     "log-ratios, clamped at 0, " + ("reference model" if self.uses_reference else "reference-free"))
+        if self.traits.value_head:
+            center = self.center_rewards_coefficient
+            return ("rm: loss = -logsigmoid(r_chosen - r_rejected - margin)"
+                    + (f" + {center:g}*(r_chosen + r_rejected)^2" if center else "")
+                    + " | value head reward at each sequence's last token, per-pair margin from the data (0 if "
+                      "absent), reference-free")
         types = self.loss_types
         terms = [t if (w, len(types)) == (1.0, 1) else f"{w:g}*{t}" for w, t in self.loss_terms]
         if self.nll_weight > 0:

@@ -15,6 +15,9 @@ IGNORE_INDEX = -100
 
 OUTPUT_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 """The four indexed datasets a pairwise preprocessing run writes; document i of each is pair i."""
+MARGIN_KEY = "margin"
+"""An optional fifth dataset, `PREFIX_packed_margin_document.{bin,idx}`: float32, document i is pair i's reward
+margin (one value), written when --map-keys names a `margin` column; --stage rm subtracts it in its loss."""
 
 UNPAIRED_KEYS = ("completion_input_ids", "completion_labels", "desirable")
 """The three indexed datasets an unpaired (KTO) preprocessing run writes; document i of each is sample i:
@@ -50,3 +53,7 @@ def missing_shards_message(prefix: str, keys: tuple[str, ...] = OUTPUT_KEYS) -> 
     kind = "pairwise" if keys == OUTPUT_KEYS else "unpaired"
     return (f"--data-path {prefix!r}: no preprocessed {kind} files (expected {paths[0]} and {len(paths) - 1} more); "
             f"pass the prefix given to preprocess_data.py --output-prefix{hint}")
+
+VALUE_HEAD_KEY = "value_head.weight"
+"""State-dict key of a reward model's scalar head ([1, hidden], replicated over TP, on the last pipeline stage),
+in place of the language model's `output_layer.weight`: its presence marks a reward-model checkpoint."""

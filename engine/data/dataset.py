@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from engine.arguments import DataConfig
 from engine.data.readers import DataError
 from engine.data.truncation import truncate_lengths
-from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, missing_shards_message, output_path_prefix
+from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, missing_shards_message, output_path_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class PairwiseDataset(Dataset):
 
     Item ``i`` is a dict of int64 arrays ``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels`` (labels aligned with the ids,
-    prompt positions ``IGNORE_INDEX``; the collate function shifts them).
+    prompt positions ``IGNORE_INDEX``; the collate function shifts them), plus ``margin`` (a float) when the
+    data set has a margin file (engine/formats.py MARGIN_KEY).
     """
 
     def __init__(self, prefix: str, seq_length: int, vocab_size: int | None = None) -> None:
@@ -84,6 +85,7 @@ class PairwiseDataset(Dataset):
             raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
         self.datasets = {k: IndexedDataset(p) for k, p in paths.items()}
         self._validate(paths, vocab_size)
+        self.margins = self._margins(output_path_prefix(prefix, MARGIN_KEY))
         lengths = np.maximum(self.datasets["chosen_input_ids"].sequence_lengths,
                              self.datasets["rejected_input_ids"].sequence_lengths)
         long = int(np.count_nonzero(lengths > seq_length))
@@ -111,6 +113,18 @@ class PairwiseDataset(Dataset):
                 offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
                 _check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
 
+    def _margins(self, path: str) -> np.ndarray | None:
+        """The per-pair margins, read whole (4 bytes a pair), or None when the data set has none."""
+        if not IndexedDataset.exists(path):
+            return None
+        margins = IndexedDataset(path)
+        if len(margins) != len(self) or not (margins.sequence_lengths == 1).all():
+            raise DataError(f"{path}.idx holds {len(margins)} margins for {len(self)} pairs (one per pair expected): "
+                            "it belongs to another preprocessing run; preprocess again with --overwrite")
+        if margins.index.dtype != np.float32:
+            raise DataError(f"{path}.idx: margins must be float32, found {margins.index.dtype.__name__}")
+        return np.array(np.memmap(path + ".bin", dtype=np.float32, mode="r")[:len(self)])  # the .bin is the values
+
     def __len__(self) -> int:
         return len(self.datasets["chosen_input_ids"])
 
@@ -123,9 +137,11 @@ class PairwiseDataset(Dataset):
         p = prompt["chosen"]
         response = max(seqs["chosen_input_ids"].size, seqs["rejected_input_ids"].size) - p
         keep_prompt, keep_response = truncate_lengths(p, response, self.seq_length)
-        if keep_prompt == p and keep_response == response:
-            return seqs
-        return {k: np.concatenate([s[p - keep_prompt:p], s[p:p + keep_response]]) for k, s in seqs.items()}
+        if keep_prompt != p or keep_response != response:
+            seqs = {k: np.concatenate([s[p - keep_prompt:p], s[p:p + keep_response]]) for k, s in seqs.items()}
+        if self.margins is not None:
+            seqs["margin"] = float(self.margins[i])
+        return seqs
 
 
 def _prompt_length(labels: np.ndarray) -> int:

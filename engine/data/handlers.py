@@ -7,6 +7,7 @@ logical field and its column; the caller adds the file and line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +31,11 @@ class PairwiseSample:
     rejected: str
 
 
+OPTIONAL_FIELDS = {"margin": ""}
+"""Logical fields every handler reads when --map-keys names their column (off by default): `margin`, a number per
+pair that --stage rm subtracts from the reward difference."""
+
+
 class PairwiseHandler:
     """Base: column mapping (``--map-keys``) and typed field access."""
 
@@ -41,14 +47,15 @@ class PairwiseHandler:
 
     def __init__(self, map_keys: dict[str, str] | None = None) -> None:
         map_keys = dict(map_keys or {})
-        unknown = sorted(set(map_keys) - set(self.defaults))
+        defaults = {**self.defaults, **OPTIONAL_FIELDS}
+        unknown = sorted(set(map_keys) - set(defaults))
         if unknown:
             raise ValueError(
-                f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(self.defaults)}"
+                f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(defaults)}"
             )
-        self.keys = {**self.defaults, **map_keys}
+        self.keys = {**defaults, **map_keys}
         self.explicit_columns = {
-            k: v for k, v in map_keys.items() if k not in self.tag_keys and v and v != self.defaults[k]
+            k: v for k, v in map_keys.items() if k not in self.tag_keys and v and v != defaults[k]
         }
         """Columns the user renamed: each must exist in the data, checked before any work. (Mapping a
         field to its default name, as in ``{"system": "system"}``, renames nothing and may be absent.)"""
@@ -85,6 +92,19 @@ class PairwiseHandler:
 
     def __call__(self, record: dict) -> PairwiseSample:
         raise NotImplementedError
+
+    @property
+    def has_margin(self) -> bool:
+        return bool(self.keys["margin"])
+
+    def margin(self, record: dict) -> float | None:
+        """The pair's margin when --map-keys names a margin column (then every record needs a finite number)."""
+        if not self.has_margin:
+            return None
+        value = self._get(record, "margin", required=True)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(f"must be a finite number, got {value!r}", self.keys["margin"])
+        return float(value)
 
 
 class AlpacaStylePairwiseHandler(PairwiseHandler):

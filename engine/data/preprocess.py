@@ -40,7 +40,7 @@ from engine.data.templates import ChatEncoder, get_template
 from engine.data.truncation import truncate_lengths
 from engine.data.unpaired import UNPAIRED_HANDLERS, unpair
 from engine.file_lock import lock_or_holder
-from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
+from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
 from engine.options import Section, add_options, option, require, section_from_args
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 
@@ -133,6 +133,8 @@ class EncodedPair(NamedTuple):
     """Prompt tokens kept (masked in both sequences)."""
     truncated: bool
     identical: bool
+    margin: float | None = None
+    """The pair's margin column (--map-keys margin), if mapped."""
 
 
 class EncodedUnpaired(NamedTuple):
@@ -171,6 +173,7 @@ class PairEncoder:
         try:
             record = _parse(payload)
             sample = self.handler(record)
+            margin = self.handler.margin(record)
         except RecordError as e:
             return RecordFailure(source, index, "bad_record", e.field, str(e))
         prompt = self.chat.encode_prompt(sample.conversation)
@@ -188,17 +191,17 @@ class PairEncoder:
             truncated = True
         return EncodedPair(source, index, np.asarray(prompt + chosen, dtype=np.int32).tobytes(),
                            np.asarray(prompt + rejected, dtype=np.int32).tobytes(), len(prompt), truncated,
-                           sample.chosen == sample.rejected)
+                           sample.chosen == sample.rejected, margin)
 
     def writer(self, output_prefix: str, overwrite: bool) -> PairShardWriter:
-        return PairShardWriter(output_prefix, overwrite)
+        return PairShardWriter(output_prefix, overwrite, margins=self.handler.has_margin)
 
     @staticmethod
     def write(result: EncodedPair, writer: PairShardWriter, summary: PreprocessSummary, where: str) -> int:
         """Adds a result to the shards and the summary; returns the tokens written."""
         chosen = np.frombuffer(result.chosen, dtype=np.int32)
         rejected = np.frombuffer(result.rejected, dtype=np.int32)
-        writer.add(chosen, rejected, result.prompt_len)
+        writer.add(chosen, rejected, result.prompt_len, result.margin)
         summary.pairs_written += 1
         summary.truncated += result.truncated
         if result.identical:
@@ -218,6 +221,9 @@ class UnpairedEncoder(PairEncoder):
     def __init__(self, config: PreprocessConfig) -> None:
         super().__init__(config)
         self.unpair = config.unpair
+        if self.handler.has_margin:
+            raise ValueError("--map-keys margin: a per-pair reward margin (--stage rm) needs pairwise data; unpaired "
+                             "samples have no pair")
 
     def __call__(self, item: tuple[int, int, bytes | dict]) -> EncodedUnpaired | RecordFailure:
         source, index, payload = item
@@ -411,25 +417,33 @@ class PairShardWriter:
     """
 
     keys = OUTPUT_KEYS
+    """The datasets it writes (with MARGIN_KEY when the records have a margin column)."""
+    replaces = OUTPUT_KEYS + (MARGIN_KEY,)
+    """The files of an old data set at the prefix that --overwrite removes: a margin file too, so none outlives
+    the set it belongs to."""
 
-    def __init__(self, output_prefix: str, overwrite: bool = False) -> None:
+    def __init__(self, output_prefix: str, overwrite: bool = False, margins: bool = False) -> None:
+        if margins:
+            self.keys = OUTPUT_KEYS + (MARGIN_KEY,)
         directory, name = os.path.split(os.path.abspath(output_prefix))
         os.makedirs(directory, exist_ok=True)
-        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in self.keys}
+        names = dict.fromkeys(self.keys + self.replaces)
+        self.final = {k: output_path_prefix(os.path.join(directory, name), k) for k in names}
         temp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        self.temp = {k: output_path_prefix(temp, k) for k in self.keys}
+        self.temp = {k: output_path_prefix(temp, k) for k in names}
         self.builders = {}
         self.lock = PrefixLock(directory, name)
         try:
             _remove_stale_staging(directory, name)
-            self.replaced = [self.final[k] + ext for k in self.keys for ext in (".bin", ".idx")
+            self.replaced = [self.final[k] + ext for k in self.replaces for ext in (".bin", ".idx")
                              if os.path.exists(self.final[k] + ext)]
             if self.replaced and not overwrite:
                 more = f" and {len(self.replaced) - 1} more" if len(self.replaced) > 1 else ""
                 raise DataError(f"--output-prefix {output_prefix} holds a data set already ({self.replaced[0]}{more}); "
                                 "pass --overwrite to replace it, or choose another --output-prefix")
             for k in self.keys:
-                builder = IndexedDatasetBuilder(self.temp[k] + ".bin", dtype=np.int32)
+                builder = IndexedDatasetBuilder(self.temp[k] + ".bin",
+                                                dtype=np.float32 if k == MARGIN_KEY else np.int32)
                 # megatron opens the .bin with Python's 8 KiB buffer: a 1 MiB one makes writes ~4x cheaper
                 builder.data_file.close()
                 builder.data_file = open(self.temp[k] + ".bin", "wb", buffering=WRITE_BUFFER)
@@ -438,7 +452,9 @@ class PairShardWriter:
             self.abort()
             raise
 
-    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
+    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int, margin: float | None = None) -> None:
+        if MARGIN_KEY in self.builders:
+            self.builders[MARGIN_KEY].add_document(np.asarray([margin], dtype=np.float32), [1])
         for side, ids in (("chosen", chosen), ("rejected", rejected)):
             labels = ids.copy()
             labels[:prompt_len] = IGNORE_INDEX
@@ -473,7 +489,7 @@ class PairShardWriter:
 class UnpairedShardWriter(PairShardWriter):
     """The three indexed datasets of an unpaired (KTO) run."""
 
-    keys = UNPAIRED_KEYS
+    keys = replaces = UNPAIRED_KEYS
 
     def add(self, ids: np.ndarray, prompt_len: int, desirable: bool) -> None:
         labels = ids.copy()
@@ -485,7 +501,7 @@ class UnpairedShardWriter(PairShardWriter):
 
 def _remove_stale_staging(directory: str, name: str) -> None:
     """Removes the staging files of --output-prefix DIR/NAME left by killed runs (call under its lock)."""
-    keys = "|".join(OUTPUT_KEYS + UNPAIRED_KEYS)
+    keys = "|".join(OUTPUT_KEYS + (MARGIN_KEY,) + UNPAIRED_KEYS)
     staging = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)_packed_({keys})_document\.(bin|idx)")
     stale = sorted(f for f in os.listdir(directory) if staging.fullmatch(f))
     for file in stale:

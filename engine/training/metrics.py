@@ -37,7 +37,8 @@ def detect_peak_tflops(override: float | None) -> float | None:
 
 
 def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int) -> float:
-    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring)."""
+    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring);
+    `padded_vocab_size` is the width of the last projection (1 for a reward model's value head)."""
     s, h = seq_length, model.hidden_size
     d_q = model.num_attention_heads * model.kv_channels
     d_kv = model.num_query_groups * model.kv_channels

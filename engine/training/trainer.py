@@ -75,7 +75,7 @@ class DPOTrainer:
     checkpointer: Checkpointer
     model: list[torch.nn.Module]
     reference_source: ReferenceSource | None
-    reference: Reference | None
+    reference: Reference
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     state: TrainState
@@ -198,8 +198,6 @@ class DPOTrainer:
         return micro_batches, lengths
 
     def _with_reference(self, micro_batches: list, split: str) -> list:
-        if self.reference is None:
-            return [(batch, None) for batch in micro_batches]
         return list(zip(micro_batches, self.reference.logps(micro_batches, split)))
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -305,9 +303,11 @@ class DPOTrainer:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
-        passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
+        passes = 3 + self.reference.forward_passes
         passes += 1 if self.objective.needs_current_logps else 0
-        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
+        # The last projection: the vocab, or a reward model's single value per position.
+        outputs = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
+        flops = sum(passes * forward_flops(self.config.model, outputs, n) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()

@@ -79,6 +79,9 @@ HF_CONFIGS = {
 MODELS = {key: family for family, key in HF_CONFIGS}
 KTO_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
 FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3"}
+RM_KIND = "rm_{}_full_ptd.sh"
+RM_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
+"""One reward-model (--stage rm) script per dense family, beside that model's DPO scripts."""
 
 
 def _script(key: str, kind: str) -> Path:
@@ -135,6 +138,8 @@ def test_every_model_has_its_five_scripts_and_nothing_else():
     expected = {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in MODELS for kind in KINDS}
     expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in KTO_MODELS for kind in KTO_KINDS}
     assert {MODELS[key] for key in KTO_MODELS} == set(FAMILY_DIRS), "one KTO script per dense family"
+    expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{RM_KIND.format(key)}" for key in RM_MODELS}
+    assert {MODELS[key] for key in RM_MODELS} == set(FAMILY_DIRS)  # every dense family
     found = {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
     assert found == expected
 
@@ -213,6 +218,22 @@ def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, 
     world, torchrun = _world_size(launcher)
     assert (world, torchrun.node_rank, torchrun.master_addr, torchrun.master_port) == (8 * nodes, 1, "10.1.2.3", 29600)
     _validate_only(flags, world, monkeypatch, capsys, tmp_path)  # twice the data-parallel size still divides the batch
+
+
+@pytest.mark.parametrize("key", RM_MODELS)
+def test_rm_script_validates_and_fits_the_models_other_scripts(key, monkeypatch, capsys, tmp_path):
+    """The reward-model script: --stage rm for its world size, on the data, checkpoint and model flags of the
+    model's data/convert scripts and its DPO full run (only the stage, its options and the output differ)."""
+    launcher, flags = _dpo(key, RM_KIND)
+    world, _ = _world_size(launcher)
+    config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
+    assert config["preference"]["stage"] == "rm" and config["preference"]["center_rewards_coefficient"] == 0.01
+    dpo = _training_flags(_dpo(key, KINDS[3])[1])
+    train = _training_flags(flags)
+    same = ("load", "data_path", "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "global_batch_size", "micro_batch_size")
+    assert {k: getattr(train, k) for k in same} == {k: getattr(dpo, k) for k in same}
+    assert asdict(_model(train)) == asdict(_model(dpo)) and train.save != dpo.save
 
 
 # -- converter and preprocessing scripts: their own parsers, nothing converted ------------------------
