@@ -11,7 +11,10 @@ logged) from those of a live one; an existing data set is replaced only with
 
 Output: ``PREFIX_packed_{chosen,rejected}_{input_ids,labels}_document.{bin,idx}``
 (int32); document i of each is pair i; labels are input_ids with prompt
-positions set to -100 (aligned, not shifted: the trainer shifts).
+positions set to -100 (aligned, not shifted: the trainer shifts). Chosen and
+rejected share their prompt ids unless a token straddles the prompt/answer
+boundary differently in the two (engine/data/templates.py): then each keeps its
+own exact prompt, and the summary counts such pairs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,7 +36,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from engine.data.handlers import HANDLERS, RecordError, build_handler
 from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
-from engine.data.templates import ChatEncoder, get_template
+from engine.data.templates import build_chat_encoder
 from engine.data.truncation import truncate_lengths
 from engine.file_lock import lock_or_holder
 from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
@@ -66,7 +70,8 @@ class PreprocessConfig(Section):
     output_prefix: str = option(help="OUT/name; files are OUT/name_packed_*_document.{bin,idx}")
     tokenizer: TokenizerConfig = option(cli=False, help="the tokenizer flags")
     handler_name: str = option("AlpacaStylePairwiseHandler", "input data shape", choices=sorted(HANDLERS))
-    prompt_type: str = option("empty", "chat template (see engine/data/templates.json)")
+    prompt_type: str = option("empty", "chat template: a name from engine/data/templates.json, or 'auto' for the "
+                                       "tokenizer's own chat template (HF chat_template, rendered by transformers)")
     prompt_type_path: str | None = option(None, "JSON file of extra templates (same schema as templates.json)")
     map_keys: dict[str, str] = option(default_factory=dict, type=json_object,
                                       help="logical field -> column name ('' disables a column), as JSON, "
@@ -112,9 +117,15 @@ class EncodedPair(NamedTuple):
     chosen: bytes
     """int32 ids of prompt + chosen answer."""
     rejected: bytes
-    prompt_len: int
-    """Prompt tokens kept (masked in both sequences)."""
-    truncated: bool
+    chosen_prompt: int
+    """Prompt tokens kept in the chosen sequence (masked)."""
+    rejected_prompt: int
+    lengths: tuple[int, int, int]
+    """Prompt, chosen answer and rejected answer tokens before truncation."""
+    truncated: str | None
+    """``prompt``, ``answers`` or ``prompt_and_answers`` when the pair was cut to --seq-length."""
+    shared_prompt: bool
+    """Whether chosen and rejected have the same prompt ids (see the module docstring)."""
     identical: bool
 
 
@@ -122,7 +133,7 @@ class RecordFailure(NamedTuple):
     source: int
     index: int
     reason: str
-    """``bad_record`` or ``too_long``."""
+    """``too_long`` (dropped) or one of ``engine.data.records.REJECT_REASONS`` (rejected)."""
     field: str | None
     message: str
 
@@ -132,8 +143,7 @@ class PairEncoder:
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.handler = build_handler(config.handler_name, config.map_keys)
-        self.chat = ChatEncoder(get_template(config.prompt_type, config.prompt_type_path),
-                                build_tokenizer(config.tokenizer))
+        self.chat = build_chat_encoder(config.prompt_type, build_tokenizer(config.tokenizer), config.prompt_type_path)
         self.seq_length = config.seq_length
         self.drop_long = config.drop_long
 
@@ -142,24 +152,32 @@ class PairEncoder:
         try:
             record = _parse(payload)
             sample = self.handler(record)
+            (chosen, n_chosen), (rejected, n_rejected) = self.chat.encode(sample.conversation, sample.chosen,
+                                                                          sample.rejected)
         except RecordError as e:
-            return RecordFailure(source, index, "bad_record", e.field, str(e))
-        prompt = self.chat.encode_prompt(sample.conversation)
-        chosen = self.chat.encode_response(sample.chosen)
-        rejected = self.chat.encode_response(sample.rejected)
-        truncated = False
-        if self.seq_length is not None and len(prompt) + max(len(chosen), len(rejected)) > self.seq_length:
+            return RecordFailure(source, index, e.reason, e.field, str(e))
+        shared = n_chosen == n_rejected and chosen[:n_chosen] == rejected[:n_rejected]
+        prompt, answer = max(n_chosen, n_rejected), max(len(chosen) - n_chosen, len(rejected) - n_rejected)
+        lengths = (prompt, len(chosen) - n_chosen, len(rejected) - n_rejected)
+        truncated = None
+        if self.seq_length is not None and max(len(chosen), len(rejected)) > self.seq_length:
             if self.drop_long:
-                n = len(prompt) + max(len(chosen), len(rejected))
-                return RecordFailure(source, index, "too_long", None, f"{n} tokens > --seq-length")
-            keep_prompt, keep_response = truncate_lengths(len(prompt), max(len(chosen), len(rejected)),
-                                                          self.seq_length)
-            prompt, chosen, rejected = prompt[len(prompt) - keep_prompt:], chosen[:keep_response], \
-                rejected[:keep_response]
-            truncated = True
-        return EncodedPair(source, index, np.asarray(prompt + chosen, dtype=np.int32).tobytes(),
-                           np.asarray(prompt + rejected, dtype=np.int32).tobytes(), len(prompt), truncated,
-                           sample.chosen == sample.rejected)
+                return RecordFailure(source, index, "too_long", None,
+                                     f"{max(len(chosen), len(rejected))} tokens > --seq-length")
+            keep_prompt, keep_answer = truncate_lengths(prompt, answer, self.seq_length)
+            truncated = {(True, False): "prompt", (False, True): "answers"}.get(
+                (keep_prompt < prompt, keep_answer < answer), "prompt_and_answers")
+            chosen, n_chosen = _cut(chosen, n_chosen, keep_prompt, keep_answer)
+            rejected, n_rejected = _cut(rejected, n_rejected, keep_prompt, keep_answer)
+        return EncodedPair(source, index, np.asarray(chosen, dtype=np.int32).tobytes(),
+                           np.asarray(rejected, dtype=np.int32).tobytes(), n_chosen, n_rejected, lengths, truncated,
+                           shared, sample.chosen == sample.rejected)
+
+
+def _cut(ids: list[int], prompt: int, keep_prompt: int, keep_answer: int) -> tuple[list[int], int]:
+    """The prompt's last ``keep_prompt`` tokens (all of a shorter one) and the answer's first ``keep_answer``."""
+    kept = min(prompt, keep_prompt)
+    return ids[prompt - kept:prompt + keep_answer], kept
 
 
 def _parse(payload: bytes | dict) -> dict:
@@ -167,13 +185,14 @@ def _parse(payload: bytes | dict) -> dict:
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise RecordError(f"not valid UTF-8 (byte 0x{payload[e.start]:02x} at column {e.start + 1})") from None
+            raise RecordError(f"not valid UTF-8 (byte 0x{payload[e.start]:02x} at column {e.start + 1})",
+                              reason="not_utf8") from None
         try:
             payload = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RecordError(f"malformed JSON: {e.msg} (column {e.colno})") from None
+            raise RecordError(f"malformed JSON: {e.msg} (column {e.colno})", reason="malformed_json") from None
     if not isinstance(payload, dict):
-        raise RecordError(f"a record must be a JSON object, got {type(payload).__name__}")
+        raise RecordError(f"a record must be a JSON object, got {type(payload).__name__}", reason="not_an_object")
     return payload
 
 
@@ -210,18 +229,54 @@ class LengthStats:
 
 
 @dataclass
+class LengthDistribution:
+    """Exact percentiles of a token length: a count per distinct length (memory bounded by the longest)."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, n: int) -> None:
+        self.counts[n] += 1
+
+    def percentile(self, q: float) -> int:
+        """The smallest length that at least ``q`` percent of the values do not exceed (nearest rank)."""
+        total = sum(self.counts.values())
+        if not total:
+            return 0
+        rank, seen = max(1, -(-q * total // 100)), 0
+        for length in sorted(self.counts):
+            seen += self.counts[length]
+            if seen >= rank:
+                return length
+        return max(self.counts)
+
+    def describe(self) -> str:
+        return ", ".join(f"p{q} {self.percentile(q)}" for q in (50, 90, 99)) + f", max {self.percentile(100)}"
+
+
+@dataclass
 class PreprocessSummary:
     """What a run wrote and what it left out, and why."""
 
     pairs_written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    """reason (``bad_record``, ``too_long``) -> pairs left out."""
+    """reason (``too_long``: longer than --seq-length with --drop-long) -> pairs left out."""
+    rejected_records: dict[str, int] = field(default_factory=dict)
+    """reason (``engine.data.records.REJECT_REASONS``) -> malformed records skipped (--skip-bad-records)."""
     bad_records: list[str] = field(default_factory=list)
     """Where the first skipped records are (file:line: message)."""
-    truncated: int = 0
+    truncated: dict[str, int] = field(default_factory=dict)
+    """what was cut to fit --seq-length (``prompt``, ``answers``, ``prompt_and_answers``) -> pairs."""
+    prompt_not_shared: int = 0
+    """Pairs whose chosen and rejected prompt ids differ: a token straddles the prompt/answer boundary in one
+    of them (written with each side's exact prompt)."""
     identical: int = 0
     """Pairs whose chosen equals rejected (written, but they teach nothing)."""
+    lengths: dict[str, LengthDistribution] = field(
+        default_factory=lambda: {k: LengthDistribution() for k in ("prompt", "chosen answer", "rejected answer",
+                                                                   "pair")})
+    """Token lengths before truncation, to choose --seq-length by: ``pair`` is prompt + the longer answer."""
     prompt: LengthStats = field(default_factory=LengthStats)
+    """Prompt lengths as written (the chosen side's)."""
     chosen: LengthStats = field(default_factory=LengthStats)
     """Chosen sequence lengths (prompt + answer) as written."""
     rejected: LengthStats = field(default_factory=LengthStats)
@@ -234,15 +289,21 @@ class PreprocessSummary:
 
     def lines(self) -> list[str]:
         rate = max(self.elapsed_s, 1e-9)
+
+        def counts(d: dict[str, int]) -> str:
+            return f"{sum(d.values())} {dict(sorted(d.items()))}"
+
         out = [
             f"pairs written: {self.pairs_written} in {self.elapsed_s:.1f}s "
             f"({self.pairs_written / rate:.0f} pairs/s, {self.tokens / rate:.0f} tokens/s)",
-            f"pairs dropped: {sum(self.dropped.values())} {dict(sorted(self.dropped.items()))}",
-            f"pairs truncated: {self.truncated}; chosen == rejected: {self.identical}",
-            f"tokens: prompt {self.prompt.total}, chosen {self.chosen.total}, rejected {self.rejected.total}",
+            f"records rejected (malformed, --skip-bad-records): {counts(self.rejected_records)}",
+            f"pairs dropped: {counts(self.dropped)}",
+            f"pairs truncated to --seq-length: {counts(self.truncated)}",
+            f"pairs whose chosen and rejected prompt ids differ (a token straddles the prompt/answer boundary): "
+            f"{self.prompt_not_shared}; chosen == rejected: {self.identical}",
+            f"tokens written: prompt {self.prompt.total}, chosen {self.chosen.total}, rejected {self.rejected.total}",
         ]
-        out += [f"{name} length: max {s.max}, mean {s.mean:.1f}"
-                for name, s in (("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected))]
+        out += [f"{name} tokens before truncation: {d.describe()}" for name, d in self.lengths.items()]
         if self.bad_records:
             out.append("first bad records: " + "; ".join(self.bad_records))
         return out
@@ -330,10 +391,12 @@ class PairShardWriter:
             self.abort()
             raise
 
-    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int) -> None:
-        for side, ids in (("chosen", chosen), ("rejected", rejected)):
+    def add(self, chosen: np.ndarray, rejected: np.ndarray, prompt: int, rejected_prompt: int | None = None) -> None:
+        """One pair; ``prompt`` tokens of each side are masked (``rejected_prompt`` of the rejected side if given)."""
+        rejected_prompt = prompt if rejected_prompt is None else rejected_prompt
+        for side, ids, prompt in (("chosen", chosen, prompt), ("rejected", rejected, rejected_prompt)):
             labels = ids.copy()
-            labels[:prompt_len] = IGNORE_INDEX
+            labels[:prompt] = IGNORE_INDEX
             self.builders[f"{side}_input_ids"].add_document(ids, [ids.size])
             self.builders[f"{side}_labels"].add_document(labels, [labels.size])
 
@@ -426,6 +489,28 @@ class _Feeder:
         self.slots.release()
 
 
+def _count(summary: PreprocessSummary, result: EncodedPair, sources: list[Source], chosen: int,
+           rejected: int) -> None:
+    """Adds one written pair to the summary (and logs the first odd ones)."""
+    summary.pairs_written += 1
+    if result.truncated:
+        summary.truncated[result.truncated] = summary.truncated.get(result.truncated, 0) + 1
+    for flag, attribute, what in ((result.identical, "identical", "chosen == rejected"),
+                                  (not result.shared_prompt, "prompt_not_shared",
+                                   "chosen and rejected prompt ids differ (a token straddles the boundary)")):
+        if flag:
+            setattr(summary, attribute, getattr(summary, attribute) + 1)
+            if getattr(summary, attribute) <= MAX_LISTED_BAD:
+                logger.warning("%s: %s", sources[result.source].where(result.index), what)
+    prompt, chosen_answer, rejected_answer = result.lengths
+    for name, n in zip(summary.lengths, (prompt, chosen_answer, rejected_answer,
+                                         prompt + max(chosen_answer, rejected_answer))):
+        summary.lengths[name].add(n)
+    summary.prompt.add(result.chosen_prompt)
+    summary.chosen.add(chosen)
+    summary.rejected.add(rejected)
+
+
 def _check_columns(sources: list[Source], handler) -> None:
     """Report --map-keys columns missing from each file's first record before any work."""
     for source in sources:
@@ -466,25 +551,20 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             if isinstance(result, RecordFailure):
                 where = sources[result.source].where(result.index)
                 about = f" field {result.field!r}:" if result.field else ""
-                if result.reason == "bad_record" and not config.skip_bad_records:
+                if result.reason == "too_long":
+                    summary.dropped[result.reason] = summary.dropped.get(result.reason, 0) + 1
+                elif not config.skip_bad_records:
                     raise DataError(f"{where}:{about} {result.message} (use --skip-bad-records to skip such records)")
-                summary.dropped[result.reason] = summary.dropped.get(result.reason, 0) + 1
-                if result.reason == "bad_record" and len(summary.bad_records) < MAX_LISTED_BAD:
-                    summary.bad_records.append(f"{where}:{about} {result.message}")
+                else:
+                    summary.rejected_records[result.reason] = summary.rejected_records.get(result.reason, 0) + 1
+                    if len(summary.bad_records) < MAX_LISTED_BAD:
+                        summary.bad_records.append(f"{where}:{about} {result.message}")
                 progress.update(nbytes, 0)
                 continue
             chosen = np.frombuffer(result.chosen, dtype=np.int32)
             rejected = np.frombuffer(result.rejected, dtype=np.int32)
-            writer.add(chosen, rejected, result.prompt_len)
-            summary.pairs_written += 1
-            summary.truncated += result.truncated
-            if result.identical:
-                summary.identical += 1
-                if summary.identical <= MAX_LISTED_BAD:
-                    logger.warning("%s: chosen == rejected", sources[result.source].where(result.index))
-            summary.prompt.add(result.prompt_len)
-            summary.chosen.add(chosen.size)
-            summary.rejected.add(rejected.size)
+            writer.add(chosen, rejected, result.chosen_prompt, result.rejected_prompt)
+            _count(summary, result, sources, chosen.size, rejected.size)
             progress.update(nbytes, chosen.size + rejected.size)
         if summary.pairs_written == 0:
             raise DataError(f"--input {config.input!r}: no pairs to write")

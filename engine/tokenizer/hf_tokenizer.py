@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from engine.tokenizer.tokenizer import Tokenizer
@@ -17,9 +18,21 @@ class HFTokenizer(Tokenizer):
         if self.hf.eos_token is None:
             raise ValueError(f"--tokenizer-name-or-path {path!r}: tokenizer defines no eos_token")
         self._vocab = self.hf.get_vocab()
+        self._exact_offsets = self.hf.is_fast and not _trims_offsets(self.hf)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_pair(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Counts the prompt's tokens from the fast tokenizer's character offsets: exact."""
+        if not self._exact_offsets:
+            return super().encode_pair(prompt, answer)
+        out = self.hf(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets, limit = out["input_ids"], out["offset_mapping"], len(prompt)
+        n = 0
+        while n < len(ids) and offsets[n][1] <= limit:
+            n += 1
+        return ids, n
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -42,3 +55,19 @@ class HFTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        return template if isinstance(template, str) and template.strip() else None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.hf.apply_chat_template(messages, tokenize=False)
+
+
+def _trims_offsets(hf) -> bool:
+    """Whether a ByteLevel post-processor trims whitespace off the offsets (GPT-2 style): a trimmed
+    token end no longer says where the token's text ends, so the prompt count falls back to decoding."""
+    processor = json.loads(hf.backend_tokenizer.to_str()).get("post_processor") or {}
+    processors = processor.get("processors", [processor])
+    return any(p.get("type") == "ByteLevel" and p.get("trim_offsets") for p in processors)

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from engine.data.templates import ChatEncoder, Conversation, get_template
+from engine.data.records import Conversation
+from engine.data.templates import build_chat_encoder
 from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
 from tests.assets import build_family_tokenizer_dir, build_sentencepiece_model, write_tiktoken_file
 
@@ -75,10 +76,10 @@ def test_mistral_templates_match_mistral_common_reference_encoder(model, prompt_
                               system_prompt=system)
     expected = MistralTokenizer.from_file(path).instruct_tokenizer.encode_instruct(request).tokens
 
-    chat = ChatEncoder(get_template(prompt_type),
-                       build_tokenizer(TokenizerConfig("SentencePieceTokenizer", tokenizer_model=path)))
-    conv = Conversation(prompt=final, system=system, history=history)
-    assert chat.encode_prompt(conv) + chat.encode_response(answer) == expected
+    chat = build_chat_encoder(prompt_type, build_tokenizer(TokenizerConfig("SentencePieceTokenizer",
+                                                                           tokenizer_model=path)))
+    [(ids, _)] = chat.encode(Conversation(prompt=final, system=system, history=history), answer)
+    assert ids == expected
 
 
 def test_tiktoken_qwen_matches_reference_and_special_tokens():
