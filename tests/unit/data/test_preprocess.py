@@ -282,3 +282,34 @@ def test_feeder_keeps_at_most_limit_records_in_flight():
     assert not reader.is_alive() and got[-1] == (0, 2, b"{}")
     feeder.stop()  # a stopped feeder ends instead of blocking
     assert list(items) == []
+
+
+def test_auto_writes_what_the_registry_template_writes_and_counts_unshared_prompts(tmp_path, family_tokenizer_dir):
+    """qwen: one chosen answer starts with a newline, which merges with the assistant header's newline:
+    that pair's prompts differ (counted); auto and the registry template write the same bytes."""
+    qwen = family_tokenizer_dir("qwen")
+    records = make_records(6)
+    records[2]["chosen"] = "\n" + records[2]["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    registry, _ = run(tmp_path, qwen, path, name="registry", prompt_type="qwen")
+    auto, _ = run(tmp_path, qwen, path, name="auto", prompt_type="auto")
+    assert registry.prompt_not_shared == auto.prompt_not_shared == 1
+    for k in OUTPUT_KEYS:
+        for ext in (".bin", ".idx"):
+            assert Path(output_path_prefix(str(tmp_path / "shards" / "registry"), k) + ext).read_bytes() == \
+                Path(output_path_prefix(str(tmp_path / "shards" / "auto"), k) + ext).read_bytes()
+    data = read_back(str(tmp_path / "shards" / "auto"))
+    masked = {side: int((data[f"{side}_labels"][2] == IGNORE_INDEX).sum()) for side in ("chosen", "rejected")}
+    assert masked["rejected"] == masked["chosen"] + 1  # the rejected side keeps its own "\n" in the prompt
+    assert any("chosen and rejected prompt ids differ" in line and ": 1;" in line for line in auto.lines())
+
+
+def test_length_percentiles_are_nearest_rank():
+    from engine.data.preprocess import LengthDistribution
+
+    lengths = LengthDistribution()
+    for n in [7, 1, 3, 3, 10, 2, 9, 5, 4, 8]:  # sorted: 1 2 3 3 4 5 7 8 9 10
+        lengths.add(n)
+    assert [lengths.percentile(q) for q in (50, 90, 99, 100)] == [4, 9, 10, 10]
+    assert lengths.describe() == "p50 4, p90 9, p99 10, max 10"
+    assert LengthDistribution().describe() == "p50 0, p90 0, p99 0, max 0"

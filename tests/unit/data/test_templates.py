@@ -111,3 +111,43 @@ def test_bos_template_needs_a_tokenizer_with_bos(family_tokenizer_dir):
     tok = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=family_tokenizer_dir("qwen")))
     with pytest.raises(ValueError, match="--prompt-type llama3"):
         build_chat_encoder("llama3", tok)
+
+
+# -- --prompt-type auto ----------------------------------------------------------------------------------
+
+
+def test_auto_without_a_chat_template_names_the_registry(sp_model):
+    tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", tokenizer_model=sp_model))
+    with pytest.raises(ValueError) as info:
+        build_chat_encoder("auto", tok)
+    message = str(info.value)
+    assert message.startswith("--prompt-type auto: the tokenizer has no chat template") and "\n" not in message
+    assert "'llama3'" in message and "'qwen'" in message
+
+
+def test_auto_reports_a_template_that_refuses_a_record_or_drops_the_answer(llama3_dir):
+    from engine.data.records import RecordError
+
+    tok = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=llama3_dir))
+    tok.hf.chat_template = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no "
+                            "forbidden words') }}{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    chat = build_chat_encoder("auto", tok)
+    assert chat.format.texts(Conversation("q"), ["a"]) == [("user: q\nassistant: ", "a\n")]
+    with pytest.raises(RecordError, match="chat template refused this conversation: no forbidden words") as info:
+        chat.encode(Conversation("a forbidden question"), "a")
+    assert info.value.reason == "template_error"
+    tok.hf.chat_template = "{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="--prompt-type auto: .* does not render the final assistant message"):
+        build_chat_encoder("auto", tok)
+
+
+def test_auto_trains_what_the_answer_changes_before_it(family_tokenizer_dir):
+    """Qwen3's template moves an answer's <think> part into its think block: the prompt ends where the
+    rendering with the answer parts from the rendering with a placeholder, so the reasoning is trained."""
+    tok = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=family_tokenizer_dir("qwen3")))
+    chat = build_chat_encoder("auto", tok)
+    [(prompt, answer), (plain_prompt, plain_answer)] = chat.format.texts(
+        Conversation("2+2?"), ["<think>\nadd\n</think>\n\nFour.", "\nFour."])
+    assert prompt == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert answer == "add\n</think>\n\nFour.<|im_end|>\n"
+    assert plain_prompt == prompt + "\n</think>\n\n" and plain_answer == "Four.<|im_end|>\n"
