@@ -19,6 +19,11 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"--tokenizer-name-or-path {path!r}: tokenizer defines no eos_token")
         self._vocab = self.hf.get_vocab()
         self._exact_offsets = self.hf.is_fast and not _trims_offsets(self.hf)
+        try:
+            self._chat_template = self.hf.get_chat_template()  # the default one of a named set, too
+        except ValueError:
+            self._chat_template = None
+        self._template_tokens = dict(self.hf.special_tokens_map)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -27,8 +32,9 @@ class HFTokenizer(Tokenizer):
         """Counts the prompt's tokens from the fast tokenizer's character offsets: exact."""
         if not self._exact_offsets:
             return super().encode_pair(prompt, answer)
-        out = self.hf(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets, limit = out["input_ids"], out["offset_mapping"], len(prompt)
+        # the backend's own encode: what encode() runs, without transformers' per-call wrapping
+        out = self.hf.backend_tokenizer.encode(prompt + answer, add_special_tokens=False)
+        ids, offsets, limit = out.ids, out.offsets, len(prompt)
         n = 0
         while n < len(ids) and offsets[n][1] <= limit:
             n += 1
@@ -58,11 +64,17 @@ class HFTokenizer(Tokenizer):
 
     @property
     def chat_template(self) -> str | None:
-        template = self.hf.chat_template
+        template = self._chat_template
         return template if isinstance(template, str) and template.strip() else None
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.hf.apply_chat_template(messages, tokenize=False)
+        """What ``apply_chat_template(messages, tokenize=False)`` renders, through the function it calls
+        (its per-call argument handling costs as much as the rendering)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self._chat_template,
+                                            **self._template_tokens)
+        return rendered[0]
 
 
 def _trims_offsets(hf) -> bool:

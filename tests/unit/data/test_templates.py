@@ -125,18 +125,27 @@ def test_auto_without_a_chat_template_names_the_registry(sp_model):
     assert "'llama3'" in message and "'qwen'" in message
 
 
-def test_auto_reports_a_template_that_refuses_a_record_or_drops_the_answer(llama3_dir):
+def with_chat_template(source_dir, target, template):
+    """The tokenizer of ``source_dir`` saved to ``target`` with another chat template."""
+    hf = AutoTokenizer.from_pretrained(source_dir)
+    hf.chat_template = template
+    hf.save_pretrained(target)
+    return build_tokenizer(TokenizerConfig(tokenizer_name_or_path=str(target)))
+
+
+def test_auto_reports_a_template_that_refuses_a_record_or_drops_the_answer(llama3_dir, tmp_path):
     from engine.data.records import RecordError
 
-    tok = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=llama3_dir))
-    tok.hf.chat_template = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no "
-                            "forbidden words') }}{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    tok = with_chat_template(llama3_dir, tmp_path / "strict", (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"))
     chat = build_chat_encoder("auto", tok)
     assert chat.format.texts(Conversation("q"), ["a"]) == [("user: q\nassistant: ", "a\n")]
     with pytest.raises(RecordError, match="chat template refused this conversation: no forbidden words") as info:
         chat.encode(Conversation("a forbidden question"), "a")
     assert info.value.reason == "template_error"
-    tok.hf.chat_template = "{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}"
+    tok = with_chat_template(llama3_dir, tmp_path / "users_only",
+                             "{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(ValueError, match="--prompt-type auto: .* does not render the final assistant message"):
         build_chat_encoder("auto", tok)
 
