@@ -223,10 +223,6 @@ class LengthStats:
         self.total += n
         self.max = max(self.max, n)
 
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
-
 
 @dataclass
 class LengthDistribution:

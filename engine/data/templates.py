@@ -101,19 +101,17 @@ def load_templates(path: str) -> dict[str, Template]:
     return {name: Template.from_dict(name, fields, path) for name, fields in raw.items()}
 
 
-def registry_names(path: str | None = None) -> list[str]:
-    """The --prompt-type choices: the built-in templates, those of ``path``, and ``auto``."""
+def _registry(path: str | None = None) -> dict[str, Template]:
+    """The built-in templates, overridden and extended by those of ``path`` (--prompt-type-path)."""
     registry = load_templates(BUILTIN_TEMPLATES_FILE)
     if path is not None:
         registry.update(load_templates(path))
-    return sorted(registry) + [AUTO]
+    return registry
 
 
 def get_template(name: str, path: str | None = None) -> Template:
     """Template ``name`` from ``path`` (--prompt-type-path) if given, else the built-ins."""
-    registry = load_templates(BUILTIN_TEMPLATES_FILE)
-    if path is not None:
-        registry.update(load_templates(path))
+    registry = _registry(path)
     if name not in registry:
         raise ValueError(f"--prompt-type {name!r} is not a known template; known: {sorted(registry) + [AUTO]}")
     return registry[name]
@@ -121,8 +119,6 @@ def get_template(name: str, path: str | None = None) -> Template:
 
 class ChatFormat(Protocol):
     """Renders a conversation with each of its answers as (prompt text, answer text)."""
-
-    name: str
 
     def texts(self, conv: Conversation, answers: Sequence[str]) -> list[tuple[str, str]]:
         """One (prompt, answer) per answer; prompt + answer is the whole conversation's text."""
@@ -133,7 +129,6 @@ class TemplateFormat:
 
     def __init__(self, template: Template, tokenizer: Tokenizer) -> None:
         self.template = template
-        self.name = template.name
         eos = template.stop_words[0] if template.replace_eos else tokenizer.eos_token
         if tokenizer.token_to_id(eos) is None:
             raise ValueError(f"--prompt-type {template.name}: EOS {eos!r} is not a token of this tokenizer")
@@ -199,8 +194,6 @@ class TokenizerChatTemplate:
     ends the prompt where the two renderings part: what depends on the answer is trained.
     """
 
-    name = AUTO
-
     def __init__(self, tokenizer: Tokenizer, registry: Sequence[str] = ()) -> None:
         if tokenizer.chat_template is None:
             raise ValueError(f"--prompt-type auto: the tokenizer has no chat template (chat_template in its "
@@ -252,5 +245,5 @@ class ChatEncoder:
 def build_chat_encoder(prompt_type: str, tokenizer: Tokenizer, path: str | None = None) -> ChatEncoder:
     """The --prompt-type format (``auto`` or a registry template) bound to ``tokenizer``."""
     if prompt_type == AUTO:
-        return ChatEncoder(TokenizerChatTemplate(tokenizer, registry_names(path)[:-1]), tokenizer)
+        return ChatEncoder(TokenizerChatTemplate(tokenizer, sorted(_registry(path))), tokenizer)
     return ChatEncoder(TemplateFormat(get_template(prompt_type, path), tokenizer), tokenizer)

@@ -67,10 +67,10 @@ class Tokenizer(abc.ABC):
         the boundary (Qwen's ``"\n\n"`` when an answer starts with a newline), and it is then an
         answer token. This generic version needs no offsets: the tokens shared with ``encode(prompt)``
         lie inside the prompt, and so do the following ones while their decoded text stays a prefix of
-        it (a pre-tokenizer may split trailing whitespace differently at the end of a text). A token
-        whose text does not decode back verbatim (part of a UTF-8 character, a normalised space) ends
-        the prompt early, so the error is a prompt token trained, never an answer token masked.
-        Backends with offsets override it with an exact count.
+        it (a pre-tokenizer may split trailing whitespace differently at the end of a text). That is
+        exact when decoding a run of tokens gives back their text; a token that does not (part of a
+        UTF-8 character) ends the prompt early, training a prompt token. Backends with offsets
+        override it with an exact count.
         """
         ids = self.encode(prompt + answer)
         alone = self.encode(prompt)
