@@ -66,6 +66,9 @@ class StageTraits:
     """The option weighting its chosen-answer NLL; None: weight 1, built into the objective (ORPO)."""
     defaults: dict = field(default_factory=dict)
     """Defaults of its options (they are None until the stage is known)."""
+    data: str = "pairwise"
+    """The preprocessed data it trains on: "pairwise" (prompt, chosen, rejected) or "unpaired" (prompt,
+    completion, desirable or not: KTO), each with its own shard names (engine/formats.py)."""
 
 
 _PAIRWISE_DEFAULTS = {"dpo_loss_type": ["sigmoid"], "dpo_beta": 0.1}
@@ -79,8 +82,11 @@ STAGE_TRAITS: dict[str, StageTraits] = {
                         defaults={"orpo_beta": 0.1, "orpo_prompt_loss": True}),
     "cpo": StageTraits("dpo_beta", ("dpo_loss_type", "dpo_beta", "cpo_alpha"), CPO_LOSS_TYPES,
                        nll_weight="cpo_alpha", defaults={**_PAIRWISE_DEFAULTS, "cpo_alpha": 1.0}),
+    "kto": StageTraits("dpo_beta", ("dpo_beta", "kto_desirable_weight", "kto_undesirable_weight"), reference=True,
+                       data="unpaired",
+                       defaults={"dpo_beta": 0.1, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0}),
 }
 STAGES = tuple(STAGE_TRAITS)
-"""--stage choices; all but dpo are reference-free (no reference model is built)."""
+"""--stage choices; dpo and kto train against a reference model, the others are reference-free."""
 STAGE_OPTIONS = tuple(sorted({name for traits in STAGE_TRAITS.values() for name in traits.options}))
 """Options that only some stages read."""

@@ -201,16 +201,17 @@ def split_ranges(num_documents: int, split: list[float]) -> list[tuple[int, int]
 
 
 def build_pairwise_datasets(data: DataConfig, seq_length: int, vocab_size: int | None,
-                            seed: int) -> dict[str, Dataset | None]:
+                            seed: int, reader: type[Dataset] = PairwiseDataset) -> dict[str, Dataset | None]:
     """train/valid/test pair data sets from ``--data-path`` and ``--split``.
 
     Each prefix is split into contiguous document ranges (train first), then
     the prefixes' ranges of one split are blended by weight (unweighted
     prefixes: by size, i.e. each pair once). A split with no pairs is None.
+    `reader(prefix, seq_length, vocab_size)` reads one prefix (unpaired data: engine/data/unpaired.py).
     """
     prefixes, weights = data.prefixes_and_weights
     fractions, split = data.split_fractions, data.split
-    datasets = [PairwiseDataset(p, seq_length, vocab_size) for p in prefixes]
+    datasets = [reader(p, seq_length, vocab_size) for p in prefixes]
     out: dict[str, Dataset | None] = {}
     for s, name in enumerate(SPLIT_NAMES):
         parts = []

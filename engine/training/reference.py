@@ -139,6 +139,8 @@ def build_reference(config: EngineConfig, source: ReferenceSource | None, policy
         data_files, config.data.split, config.model.seq_length, source.root, source.iteration,
         rows=3 if config.preference.ld_alpha is not None else 2, adapters_off=config.lora.enabled,
     )
+    if config.preference.traits.data == "unpaired":  # each sample's KL completion depends on the KL blocks
+        stamp["kl_pairing"] = [config.training.micro_batch_size, config.training.seed]
     directory = config.checkpoint.save or Path(prefixes[0]).parent
     return reference_cache.load_or_compute(reference_cache.cache_path(directory, stamp), stamp, splits, live,
                                            config.training.micro_batch_size, make_batch)
