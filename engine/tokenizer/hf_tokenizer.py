@@ -80,6 +80,9 @@ class HFTokenizer(Tokenizer):
 def _trims_offsets(hf) -> bool:
     """Whether a ByteLevel post-processor trims whitespace off the offsets (GPT-2 style): a trimmed
     token end no longer says where the token's text ends, so the prompt count falls back to decoding."""
-    processor = json.loads(hf.backend_tokenizer.to_str()).get("post_processor") or {}
+    processor = hf.backend_tokenizer.post_processor
+    if processor is None:
+        return False
+    processor = json.loads(processor.__getstate__())  # its JSON, without serializing the whole vocabulary
     processors = processor.get("processors", [processor])
     return any(p.get("type") == "ByteLevel" and p.get("trim_offsets") for p in processors)
