@@ -3,7 +3,7 @@
 Byte-level BPE tokenizers carry a model family's special tokens and its real
 Jinja chat template, so HF ``apply_chat_template`` is the ground truth a test
 can compare against. (Tool-calling branches of the Qwen templates are left out:
-no test conversation reaches them.) The published templates are llama3, Qwen2.5,
+no test conversation reaches them.) The models' own templates are llama3, Qwen2.5,
 Qwen3, Mistral v0.1 and Llama 2; the others (Mistral v3 as mistral-common renders
 it, ChatML, and the registry's alpaca, default and empty) are Jinja transcriptions.
 The Qwen tokenizers split text with Qwen2's regex, which keeps ``"\n\n"`` one

@@ -13,7 +13,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 import preprocess_data
 from engine.data.preprocess import PreprocessConfig, add_preprocess_args, preprocess
 from engine.data.readers import DataError
-from engine.data.records import Conversation
+from engine.data.records import REJECT_REASONS, Conversation
 from engine.data.templates import build_chat_encoder
 from engine.data.truncation import truncate_lengths
 from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
@@ -137,7 +137,8 @@ def test_skip_bad_records_counts_and_lists_them(tmp_path, llama3_dir):
     summary, prefix = run(tmp_path, llama3_dir, path, skip_bad_records=True)
     assert summary.pairs_written == 2 and summary.dropped == {}
     assert summary.rejected_records == {"malformed_json": 1, "missing_field": 1, "empty_field": 1, "invalid_field": 1,
-                                "not_an_object": 1}
+                                        "not_an_object": 1}
+    assert set(summary.rejected_records) <= set(REJECT_REASONS)
     assert [loc.split(":")[1] for loc in summary.bad_records] == ["2", "3", "4", "5", "6"]
     assert len(read_back(prefix)["chosen_input_ids"]) == 2
 

@@ -1,7 +1,7 @@
 """The sweep: every registry template against the HF chat template of a tokenizer carrying it.
 
 For each registry template (engine/data/templates.json) a tiny byte-level BPE tokenizer carries the
-matching Jinja chat template (tests/assets.py: published ones for llama3, llama2, mistral, qwen,
+matching Jinja chat template (tests/assets.py: the models' own for llama3, llama2, mistral, qwen,
 qwen3; transcriptions for mistral_v3, chatml, alpaca, default, empty). On adversarial records it
 asserts, for both answers of each pair:
 
