@@ -131,21 +131,25 @@ class PairwiseDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         seqs = {k: d.get(int(i)).astype(np.int64) for k, d in self.datasets.items()}
         prompt = {side: _prompt_length(seqs[f"{side}_labels"]) for side in ("chosen", "rejected")}
-        if prompt["chosen"] != prompt["rejected"]:
-            raise DataError(f"--data-path {self.prefix!r}: pair {i}: chosen and rejected prompts differ in length "
-                            f"({prompt['chosen']} vs {prompt['rejected']} masked tokens)")
-        p = prompt["chosen"]
-        response = max(seqs["chosen_input_ids"].size, seqs["rejected_input_ids"].size) - p
-        keep_prompt, keep_response = truncate_lengths(p, response, self.seq_length)
-        if keep_prompt != p or keep_response != response:
-            seqs = {k: np.concatenate([s[p - keep_prompt:p], s[p:p + keep_response]]) for k, s in seqs.items()}
+        longest = max(prompt.values())
+        response = max(seqs[f"{side}_input_ids"].size - prompt[side] for side in prompt)
+        keep_prompt, keep_response = truncate_lengths(longest, response, self.seq_length)
+        if keep_prompt != longest or keep_response != response:
+            out = {}
+            for k, s in seqs.items():
+                p = prompt[k.split("_")[0]]
+                kept = min(p, keep_prompt)
+                out[k] = np.concatenate([s[p - kept:p], s[p:p + keep_response]])
+            seqs = out
         if self.margins is not None:
             seqs["margin"] = float(self.margins[i])
         return seqs
 
 
 def _prompt_length(labels: np.ndarray) -> int:
-    """The prompt is the leading run of masked labels (the same in both halves of a pair)."""
+    """The prompt is the leading run of masked labels. The two halves of a pair usually share it; they
+    differ where a token straddles the prompt/answer boundary in one of them (see engine/data/preprocess.py),
+    and truncation then keeps the end of each side's own prompt, as preprocessing does."""
     unmasked = np.flatnonzero(labels != IGNORE_INDEX)
     return int(unmasked[0]) if unmasked.size else labels.size
 

@@ -38,7 +38,7 @@ from engine.data.dataset import _check_labels_match, _check_token_range, _prompt
 from engine.data.handlers import PairwiseHandler, PairwiseSample, RecordError, _MessagesMixin
 from engine.data.readers import DataError
 from engine.data.sampler import PairwiseBatchSampler
-from engine.data.templates import Conversation
+from engine.data.records import Conversation
 from engine.data.truncation import truncate_lengths
 from engine.formats import IGNORE_INDEX, UNPAIRED_KEYS, missing_shards_message, output_path_prefix
 
@@ -91,7 +91,7 @@ class UnpairedHandler(PairwiseHandler, _MessagesMixin):
         if not isinstance(value, str):
             raise RecordError(f"must be a string or one assistant message, got {type(value).__name__}", column)
         if not value.strip():
-            raise RecordError("is empty", column)
+            raise RecordError("is empty", column, "empty_field")
         return value
 
     def __call__(self, record: dict) -> list[UnpairedSample]:
@@ -104,7 +104,7 @@ class UnpairedHandler(PairwiseHandler, _MessagesMixin):
         if prompt is None:
             messages = self._get(record, "messages")
             if messages is None:
-                raise RecordError("missing required key (or give 'messages')", self.keys["prompt"])
+                raise RecordError("missing required key (or give 'messages')", self.keys["prompt"], "missing_field")
             if completion is None:  # the conversation ends with the labelled assistant answer
                 if not isinstance(messages, list) or len(messages) < 2:
                     raise RecordError("must end with the labelled assistant message when there is no "
@@ -115,10 +115,10 @@ class UnpairedHandler(PairwiseHandler, _MessagesMixin):
                 answer = self._completion(completion, "completion")
             return [UnpairedSample(self._conv(messages, "messages", system), answer, label)]
         if completion is None:
-            raise RecordError("missing required key", self.keys["completion"])
+            raise RecordError("missing required key", self.keys["completion"], "missing_field")
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise RecordError("is empty", self.keys["prompt"])
+                raise RecordError("is empty", self.keys["prompt"], "empty_field")
             conv = Conversation(prompt=prompt, system=system, history=self._history(record))
         else:
             conv = self._conv(prompt, "prompt", system)

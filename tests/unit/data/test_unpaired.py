@@ -10,7 +10,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from engine.data.collate import collate_pairs
 from engine.data.preprocess import PreprocessConfig, preprocess
 from engine.data.readers import DataError
-from engine.data.templates import ChatEncoder, Conversation, get_template
+from engine.data.records import Conversation
+from engine.data.templates import build_chat_encoder
 from engine.data.unpaired import BlockBatchSampler, MismatchedPairs, UnpairedDataset, collate_unpaired
 from engine.formats import IGNORE_INDEX, UNPAIRED_KEYS, missing_shards_message, output_path_prefix
 from engine.tokenizer import TokenizerConfig
@@ -47,13 +48,13 @@ def read_back(prefix):
 def test_unpaired_records_read_back_through_the_template(tmp_path, llama3_dir, llama3_tokenizer):
     summary, prefix = run(tmp_path, llama3_dir, RECORDS, workers=2)
     data = read_back(prefix)
-    chat = ChatEncoder(get_template("llama3"), llama3_tokenizer)
+    chat = build_chat_encoder("llama3", llama3_tokenizer)
     assert summary.pairs_written == 4 and summary.unit == "samples" and summary.chosen.count == 2
     for i, (conv, answer, record) in enumerate(zip(CONVERSATIONS, ANSWERS, RECORDS)):
-        prompt = chat.encode_prompt(conv)
-        assert data["completion_input_ids"][i].tolist() == prompt + chat.encode_response(answer)
+        [(ids, prompt)] = chat.encode(conv, answer)
+        assert data["completion_input_ids"][i].tolist() == ids
         labels = data["completion_labels"][i]
-        assert (labels[:len(prompt)] == IGNORE_INDEX).all() and (labels[len(prompt):] != IGNORE_INDEX).all()
+        assert (labels[:prompt] == IGNORE_INDEX).all() and (labels[prompt:] != IGNORE_INDEX).all()
         assert data["desirable"][i].tolist() == [int(record["label"])]
     assert missing_shards_message(prefix, UNPAIRED_KEYS) is None
     assert "no preprocessed unpaired files" in missing_shards_message(str(tmp_path / "nothing"), UNPAIRED_KEYS)
@@ -64,12 +65,11 @@ def test_unpair_turns_each_pair_into_a_desirable_and_an_undesirable_sample(tmp_p
     _, prefix = run(tmp_path, llama3_dir, pairs, handler_name="AlpacaStylePairwiseHandler", unpair=True,
                     seq_length=16)
     data = read_back(prefix)
-    chat = ChatEncoder(get_template("llama3"), llama3_tokenizer)
+    chat = build_chat_encoder("llama3", llama3_tokenizer)
     assert [data["desirable"][i][0] for i in range(6)] == [1, 0, 1, 0, 1, 0]
     for i, pair in enumerate(pairs):
-        prompt = chat.encode_prompt(Conversation(pair["instruction"]))
         for k, side in ((2 * i, "chosen"), (2 * i + 1, "rejected")):
-            full = prompt + chat.encode_response(pair[side])
+            [(full, _)] = chat.encode(Conversation(pair["instruction"]), pair[side])
             assert len(data["completion_input_ids"][k]) == min(len(full), 16)
             assert data["completion_input_ids"][k][-1] == full[-1] or len(full) > 16
 
