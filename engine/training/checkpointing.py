@@ -224,6 +224,8 @@ def run_layout(config: EngineConfig) -> ShardLayout:
         swiglu=config.model.swiglu,
         tied_embeddings=not config.model.untie_embeddings_and_output_weights,
         padded_vocab_size=config.padded_vocab_size,
+        expert_model_parallel_size=config.parallel.expert_model_parallel_size,
+        num_experts=config.moe.num_experts,
     )
 
 

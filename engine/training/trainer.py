@@ -29,7 +29,7 @@ from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
-from engine.model.provider import build_trainable_model
+from engine.model.provider import build_trainable_model, fixed_seq_length
 from engine.platform import Platform, current_device
 from engine.training.checkpointing import Checkpointer, TrainState
 from engine.training.exit_conditions import ExitConditions
@@ -179,8 +179,12 @@ class DPOTrainer:
         )
 
     def _pad_multiple(self) -> int:
+        """Rows are padded to a multiple of this: 8 (and TP under sequence parallel); under the allgather MoE
+        dispatcher a multiple of --seq-length too, so every micro-batch has one length (sequences are
+        truncated to --seq-length)."""
         tp = self.config.parallel.tensor_model_parallel_size
-        return math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        multiple = math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        return math.lcm(multiple, self.config.model.seq_length) if fixed_seq_length(self.config) else multiple
 
     def _collate(self, split: str, pair_indices: list[int]):
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)

@@ -22,9 +22,10 @@ def load_full_state(chunks: list[torch.nn.Module], full: dict, config: EngineCon
     layout = run_layout(config)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     for index, chunk in enumerate(chunks):
         vp_stage = index if config.virtual_pipeline_size else None
-        shard = shard_state_dict(full, layout, tp_rank, pp_rank, vp_stage)
+        shard = shard_state_dict(full, layout, tp_rank, pp_rank, vp_stage, ep_rank)
         result = unwrap_model(chunk).load_state_dict(shard, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
@@ -116,3 +117,33 @@ def lm_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, step
         losses.append(result.metrics["lm loss"])
         norms.append(result.grad_norm)
     return (losses, norms) if _is_reporting_rank() else None
+
+
+def moe_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, steps: int):
+    """`lm_train_steps` that also returns each step's router-loss metrics (moe/*) on the reporting rank."""
+    config, platform = _setup(argv)
+    model = build_trainable_model(config, platform)
+    load_full_state(model, torch.load(state_path), config)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    prepare_model_config(model, optimizer)
+    train = config.training
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = train.global_batch_size // dp
+    local = samples[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    micro = [local[i : i + train.micro_batch_size] for i in range(0, per_rank, train.micro_batch_size)]
+    seq = samples.shape[1] - 1
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        positions = torch.arange(seq).unsqueeze(0).expand_as(tokens)
+        return model(tokens, positions, None, labels=labels), partial(_lm_loss, labels)
+
+    rows = []
+    for _ in range(steps):
+        result = train_step(forward_step, _iterators(config, micro), model, optimizer, scheduler,
+                            num_microbatches=len(micro), micro_batch_size=train.micro_batch_size, seq_length=seq,
+                            metric_names=["lm loss"])
+        rows.append({**result.metrics, "grad_norm": result.grad_norm})
+    return rows if _is_reporting_rank() else None
