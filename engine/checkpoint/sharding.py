@@ -152,7 +152,7 @@ def shard_state_dict(
             if index not in layers:
                 continue
             key = f"decoder.layers.{index - layers.start}.{match.group(2)}"
-            expert = _EXPERT_KEY.match(key)
+            expert = _EXPERT_KEY.match(key) if layout.expert_model_parallel_size > 1 else None
             if expert is not None:
                 local = int(expert.group(2)) - ep_rank * layout.local_experts
                 if not 0 <= local < layout.local_experts:
@@ -217,3 +217,22 @@ def merge_state_dicts(
                      for ep_rank in range(ep) for tp_rank in range(tp)]
             full.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     return full
+
+
+def select_experts(state: dict[str, torch.Tensor], num_experts: int, ep_size: int,
+                   ep_rank: int) -> dict[str, torch.Tensor]:
+    """A rank file saved without expert parallelism (all experts) cut to EP rank `ep_rank`'s experts,
+    renumbered from 0; every other tensor is kept as it is."""
+    if ep_size == 1:
+        return dict(state)
+    local = num_experts // ep_size
+    out = {}
+    for key, tensor in state.items():
+        match = _EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        index = int(match.group(2)) - ep_rank * local
+        if 0 <= index < local:
+            out[f"{match.group(1)}{index}{match.group(3)}"] = tensor
+    return out

@@ -57,6 +57,7 @@ def target_layout(args: dict[str, Any], config: ConvertConfig) -> ShardLayout:
         num_layers=args["num_layers"], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         layers_per_stage=config.num_layer_list, swiglu=True,
         tied_embeddings=not args["untie_embeddings_and_output_weights"], padded_vocab_size=padded,
+        num_experts=args.get("num_experts"),
     )
 
 

@@ -75,6 +75,7 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     from engine.initialize import initialize_distributed, set_random_seeds
     from engine.model.provider import build_frozen_model, unwrap_model
     from engine.checkpoint.layout import load_rank_state
+    from engine.checkpoint.sharding import select_experts
     from engine.model.spelling import match_spelling
 
     if te_standins:
@@ -92,6 +93,10 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     for config, (_, root) in zip(configs, runs):
         (chunk,) = build_frozen_model(config, platform)
         state = load_rank_state(root, 1, tp_rank, pp_rank, config.parallel.pipeline_model_parallel_size)
+        if config.moe.enabled:  # converted without expert parallelism: this EP rank's experts
+            state["model"] = select_experts(state["model"], config.moe.num_experts,
+                                            config.parallel.expert_model_parallel_size,
+                                            parallel_state.get_expert_model_parallel_rank())
         model = unwrap_model(chunk)
         model.load_state_dict(match_spelling(state["model"], model.state_dict()), strict=True)
 
