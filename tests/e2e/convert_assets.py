@@ -74,7 +74,7 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     from engine.arguments import parse_args
     from engine.initialize import initialize_distributed, set_random_seeds
     from engine.model.provider import build_frozen_model, unwrap_model
-    from engine.checkpoint.layout import load_rank_state
+    from engine.checkpoint.layout import discover_parallel_layout, load_rank_state
     from engine.checkpoint.sharding import select_experts
     from engine.model.spelling import match_spelling
 
@@ -92,11 +92,12 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     results = []
     for config, (_, root) in zip(configs, runs):
         (chunk,) = build_frozen_model(config, platform)
-        state = load_rank_state(root, 1, tp_rank, pp_rank, config.parallel.pipeline_model_parallel_size)
-        if config.moe.enabled:  # converted without expert parallelism: this EP rank's experts
-            state["model"] = select_experts(state["model"], config.moe.num_experts,
-                                            config.parallel.expert_model_parallel_size,
-                                            parallel_state.get_expert_model_parallel_rank())
+        pp, ep = config.parallel.pipeline_model_parallel_size, config.parallel.expert_model_parallel_size
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        saved_ep = discover_parallel_layout(root, 1, expert_parallel=ep > 1 and pp == 1)[2]
+        state = load_rank_state(root, 1, tp_rank, pp_rank, pp, ep_rank=ep_rank if saved_ep > 1 else 0, ep_size=saved_ep)
+        if saved_ep != ep:  # converted without expert parallelism: this EP rank's experts
+            state["model"] = select_experts(state["model"], config.moe.num_experts, ep, ep_rank)
         model = unwrap_model(chunk)
         model.load_state_dict(match_spelling(state["model"], model.state_dict()), strict=True)
 

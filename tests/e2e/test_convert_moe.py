@@ -29,7 +29,8 @@ MOE_CONFIGS = {  # each family's routing corner: normalized top-k, softmax-then-
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
 # TP2 x EP2 and PP2 x EP2 run the same weights in tests/distributed/test_moe.py's layout matrix.
-LAYOUTS = [("tp1", 1, 1, []), ("ep2", 2, 1, ["--expert-model-parallel-size", "2"])]
+# (name, world, TP, EP of the converted files, extra flags); an EP run from EP1 files: tests/e2e/test_moe_dpo.py
+LAYOUTS = [("tp1", 1, 1, 1, []), ("ep2", 2, 1, 2, [])]
 TOKENS = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -55,11 +56,11 @@ def moe_models(tmp_path_factory) -> dict[str, Path]:
 
 def test_moe_logits_match_transformers(moe_models, tmp_path):
     expected = {family: hf_logits(path, TOKENS) for family, path in moe_models.items()}
-    for name, world, tp, extra in LAYOUTS:
+    for name, world, tp, ep, extra in LAYOUTS:
         runs = []
         for family, path in moe_models.items():
             out = tmp_path / f"{family}_{name}"
-            flags = run_conversion(ConvertConfig("hf", "mg", str(path), str(out), tp, 1))
+            flags = run_conversion(ConvertConfig("hf", "mg", str(path), str(out), tp, 1, target_expert_parallel_size=ep))
             runs.append((flags + ["--seq-length", "16"] + extra, str(out)))
         # Every data-parallel replica (the EP ranks run the same tokens) reports; all must match.
         outputs = [o for o in run_ranks(converted_logits, world, runs, TOKENS) if o is not None]
@@ -72,9 +73,18 @@ def test_moe_logits_match_transformers(moe_models, tmp_path):
 
 @pytest.mark.parametrize("family", list(MOE_CONFIGS))
 def test_moe_round_trip_is_bit_exact(family, moe_models, tmp_path):
-    mg, back = tmp_path / "mg", tmp_path / "hf"
-    run_conversion(ConvertConfig("hf", "mg", str(moe_models[family]), str(mg), 2, 2))
-    run_conversion(ConvertConfig("mg", "hf", str(mg), str(back)))
+    # hf -> mg TP2 x PP2 x EP2 -> mg EP1 -> mg EP4 (PP1: mp_rank_TT_EEE names) -> hf
+    mg, ep1, ep4, back = tmp_path / "mg", tmp_path / "ep1", tmp_path / "ep4", tmp_path / "hf"
+    run_conversion(ConvertConfig("hf", "mg", str(moe_models[family]), str(mg), 2, 2, target_expert_parallel_size=2))
+    assert (mg / "iter_0000001" / "mp_rank_01_001_001" / "model_optim_rng.pt").is_file()
+    run_conversion(ConvertConfig("mg", "mg", str(mg), str(ep1), 1, 1))
+    flags = run_conversion(ConvertConfig("mg", "mg", str(ep1), str(ep4), 1, 1, target_expert_parallel_size=4))
+    assert flags[flags.index("--expert-model-parallel-size") + 1] == "4"
+    ep3 = torch.load(ep4 / "iter_0000001" / "mp_rank_00_003" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert sorted(k for k in ep3 if k.startswith("decoder.layers.0.mlp.experts")) == [
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight",
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"]  # expert 3, renumbered
+    run_conversion(ConvertConfig("mg", "hf", str(ep4), str(back)))
     source, result = load_file(moe_models[family] / "model.safetensors"), load_file(back / "model.safetensors")
     assert source.keys() == result.keys()  # transformers' own on-disk names, one tensor per expert projection
     assert all(torch.equal(source[k], result[k]) for k in source)
