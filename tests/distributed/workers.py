@@ -118,32 +118,3 @@ def lm_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, step
         norms.append(result.grad_norm)
     return (losses, norms) if _is_reporting_rank() else None
 
-
-def moe_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, steps: int):
-    """`lm_train_steps` that also returns each step's router-loss metrics (moe/*) on the reporting rank."""
-    config, platform = _setup(argv)
-    model = build_trainable_model(config, platform)
-    load_full_state(model, torch.load(state_path), config)
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
-    prepare_model_config(model, optimizer)
-    train = config.training
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = train.global_batch_size // dp
-    local = samples[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    micro = [local[i : i + train.micro_batch_size] for i in range(0, per_rank, train.micro_batch_size)]
-    seq = samples.shape[1] - 1
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        tokens, labels = batch[:, :-1], batch[:, 1:]
-        positions = torch.arange(seq).unsqueeze(0).expand_as(tokens)
-        return model(tokens, positions, None, labels=labels), partial(_lm_loss, labels)
-
-    rows = []
-    for _ in range(steps):
-        result = train_step(forward_step, _iterators(config, micro), model, optimizer, scheduler,
-                            num_microbatches=len(micro), micro_batch_size=train.micro_batch_size, seq_length=seq,
-                            metric_names=["lm loss"])
-        rows.append({**result.metrics, "grad_norm": result.grad_norm})
-    return rows if _is_reporting_rank() else None

@@ -46,6 +46,34 @@ def build_tiny_hf_model(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+MOE_BASE = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+MOE_CONFIGS = {  # each family's routing corner: normalized top-k, softmax-then-top-k with a shared expert
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=32, norm_topk_prob=False,
+                                         tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+}
+
+
+def build_tiny_moe(family: str, path: Path, seed: int, **overrides) -> Path:
+    """save_pretrained of a random tiny MoE model of `family` (transformers writes one tensor per expert
+    projection); `overrides` change its config (e.g. the vocabulary of a tokenizer)."""
+    import transformers
+
+    config_class, family_overrides = MOE_CONFIGS[family]
+    config = getattr(transformers, config_class)(**{**MOE_BASE, **family_overrides, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return path
+
+
 def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 

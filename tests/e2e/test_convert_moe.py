@@ -16,36 +16,12 @@ from safetensors.torch import load_file
 from engine.convert.common import ConvertConfig
 from engine.convert.run import run_conversion
 from tests.distributed.harness import run_ranks
-from tests.e2e.convert_assets import converted_logits, hf_logits
+from tests.e2e.convert_assets import MOE_CONFIGS, build_tiny_moe, converted_logits, hf_logits
 
-BASE = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-MOE_CONFIGS = {  # each family's routing corner: normalized top-k, softmax-then-top-k with a shared expert
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                         norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                         shared_expert_intermediate_size=32, norm_topk_prob=False,
-                                         tie_word_embeddings=True, rms_norm_eps=1e-6)),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
-}
-# TP2 x EP2 and PP2 x EP2 run the same weights in tests/distributed/test_moe.py's layout matrix.
-# (name, world, TP, EP of the converted files, extra flags); an EP run from EP1 files: tests/e2e/test_moe_dpo.py
+# (name, world, TP, EP of the converted files, extra flags). TP2 x EP2 and PP2 x EP2 run the same kind of
+# weights in tests/distributed/test_moe.py; an EP run from EP1 files in tests/e2e/test_moe_dpo.py.
 LAYOUTS = [("tp1", 1, 1, 1, []), ("ep2", 2, 1, 2, [])]
 TOKENS = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def build_tiny_moe(family: str, path: Path, seed: int) -> Path:
-    import transformers
-
-    config_class, overrides = MOE_CONFIGS[family]
-    config = getattr(transformers, config_class)(**{**BASE, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
