@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed.harness import Layout, layout_cases, run_cli
 from tests.e2e.convert_assets import build_tiny_moe
@@ -91,3 +92,29 @@ def test_moe_resume_from_an_expert_parallel_checkpoint(assets, one_rank, tmp_pat
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     for name in ("loss", *ROUTER):
         assert rows[2][name] == pytest.approx(one_rank[2][name], abs=1e-5), name
+
+
+def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
+    """Adapters on attention and on every expert's linears (each expert its own): EP2 trains as one rank does,
+    and the EP2 checkpoint's adapters merge into the HF experts they belong to."""
+    from safetensors.torch import load_file
+
+    from engine.convert.common import ConvertConfig
+    from engine.convert.run import run_conversion
+
+    lora = "--train-iters 2 --lora-r 4 --lora-alpha 8 --lr 1e-2"
+    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), lora)
+    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"), lora)
+    assert one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and one[1]["loss"] != one[0]["loss"]
+    for name in ("loss", *ROUTER):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
+    base, _ = assets.checkpoint(1, 1)
+    merged = tmp_path / "hf_merged"
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(merged), lora_load=str(tmp_path / "ep2"), lora_r=4,
+                                 lora_alpha=8.0))
+    before, after = load_file(assets.hf / "model.safetensors"), load_file(merged / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Every expert's projections and the shared expert's moved; the router and the norms did not.
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(4)} <= changed
+    assert "model.layers.0.mlp.shared_expert.up_proj.weight" in changed
+    assert not any("norm" in k or k.endswith("mlp.gate.weight") for k in changed)
