@@ -769,8 +769,8 @@ def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, et
     ffn = moe.expert_ffn(model)
     require(ffn % etp == 0, f"--moe-ffn-hidden-size ({ffn}) must be divisible by {etp_flag} ({etp})")
     shared = moe.moe_shared_expert_intermediate_size
-    require(shared is None or shared % tp == 0,
-            f"--moe-shared-expert-intermediate-size ({shared}) must be divisible by --tensor-model-parallel-size ({tp})")
+    require(shared is None or shared % tp == 0, f"--moe-shared-expert-intermediate-size ({shared}) must be divisible "
+                                                 f"by --tensor-model-parallel-size ({tp})")
 
 
 def validate(config: EngineConfig, world_size: int) -> None:

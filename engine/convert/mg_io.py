@@ -68,7 +68,8 @@ class MegatronCheckpoint:
         try:
             args = self._first_args()
             # Megatron-LM's mp_rank_TT_NNN is a pipeline rank, or an expert rank without PP: the args decide.
-            expert_parallel = args.get("expert_model_parallel_size", 1) > 1 and args.get("pipeline_model_parallel_size", 1) == 1
+            expert_parallel = (args.get("expert_model_parallel_size", 1) > 1
+                               and args.get("pipeline_model_parallel_size", 1) == 1)
             self.tp, self.pp, self.ep = discover_parallel_layout(self.root, iteration, expert_parallel)
             # The rank files this reads, against the iteration's checksums (not its optimizer files).
             verify_files(self.root / iteration_dir_name(iteration),

@@ -69,7 +69,7 @@ def fixed_seq_length(config: EngineConfig) -> bool:
 
 def moe_fields(config: EngineConfig) -> dict:
     """The MoE part of TransformerConfig (all defaults for a dense model)."""
-    moe, par = config.moe, config.parallel
+    moe, par, pairs = config.moe, config.parallel, config.training.micro_batch_size
     if not moe.enabled:
         # megatron rejects variable_seq_lengths with its default (allgather) dispatcher, even without experts.
         return dict(moe_token_dispatcher_type="alltoall")
@@ -81,8 +81,8 @@ def moe_fields(config: EngineConfig) -> dict:
         moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
         moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
         # Scaled by the pairs of a micro-batch: see `count_router_losses_per_micro_batch`.
-        moe_aux_loss_coeff=moe.moe_aux_loss_coeff * config.training.micro_batch_size,
-        moe_z_loss_coeff=None if moe.moe_z_loss_coeff is None else moe.moe_z_loss_coeff * config.training.micro_batch_size,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff * pairs,
+        moe_z_loss_coeff=None if moe.moe_z_loss_coeff is None else moe.moe_z_loss_coeff * pairs,
         moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=moe.moe_shared_expert_gate,
         moe_shared_expert_overlap=moe.moe_shared_expert_overlap,

@@ -89,7 +89,8 @@ def moe_spec(lora: LoraSettings | None = None, lora_targets: tuple[str, ...] = (
 def local_layer_spec(qk_layernorm: bool, attention_backend: str, lora: LoraSettings | None = None,
                      lora_targets: tuple[str, ...] = (), moe: bool = False) -> ModuleSpec:
     core_attention = DotProductAttention if attention_backend == "unfused" else SDPAttention
-    mlp = moe_spec(lora, lora_targets) if moe else ModuleSpec(module=MLP, submodules=_mlp_submodules(lora, lora_targets))
+    mlp = moe_spec(lora, lora_targets) if moe else ModuleSpec(module=MLP,
+                                                              submodules=_mlp_submodules(lora, lora_targets))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -244,7 +244,8 @@ def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[
                      expert_model_parallel_size=1)
     saved = replace(target, virtual_pipeline_size=None)
     verify = not config.checkpoint.no_verify_checkpoint
-    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size, verify, ep_rank, ep)["model"]
+    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size, verify, ep_rank,
+                                                   ep)["model"]
                  for stage in range(pp_size)}
     full = merge_state_dicts(per_stage, saved)
     return [shard_state_dict(full, target, 0, pp_rank, v) for v in range(config.virtual_pipeline_size)]
@@ -387,9 +388,7 @@ class Checkpointer:
             "tensor_model_parallel_size": self.config.parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
             "expert_model_parallel_size": self.config.parallel.expert_model_parallel_size,
-            **({"moe_ffn_hidden_size": self.config.moe.expert_ffn(self.config.model),
-                **{k: v for k, v in asdict(self.config.moe).items() if k in CHECKED_MOE_FIELDS and k != "moe_ffn_hidden_size"}}
-               if self.config.moe.enabled else {}),
+            **self._moe_args(),
             "num_layer_list": list(self.config.parallel.num_layer_list) if self.config.parallel.num_layer_list else None,
             "padded_vocab_size": self.config.padded_vocab_size,
             "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
@@ -453,6 +452,14 @@ class Checkpointer:
         if self.config.lora.lora_load is not None:
             return _on_every_rank(partial(self._load_adapters, model))
         return latest, state
+
+    def _moe_args(self) -> dict:
+        """The MoE architecture (none for a dense model), as the converters and `check_model_args` read it."""
+        moe = self.config.moe
+        if not moe.enabled:
+            return {}
+        return {**{k: v for k, v in asdict(moe).items() if k in CHECKED_MOE_FIELDS},
+                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model)}
 
     def _lora_args(self) -> dict:
         """What a LoRA checkpoint needs to be read back: adapter-only or not, and its base."""

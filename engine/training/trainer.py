@@ -318,7 +318,8 @@ class DPOTrainer:
         # one for the policy's forward-only pass of BCO's reward shift.
         passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
         passes += 1 if self.objective.needs_current_logps else 0
-        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
+        model, vocab, moe = self.config.model, self.config.padded_vocab_size, self.config.moe
+        flops = sum(passes * forward_flops(model, vocab, n, moe) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()

@@ -36,7 +36,8 @@ def test_moe_logits_match_transformers(moe_models, tmp_path):
         runs = []
         for family, path in moe_models.items():
             out = tmp_path / f"{family}_{name}"
-            flags = run_conversion(ConvertConfig("hf", "mg", str(path), str(out), tp, 1, target_expert_parallel_size=ep))
+            flags = run_conversion(ConvertConfig("hf", "mg", str(path), str(out), tp, 1,
+                                                 target_expert_parallel_size=ep))
             runs.append((flags + ["--seq-length", "16"] + extra, str(out)))
         # Every data-parallel replica (the EP ranks run the same tokens) reports; all must match.
         outputs = [o for o in run_ranks(converted_logits, world, runs, TOKENS) if o is not None]

@@ -300,7 +300,8 @@ def test_moe_layouts_name_the_flags(extra, world, message):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (" --moe-router-topk 3 --moe-aux-loss-coeff 0.1", r"--moe-aux-loss-coeff, --moe-router-topk need\(s\) --num-experts"),
+        (" --moe-router-topk 3 --moe-aux-loss-coeff 0.1",
+         r"--moe-aux-loss-coeff, --moe-router-topk need\(s\) --num-experts"),
         (MOE + " --moe-router-topk 5", r"--moe-router-topk \(5\) must be between 1 and --num-experts \(4\)"),
         (MOE + " --moe-router-topk 1", r"--moe-router-topk 1 needs --moe-router-pre-softmax"),
         (MOE + " --moe-shared-expert-gate", r"--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
