@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
-from engine.formats import missing_shards_message
+from engine.formats import OUTPUT_KEYS, UNPAIRED_KEYS, missing_shards_message
 from engine.loss_catalog import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
@@ -361,10 +361,19 @@ class TrainingConfig(Section):
             not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
             "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive",
         )
+        # megatron's scheduler asserts warm-up < decay steps: say it with the flags instead.
         require(
-            self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction <= 1.0,
-            "--lr-warmup-fraction must be in [0, 1]",
+            self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction < 1.0,
+            "--lr-warmup-fraction must be in [0, 1): warm-up has to end before the decay does",
         )
+        decay_iters = self.lr_decay_iters or self.train_iters
+        require(self.lr_decay_iters is None or self.lr_decay_iters >= 1, "--lr-decay-iters must be >= 1")
+        require(
+            decay_iters is None or self.lr_warmup_iters < decay_iters,
+            f"--lr-warmup-iters ({self.lr_warmup_iters}) must be below the decay steps ({decay_iters}, "
+            f"{'--lr-decay-iters' if self.lr_decay_iters else '--train-iters'})",
+        )
+        require(self.lr_warmup_init <= self.lr, f"--lr-warmup-init ({self.lr_warmup_init}) exceeds --lr ({self.lr})")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/2 must be in [0, 1)")
         require(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
@@ -454,14 +463,18 @@ class PreferenceConfig(Section):
     error, never ignored. `check` then fills in the defaults of the flags that apply.
     """
 
-    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free",
+    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free; kto trains on "
+                               "unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or "
+                               "--unpair) against a reference policy; rm trains a reward model (a scalar value head) "
+                               "on the pairwise data",
                         choices=STAGES)
     dpo_loss_type: list[str] | None = option(
         None, "one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); one of: "
               + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo, default sigmoid)", metavar="LOSS")
     dpo_loss_weights: list[float] | None = option(None, "one weight per --dpo-loss-type: the loss is the weighted "
                                                         "sum (default all 1)", metavar="W")
-    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo and cpo; "
+    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and "
+                                          "kto; "
                                           "default 0.1")
     dpo_label_smoothing: float = option(0.0, "label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, "
                                              "exo_pair, sigmoid_norm, aot, aot_unpaired, simpo)")
@@ -488,6 +501,13 @@ class PreferenceConfig(Section):
                                                  "(the ORPO authors' default and TRL's), or with --no-orpo-prompt-loss "
                                                  "over their answer tokens only; a token mean over the global batch "
                                                  "either way (--stage orpo); default on", negatable=True)
+    kto_desirable_weight: float | None = option(None, "--stage kto: weight of the desirable (thumbs-up) samples' "
+                                                      "losses (TRL's desirable_weight); default 1.0")
+    kto_undesirable_weight: float | None = option(None, "--stage kto: weight of the undesirable (thumbs-down) "
+                                                        "samples' losses (TRL's undesirable_weight); default 1.0")
+    center_rewards_coefficient: float | None = option(
+        None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
+              "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
     refer_model_iter: int | None = option(None, "iteration of the reference checkpoint used when resuming "
                                                 "(default 1)")
@@ -503,9 +523,11 @@ class PreferenceConfig(Section):
                     f"--{name.replace('_', '-')} does not apply to --stage {stage}")
         require(traits.reference or not self.reference_free,
                 f"--reference-free: --stage {stage} is reference-free already")
+        require(traits.data == "pairwise" or not self.reference_free,
+                f"--reference-free does not apply to --stage {stage}: its KL reference point needs a reference model")
         require(traits.nll_per_pair or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
                 + (f" (use --{traits.nll_weight.replace('_', '-')})" if traits.nll_weight else
-                   " (its NLL term is built in)"))
+                   "" if traits.value_head else " (its NLL term is built in)"))
 
         for name, value in traits.defaults.items():
             if getattr(self, name) is None:
@@ -513,12 +535,16 @@ class PreferenceConfig(Section):
         for name in ("dpo_beta", "simpo_beta", "orpo_beta"):
             require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
         require(self.cpo_alpha is None or self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        require(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+                "--center-rewards-coefficient must be >= 0")
         for name in self.dpo_loss_type or []:
             require(name in traits.loss_types, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
                                                f"choose from {', '.join(traits.loss_types)}")
         types = self.loss_types
         require(len(set(types)) == len(types), "--dpo-loss-type names a loss twice")
-        require(traits.several_losses or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
+        require(traits.several_losses or len(types) <= 1, f"--stage {stage} takes one --dpo-loss-type")
         if self.dpo_loss_weights is not None:
             require(
                 len(self.dpo_loss_weights) == len(types),
@@ -536,7 +562,7 @@ class PreferenceConfig(Section):
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
         smoothed = [name for name, traits in LOSS_TRAITS.items() if traits.label_smoothing]
         require(
-            self.dpo_label_smoothing == 0.0 or any(LOSS_TRAITS[t].label_smoothing for t in types),
+            self.dpo_label_smoothing == 0.0 or any(t in LOSS_TRAITS and LOSS_TRAITS[t].label_smoothing for t in types),
             f"--dpo-label-smoothing applies to the losses {', '.join(smoothed)}; "
             f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""),
         )
@@ -576,6 +602,8 @@ class PreferenceConfig(Section):
 
     @property
     def loss_types(self) -> list[str]:
+        if self.traits.value_head:
+            return []  # the reward model's Bradley-Terry loss is the stage's own, not a log-prob loss
         return list(self.dpo_loss_type or []) if self.traits.loss_types else [self.stage]
 
     @property
@@ -586,13 +614,15 @@ class PreferenceConfig(Section):
 
     @property
     def beta(self) -> float:
-        """The beta of the stage (--orpo-beta is ORPO's lambda)."""
-        return getattr(self, self.traits.beta)
+        """The beta of the stage (--orpo-beta is ORPO's lambda); None under rm."""
+        return getattr(self, self.traits.beta) if self.traits.beta else None
 
     @property
     def nll_weight(self) -> float:
         """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
         (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
+        if self.traits.value_head:
+            return 0.0
         if self.traits.nll_weight is None:
             return 1.0
         weight = getattr(self, self.traits.nll_weight)
@@ -600,6 +630,17 @@ class PreferenceConfig(Section):
 
     def describe(self) -> str:
         """The objective and every hyper-parameter in effect, for the startup log."""
+        if self.traits.data == "unpaired":
+            return (f"{self.stage}: loss = {self.kto_desirable_weight:g}*(1 - sigmoid(beta (logratio - kl))) "
+                    f"desirable, {self.kto_undesirable_weight:g}*(1 - sigmoid(beta (kl - logratio))) undesirable | "
+                    f"--dpo-beta {self.beta:g}, kl: mean over the global batch of mismatched prompt/completion "
+                    "log-ratios, clamped at 0, " + ("reference model" if self.uses_reference else "reference-free"))
+        if self.traits.value_head:
+            center = self.center_rewards_coefficient
+            return ("rm: loss = -logsigmoid(r_chosen - r_rejected - margin)"
+                    + (f" + {center:g}*(r_chosen + r_rejected)^2" if center else "")
+                    + " | value head reward at each sequence's last token, per-pair margin from the data (0 if "
+                      "absent), reference-free")
         types = self.loss_types
         terms = [t if (w, len(types)) == (1.0, 1) else f"{w:g}*{t}" for w, t in self.loss_terms]
         if self.nll_weight > 0:
@@ -832,6 +873,11 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"the interleaved schedule needs the number of micro-batches ({microbatches}) to be a multiple of "
             f"--pipeline-model-parallel-size ({pp}); adjust --global-batch-size",
         )
+    require(
+        config.preference.traits.data == "pairwise" or train.micro_batch_size >= 2,
+        f"--stage {config.preference.stage} pairs each prompt with another completion of its micro-batch for its KL "
+        "reference point (TRL's KTOTrainer); with --micro-batch-size 1 there is none: use --micro-batch-size >= 2",
+    )
     for name in SORTED_LOSS_TYPES:
         require(
             name not in config.preference.loss_types or train.micro_batch_size >= 2,
@@ -890,8 +936,9 @@ def check_inputs(config: EngineConfig) -> None:
                             ("--lora-load", config.lora.lora_load)):
         require(directory is None or os.path.isdir(directory), f"{flag} {directory}: no such directory")
     prefixes, _ = config.data.prefixes_and_weights
+    keys = UNPAIRED_KEYS if config.preference.traits.data == "unpaired" else OUTPUT_KEYS
     for prefix in prefixes:
-        message = missing_shards_message(prefix)
+        message = missing_shards_message(prefix, keys)
         require(message is None, message or "")
 
 

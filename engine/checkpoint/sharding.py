@@ -3,7 +3,8 @@
 Used by the HF <-> megatron converters, by resharding, and by the layout-parity tests.
 The rules follow megatron-core's tensor-parallel layers: column-parallel weights
 (linear_qkv, linear_fc1, vocab embedding, output layer) split on dim 0, row-parallel
-weights (linear_proj, linear_fc2) on dim 1, everything else is replicated. LoRA adapters
+weights (linear_proj, linear_fc2) on dim 1, everything else is replicated (a reward model's value_head.weight
+too, kept on the last stage). LoRA adapters
 (engine/model/lora.py) follow their layer: B of a column-parallel linear and A of a
 row-parallel one split like its weight; the other factor is replicated. linear_qkv
 is already stored per query group as [q heads | k | v], so a contiguous split keeps
@@ -22,6 +23,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from engine.formats import VALUE_HEAD_KEY
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
@@ -161,14 +164,14 @@ def shard_state_dict(
         elif key.startswith("embedding."):
             if not first:
                 continue
-        elif key.startswith(("decoder.final_layernorm", "output_layer")):
+        elif key.startswith(("decoder.final_layernorm", "output_layer", "value_head")):
             if not last:
                 continue
         if key in _VOCAB_PARALLEL:
             tensor = _resize_vocab(tensor, layout.padded_vocab_size)
         out[key] = _tp_slice(key, tensor, tp, tp_rank, swiglu)
-    if last and layout.tied_embeddings and layout.pipeline_model_parallel_size > 1:
-        # The last stage keeps its own copy of the tied embedding as output_layer.weight.
+    if last and layout.tied_embeddings and layout.pipeline_model_parallel_size > 1 and VALUE_HEAD_KEY not in full:
+        # The last stage keeps its own copy of the tied embedding as output_layer.weight (a reward model has none).
         embedding = _resize_vocab(full["embedding.word_embeddings.weight"], layout.padded_vocab_size)
         out["output_layer.weight"] = _tp_slice("output_layer.weight", embedding, tp, tp_rank, swiglu)
     return out

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import shutil
+import socket
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from engine.arguments import LORA_TARGETS, int_list
 from engine.checkpoint.layout import CheckpointError
 from engine.model.families import FAMILIES
 from engine.options import ConfigError, Section, option
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -135,7 +139,9 @@ def staged_output(save_dir: str | Path) -> Iterator[Path]:
     _check(not final.exists() or (final.is_dir() and not any(final.iterdir())),
            f"--save-dir {final} already exists and is not empty")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+    host = socket.gethostname()
+    _remove_abandoned_staging(final, host)
+    staging = final.parent / f".{final.name}.staging-{host}-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
         if final.exists():
@@ -146,3 +152,27 @@ def staged_output(save_dir: str | Path) -> Iterator[Path]:
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned_staging(final: Path, host: str) -> None:
+    """Deletes the staging directories that killed conversions to `final` on this host left behind.
+
+    Only those whose process is gone: a conversion still running here, or one on another node of a
+    shared filesystem (another host name), is left alone.
+    """
+    prefix = f".{final.name}.staging-{host}-"
+    for staging in final.parent.glob(f"{prefix}*"):
+        pid = staging.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by a conversion (pid %s) that did not finish", staging, pid)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

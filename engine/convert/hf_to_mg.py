@@ -19,7 +19,7 @@ from typing import Any
 from engine.arguments import ConfigError, ModelConfig, MoEConfig, check_expert_layout, check_layout
 from engine.convert.common import ConvertConfig, ConversionError, staged_output
 from engine.convert.hf_io import HFCheckpoint, has_tokenizer
-from engine.convert.mapping import hf_to_mcore_units
+from engine.convert.mapping import CLASSIFIER_SUFFIX, SCORE, hf_to_mcore_units
 from engine.convert.mg_io import MegatronWriter
 from engine.checkpoint.sharding import ShardLayout
 from engine.model.families import UnsupportedModelError, detect_family, get_family, model_args, pretrain_flags
@@ -97,6 +97,14 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     window = hf.config.get("sliding_window")
     if window and hf.config.get("use_sliding_window", True) and window < args["max_position_embeddings"]:
         log.warning("sliding_window %d is ignored: megatron-core attends over the whole sequence", window)
+    architecture = (hf.config.get("architectures") or [""])[0]
+    reward_model = architecture.endswith(CLASSIFIER_SUFFIX)
+    if reward_model:
+        labels = len(hf.config.get("id2label") or {0: 0})
+        if labels != 1:
+            raise ConversionError(f"{config.load_dir}/config.json: {architecture} with {labels} labels; a reward model "
+                                  "has num_labels 1")
+        args["value_head_init"] = {"from": f"{SCORE} of {Path(config.load_dir).resolve()}"}
     layout = target_layout(args, config)
     tokenizer = config.tokenizer_model or (config.load_dir if has_tokenizer(config.load_dir) else None)
     args.update(
@@ -107,13 +115,14 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     )
     with staged_output(config.save_dir) as staging:
         writer = MegatronWriter(staging, layout, args, config.dtype)
-        for unit in hf_to_mcore_units(hf.read, family, args, te=config.transformer_impl == "transformer_engine"):
+        for unit in hf_to_mcore_units(hf.read, family, args, te=config.transformer_impl == "transformer_engine",
+                                      value_head=reward_model):
             writer.add(unit)
         if not args["untie_embeddings_and_output_weights"] and hf.has(family.names.output):
             hf.skip(family.names.output)
         hf.check_all_read()
         writer.close()
     flags = layout_flags(args)
-    log.info("converted %s (%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
-             config.save_dir, " ".join(flags))
+    log.info("converted %s (%s%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
+             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, " ".join(flags))
     return flags

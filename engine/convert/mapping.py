@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from engine.formats import VALUE_HEAD_KEY
 from engine.model.families import HFNames, ModelFamily
 from engine.model.spelling import to_spelling
 
@@ -26,6 +27,14 @@ Reader = Callable[[str, tuple[int, ...]], torch.Tensor]
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT = "output_layer.weight"
+SCORE = "score.weight"
+"""HF `*ForSequenceClassification`'s head [num_labels, hidden]: a reward model's value head (num_labels 1)."""
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def classifier_architecture(family: ModelFamily) -> str:
+    """The family's transformers sequence classifier (LlamaForCausalLM -> LlamaForSequenceClassification)."""
+    return family.architecture.removesuffix("ForCausalLM") + CLASSIFIER_SUFFIX
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -93,9 +102,10 @@ def _moe_to_hf(name: str, tensor: torch.Tensor, names: HFNames) -> dict[str, tor
 
 
 def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
-                      te: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer);
-    layers under the TE spec's names when `te`."""
+                      te: bool = False, value_head: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer, or with
+    `value_head` a sequence classifier's score as the reward model's value head); layers under the TE spec's
+    names when `te`."""
     names = family.names
     hidden, vocab, ffn = args["hidden_size"], args["vocab_size"], args["ffn_hidden_size"]
     heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
@@ -131,7 +141,9 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
             unit[_layer(i, "self_attention.k_layernorm.weight")] = hf(names.k_norm, (head_dim,))
         yield to_spelling(unit, te) if te else unit
     final = {FINAL_NORM: read(names.final_norm, (hidden,))}
-    if args["untie_embeddings_and_output_weights"]:
+    if value_head:
+        final[VALUE_HEAD_KEY] = read(SCORE, (1, hidden))
+    elif args["untie_embeddings_and_output_weights"]:
         final[OUTPUT] = read(names.output, (vocab, hidden))
     yield final
 
@@ -149,6 +161,8 @@ def mcore_to_hf_unit(unit: dict[str, torch.Tensor], family: ModelFamily, args: d
             out[names.final_norm] = tensor
         elif key == OUTPUT:
             out[names.output] = tensor
+        elif key == VALUE_HEAD_KEY:
+            out[SCORE] = tensor
         else:
             _, _, index, name = key.split(".", 3)
             hf = lambda n: names.layer(int(index), n)  # noqa: E731 - binds this layer

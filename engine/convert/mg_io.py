@@ -18,6 +18,7 @@ import torch
 
 from engine.convert.common import ConversionError
 from engine.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT
+from engine.formats import VALUE_HEAD_KEY
 from engine.checkpoint.sharding import ShardLayout, merge_chunk, shard_state_dict
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
@@ -147,7 +148,7 @@ class MegatronCheckpoint:
             for index in sorted(by_layer):
                 yield self._merge(ranks, by_layer[index], pp_rank, vp_stage, vocab)
             if last:
-                yield self._merge(ranks, [FINAL_NORM, OUTPUT], pp_rank, vp_stage, vocab)
+                yield self._merge(ranks, [FINAL_NORM, OUTPUT, VALUE_HEAD_KEY], pp_rank, vp_stage, vocab)
             remaining[pp_rank] -= 1
             if not remaining[pp_rank]:
                 del opened[pp_rank]
@@ -155,7 +156,9 @@ class MegatronCheckpoint:
     def _merge(self, ranks: list[dict], keys: list[str], pp_rank: int, vp_stage: int | None,
                vocab: int) -> dict[str, torch.Tensor]:
         present = [k for k in keys if k in ranks[0]]
-        required = [k for k in keys if k != OUTPUT or not self.layout.tied_embeddings]
+        # A reward model's last stage holds its value head instead of an output layer.
+        optional = {OUTPUT} if self.layout.tied_embeddings or VALUE_HEAD_KEY in present else set()
+        required = [k for k in keys if k not in optional and k != VALUE_HEAD_KEY]
         missing = sorted(set(required) - set(present))
         if missing:
             raise ConversionError(f"{self._path(0, pp_rank)}: missing {', '.join(missing)}")

@@ -286,6 +286,9 @@ class PairwiseObjective:
     needs_current_logps = False
     """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the
     trainer then runs a forward-only pass over the batch and hands the result to `before_step`."""
+    current_logps_in_eval = False
+    """`before_step` also runs before each evaluation batch (KTO's KL point of that batch; BCO's running
+    shift is training state, so its evaluation leaves it alone)."""
 
     def before_step(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
         """Updates the stage's state from the step's (batch, reference) items and the policy's packed

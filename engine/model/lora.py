@@ -45,6 +45,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from engine.arguments import LORA_TARGETS
+from engine.formats import VALUE_HEAD_KEY
 from engine.platform import current_device
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
@@ -66,6 +67,12 @@ class LoraSettings:
 def is_adapter_key(key: str) -> bool:
     """A state-dict key of an adapter tensor (`...linear_qkv.lora_A.weight`)."""
     return any(marker in key for marker in ADAPTER_MARKERS)
+
+
+def trained_with_adapters(key: str) -> bool:
+    """What a LoRA run trains and saves beside the frozen base: the adapters, and a reward model's value head,
+    which is new and trains in full (PEFT's `modules_to_save`)."""
+    return is_adapter_key(key) or key == VALUE_HEAD_KEY
 
 
 class _LoraMixin:
@@ -157,7 +164,8 @@ def lora_layers(module: torch.nn.Module) -> Iterator[tuple[str, _LoraMixin]]:
 
 
 def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
-    """Freezes everything but the adapters and initializes them identically for any TP/PP layout.
+    """Freezes everything but the adapters (and a reward model's value head) and initializes the adapters
+    identically for any TP/PP layout.
 
     Called on the bare GPTModel chunks, before mixed-precision and DDP wrapping, so DDP's
     grad buffers and the optimizer only ever see adapter parameters.
@@ -165,7 +173,7 @@ def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            param.requires_grad_(is_adapter_key(f"{name}."))
+            param.requires_grad_(trained_with_adapters(name))
         for layer in chunk.decoder.layers:
             for name, module in lora_layers(layer):
                 target = LORA_TARGETS.index(name.rsplit(".", 1)[-1])

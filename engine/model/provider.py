@@ -22,6 +22,7 @@ from engine.arguments import EngineConfig
 from engine.model import compat
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
+from engine.model.value_head import RewardGPTModel
 from engine.platform import Platform, current_device
 
 
@@ -178,15 +179,22 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
-    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype."""
+    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype; under a
+    value-head stage (rm) `RewardGPTModel` chunks."""
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
     impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled)
     tf_config = transformer_config(config, platform, impl)
     vpp = config.virtual_pipeline_size
+    # A reward model (--stage rm) ends in a scalar value head instead of the tied or untied vocab projection.
+    if config.preference.traits.value_head:
+        build, extra = RewardGPTModel, {"head_seed": config.training.seed}
+    else:
+        tied = not config.model.untie_embeddings_and_output_weights
+        build, extra = GPTModel, {"share_embeddings_and_output_weights": tied}
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
+        model = build(
             config=tf_config,
             transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage,
                                                       adapters, tuple(lora.lora_target_modules)),
@@ -195,10 +203,10 @@ def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTMode
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True,
-            share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
             position_embedding_type=config.model.position_embedding_type,
             rotary_base=config.model.rotary_base,
             vp_stage=vp_stage,
+            **extra,
         )
         if config.model.rope_scaling_type == "llama3":
             _apply_llama3_rope_scaling(model, config)

@@ -46,7 +46,8 @@ from engine.checkpoint.layout import (
 )
 from engine.checkpoint.manifest import record_digest
 from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, select_experts, shard_state_dict
-from engine.model.lora import is_adapter_key
+from engine.formats import VALUE_HEAD_KEY
+from engine.model.lora import is_adapter_key, trained_with_adapters
 from engine.model.provider import unwrap_model
 from engine.model.spelling import match_spelling
 from engine.platform import accelerator_rng_state, set_accelerator_rng_state
@@ -156,6 +157,10 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
             f"{root} is an adapter-only LoRA checkpoint (saved with --lora-ckpt-filter) and holds no base weights: "
             f"pass --load {args.get('lora_base') or 'BASE'} --lora-load {root} with the run's --lora-r"
         )
+    # A reward model starts from a language model's weights (its vocab projection dropped, the value head
+    # keeping its seeded init) unless the checkpoint records where its head came from.
+    value_head = config.preference.traits.value_head
+    fresh_head = value_head and not args.get("value_head_init")
     keys = _model_keys(len(chunks))
     if all(key in state for key in keys):
         chunk_states = [state[key] for key in keys]
@@ -170,15 +175,20 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
         model = unwrap_model(chunk)
         # A checkpoint written for the other layer spec (local norms or TE's fused ones) loads as well.
         chunk_state = match_spelling(chunk_state, model.state_dict().keys())
+        if value_head:
+            chunk_state = {k: v for k, v in chunk_state.items() if k != "output_layer.weight"}
         try:
             result = model.load_state_dict(chunk_state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
         # Adapters absent from a base checkpoint keep their fresh init (LoRA's --load).
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not is_adapter_key(k)]
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not is_adapter_key(k)
+                   and not (fresh_head and k == VALUE_HEAD_KEY)]
         if missing or result.unexpected_keys:
+            hint = (" (a reward model checkpoint: train it with --stage rm)"
+                    if VALUE_HEAD_KEY in result.unexpected_keys else "")
             raise CheckpointError(
-                f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
+                f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}{hint}"
             )
     return state
 
@@ -423,7 +433,7 @@ class Checkpointer:
         for key, chunk in zip(_model_keys(len(model)), model):
             weights = unwrap_model(chunk).state_dict()
             if self.config.lora.lora_ckpt_filter:
-                weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
+                weights = {k: v for k, v in weights.items() if trained_with_adapters(k)}
             rank_state[key] = weights
         ep_rank, ep = _expert_coordinates(self.config)
         path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size, ep_rank, ep)
@@ -448,7 +458,14 @@ class Checkpointer:
         latest = latest_iteration(root, "--load")
         state = load_model_weights(model, root, latest, self.config)
         args = state.get("args") or {}
-        self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
+        self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config", "value_head_init")
+                               if k in args}
+        if self.config.preference.traits.value_head and "value_head_init" not in args:
+            training = self.config.training
+            self.inherited_args["value_head_init"] = {"seed": training.seed, "std": self.config.model.init_method_std}
+            if dist.get_rank() == 0:
+                logger.info("value head initialised: N(0, %g) from --seed %d (recorded in the checkpoints as "
+                            "value_head_init)", self.config.model.init_method_std, training.seed)
         if self.config.lora.lora_load is not None:
             return _on_every_rank(partial(self._load_adapters, model))
         return latest, state
@@ -477,7 +494,7 @@ class Checkpointer:
         state, path = _checked_rank_state(root, latest, self.config)
         for key, chunk in zip(_model_keys(len(model)), model):
             module = unwrap_model(chunk)
-            wanted = [k for k in module.state_dict() if is_adapter_key(k)]
+            wanted = [k for k in module.state_dict() if trained_with_adapters(k)]
             saved = state.get(key, {})
             missing = [k for k in wanted if k not in saved]
             if missing:

@@ -37,7 +37,8 @@ def detect_peak_tflops(override: float | None) -> float | None:
 
 
 def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, moe: MoEConfig | None = None) -> float:
-    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring). With
+    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring);
+    `padded_vocab_size` is the width of the last projection (1 for a reward model's value head). With
     experts, a token's MLP work is its top-k experts', the shared expert's and the router's (the active
     parameters), not a dense MLP of --ffn-hidden-size."""
     s, h = seq_length, model.hidden_size

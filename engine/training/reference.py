@@ -50,6 +50,16 @@ class ReferenceSource:
         return {"root": str(Path(self.root).resolve()), "iteration": self.iteration}
 
 
+class NoReference:
+    """The reference of a reference-free objective (simpo, orpo, cpo, rm, --reference-free): no model, no pass;
+    the objective gets None for every micro-batch."""
+
+    forward_passes = 0
+
+    def logps(self, micro_batches: list, split: str | None = None) -> list[None]:
+        return [None] * len(micro_batches)
+
+
 class ReferencePolicy:
     forward_passes = 1
 
@@ -117,13 +127,13 @@ def reference_source(config: EngineConfig, loaded_iteration: int, saved_record: 
 
 def build_reference(config: EngineConfig, source: ReferenceSource | None, policy: list[torch.nn.Module],
                     objective: PairwiseObjective, platform: Platform, splits: dict,
-                    make_batch: Callable) -> Reference | None:
-    """The reference of the run: none without a source; adapters off under LoRA (no copy of the frozen
+                    make_batch: Callable) -> Reference:
+    """The reference of the run: `NoReference` without a source; adapters off under LoRA (no copy of the frozen
     base); else a frozen copy loaded from `source`; with --precompute-ref-logps, a table that one of
     those fills once (`splits` are the train and valid data sets, `make_batch(split, pair_indices)`
     collates a micro-batch as training does)."""
     if source is None:
-        return None
+        return NoReference()
     if config.lora.enabled:
         live = partial(AdapterOffReference, policy, objective)
     else:
@@ -139,6 +149,8 @@ def build_reference(config: EngineConfig, source: ReferenceSource | None, policy
         data_files, config.data.split, config.model.seq_length, source.root, source.iteration,
         rows=3 if config.preference.ld_alpha is not None else 2, adapters_off=config.lora.enabled,
     )
+    if config.preference.traits.data == "unpaired":  # each sample's KL completion depends on the KL blocks
+        stamp["kl_pairing"] = [config.training.micro_batch_size, config.training.seed]
     directory = config.checkpoint.save or Path(prefixes[0]).parent
     return reference_cache.load_or_compute(reference_cache.cache_path(directory, stamp), stamp, splits, live,
                                            config.training.micro_batch_size, make_batch)

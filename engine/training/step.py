@@ -58,7 +58,9 @@ def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimi
 
 def reduce_metrics(collected: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, float]:
     """Sum each metric's (numerator, denominator) pairs over micro-batches, then over DP and
-    pipeline ranks (only the last stage has them), and return numerator / denominator.
+    pipeline ranks (only the last stage has them), and return numerator / denominator; a metric
+    whose denominator is 0 (KTO's rewards/rejected of a batch without undesirable samples) is left
+    out, as TRL does, rather than logged as 0.
 
     `names` are the metrics the loss function returns (`PairwiseObjective.metric_names`), known on every
     rank, so nothing but the sums crosses ranks; the ratios come back to the host in one read.
@@ -72,7 +74,7 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]], names: Sequence[str
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=current_device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return dict(zip(names, (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()))
+    return {name: total / count for name, (total, count) in zip(names, totals.tolist()) if count > 0}
 
 
 def chunk_iterators(items: list, model: list[torch.nn.Module]) -> list[Iterator]:

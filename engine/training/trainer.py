@@ -22,9 +22,7 @@ from torch.utils.data import Dataset
 
 from engine.arguments import EngineConfig, TrainingConfig, check_inputs
 from engine.checkpoint.layout import iteration_dir_name
-from engine.data.collate import collate_pairs, pack_pairs
-from engine.data.dataset import build_pairwise_datasets
-from engine.data.sampler import PairwiseBatchSampler
+from engine.data.kinds import PairwiseData, build_stage_data
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
@@ -68,6 +66,8 @@ class DPOTrainer:
     config: EngineConfig
     platform: Platform
     save_lock: SaveDirLock | None
+    data: PairwiseData
+    """The stage's kind of data (pairwise, or unpaired for KTO): data sets, sampler, collate."""
     datasets: dict[str, Dataset | None]
     num_microbatches: int
     """Micro-batches per global batch on each data-parallel rank."""
@@ -75,7 +75,7 @@ class DPOTrainer:
     checkpointer: Checkpointer
     model: list[torch.nn.Module]
     reference_source: ReferenceSource | None
-    reference: Reference | None
+    reference: Reference
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     state: TrainState
@@ -96,8 +96,8 @@ class DPOTrainer:
         set_random_seeds(config.training.seed)
         train = config.training
         self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self._dp_size)
-        self.datasets = build_pairwise_datasets(config.data, config.model.seq_length, config.model.vocab_size,
-                                                train.seed)
+        self.data = build_stage_data(config)
+        self.datasets = self.data.build_datasets()
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
         warning = check_data_fits(len(self.datasets["train"]), len(self.datasets["valid"] or []), train,
@@ -171,12 +171,9 @@ class DPOTrainer:
         )
 
     # -- data ---------------------------------------------------------------------------------------------
-    def _sampler(self, split: str, consumed: int) -> PairwiseBatchSampler:
-        train = self.config.training
-        return PairwiseBatchSampler(
-            len(self.datasets[split]), train.global_batch_size, train.micro_batch_size, self._dp_rank, self._dp_size,
-            train.seed, consumed_samples=consumed, shuffle=split == "train",
-        )
+    def _sampler(self, split: str, consumed: int):
+        return self.data.sampler(len(self.datasets[split]), consumed, self._dp_rank, self._dp_size,
+                                 shuffle=split == "train")
 
     def _pad_multiple(self) -> int:
         """Rows are padded to a multiple of this: 8 (and TP under sequence parallel); under the allgather MoE
@@ -190,27 +187,21 @@ class DPOTrainer:
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
 
     def _batch(self, samples: list[dict], pair_indices: list[int]):
-        if self.config.data.pack_sequences:
-            batch = pack_pairs(samples, self._pad_multiple())
-        else:
-            batch = collate_pairs(samples, self._pad_multiple())
+        batch = self.data.collate(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch.to(current_device())
 
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and the unpadded length of every sequence in them."""
+        and the unpadded length of every sequence the policy trains on in them."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
-        lengths = [len(s[key]) for micro in samples for s in micro
-                   for key in ("chosen_input_ids", "rejected_input_ids")]
+        lengths = [n for micro in samples for s in micro for n in self.data.sequence_lengths(s)]
         micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
         self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
         return micro_batches, lengths
 
     def _with_reference(self, micro_batches: list, split: str) -> list:
-        if self.reference is None:
-            return [(batch, None) for batch in micro_batches]
         return list(zip(micro_batches, self.reference.logps(micro_batches, split)))
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -316,10 +307,11 @@ class DPOTrainer:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
-        passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
+        passes = 3 + self.reference.forward_passes
         passes += 1 if self.objective.needs_current_logps else 0
-        model, vocab, moe = self.config.model, self.config.padded_vocab_size, self.config.moe
-        flops = sum(passes * forward_flops(model, vocab, n, moe) for n in lengths)
+        # The last projection: the vocab, or a reward model's single value per position.
+        outputs = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
+        flops = sum(passes * forward_flops(self.config.model, outputs, n, self.config.moe) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()
@@ -334,7 +326,10 @@ class DPOTrainer:
             chunk.eval()
         collected = []
         for _ in range(train.eval_iters):
-            items = self._with_reference(self._micro_batches("valid", next(batches))[0], "valid")
+            micro_batches = self._micro_batches("valid", next(batches))[0]
+            items = self._with_reference(micro_batches, "valid")
+            if self.objective.current_logps_in_eval:
+                self._before_step(micro_batches, items)
             collected += forward_only(self.objective.policy_forward_step, items, self.model)
         for chunk in self.model:
             chunk.train()

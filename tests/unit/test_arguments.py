@@ -60,6 +60,11 @@ def test_validate_names_the_flags_and_the_rule(extra, world, message):
         ("--group-query-attention --num-query-groups 3", r"must be a multiple of --num-query-groups \(3\)"),
         ("--lr 1e-5 --min-lr 1e-4", r"--min-lr \(0.0001\) exceeds --lr"),
         ("--lr-warmup-fraction 0.1 --lr-warmup-iters 5", r"mutually exclusive"),
+        ("--lr-warmup-fraction 1.0", r"--lr-warmup-fraction must be in \[0, 1\)"),
+        ("--train-iters 10 --lr-warmup-iters 10", r"--lr-warmup-iters \(10\) must be below the decay steps \(10, "
+                                                  r"--train-iters\)"),
+        ("--train-iters 10 --lr-decay-iters 4 --lr-warmup-iters 5", r"below the decay steps \(4, --lr-decay-iters"),
+        ("--lr 1e-5 --lr-warmup-init 1e-4", r"--lr-warmup-init \(0.0001\) exceeds --lr"),
         ("--save-interval 10", r"--save-interval needs --save"),
         ("--seq-length 64 --max-position-embeddings 32", r"--seq-length \(64\) exceeds --max-position-embeddings"),
         ("--pipeline-model-parallel-size 2 --num-layer-list 1,2,1", r"--num-layer-list 1,2,1 needs one positive count per"),
@@ -98,7 +103,12 @@ def test_megatron_lm_rope_scaling_spelling():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("--stage kto", r"invalid choice: 'kto'"),
+        ("--stage rrhf", r"invalid choice: 'rrhf'"),
+        ("--kto-desirable-weight 2", r"--kto-desirable-weight does not apply to --stage dpo"),
+        ("--stage kto --kto-undesirable-weight 0", r"--kto-undesirable-weight must be > 0"),
+        ("--stage kto --reference-free", r"--reference-free does not apply to --stage kto: its KL reference point"),
+        ("--stage kto --micro-batch-size 1", r"--stage kto pairs each prompt with another completion .* "
+                                             r"--micro-batch-size >= 2"),
         ("--discopop-tau 0.1", r"--discopop-tau needs --dpo-loss-type discopop"),
         ("--simpo-gamma 0.5", r"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
                               r"not to --stage dpo"),
@@ -265,7 +275,7 @@ def test_every_stage_has_traits_and_an_objective():
 
     assert set(OBJECTIVES) == set(STAGE_TRAITS) == set(STAGES)
     for name, traits in STAGE_TRAITS.items():
-        assert traits.beta in traits.options or name == "dpo", name
+        assert traits.beta in traits.options or name == "dpo" or (traits.beta is None and traits.value_head), name
         assert set(traits.defaults) <= set(traits.options), name
 
 

@@ -28,7 +28,7 @@ from engine.arguments import DataConfig, ModelConfig, TokenizerConfig, build_par
 from engine.data.handlers import build_handler
 from engine.data.preprocess import PreprocessConfig, add_preprocess_args
 from engine.data.templates import get_template
-from engine.formats import OUTPUT_KEYS, output_path_prefix
+from engine.formats import OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
 from engine.options import declared_fields
 from engine.model.families import get_family, model_args, pretrain_flags
 
@@ -37,6 +37,8 @@ MCORE = REPO / "examples" / "mcore"
 SCRIPTS = sorted(MCORE.glob("*/*.sh"))
 KINDS = ("data_convert_{}_pairwise.sh", "ckpt_convert_{}_hf2mcore.sh", "ckpt_convert_{}_mcore2hf.sh",
          "dpo_{}_full_ptd.sh", "dpo_{}_lora_ptd.sh")
+KTO_KINDS = ("data_convert_{}_unpaired.sh", "kto_{}_full_ptd.sh")
+"""KTO's scripts, for one model of each dense family (`KTO_MODELS`), beside the DPO ones."""
 PROGRAMS = {"pretrain_dpo.py": "pretrain_dpo.py", "preprocess_data.py": "preprocess_data.py",
             "convert_ckpt.py": "tools/checkpoint/convert_ckpt.py"}
 
@@ -92,8 +94,12 @@ HF_CONFIGS = {
         tie_word_embeddings=False, sliding_window=None),
 }
 MODELS = {key: family for family, key in HF_CONFIGS}
+KTO_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
 FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3",
                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+RM_KIND = "rm_{}_full_ptd.sh"
+RM_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
+"""One reward-model (--stage rm) script per dense family, beside that model's DPO scripts."""
 
 
 def _script(key: str, kind: str) -> Path:
@@ -148,6 +154,10 @@ def _dpo(key: str, kind: str, **env: str) -> tuple[list[str], list[str]]:
 
 def test_every_model_has_its_five_scripts_and_nothing_else():
     expected = {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in MODELS for kind in KINDS}
+    expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in KTO_MODELS for kind in KTO_KINDS}
+    assert {MODELS[key] for key in KTO_MODELS} == set(FAMILY_DIRS), "one KTO script per dense family"
+    expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{RM_KIND.format(key)}" for key in RM_MODELS}
+    assert {MODELS[key] for key in RM_MODELS} == set(FAMILY_DIRS)  # every dense family
     found = {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
     assert found == expected
 
@@ -164,7 +174,8 @@ def test_script_is_strict_and_runs_commands_through_run(script):
 
 # -- training scripts: pretrain_dpo.py --validate-only for the script's world size ---------------------
 
-DPO_SCRIPTS = [p for p in SCRIPTS if p.name.startswith("dpo_")]
+DPO_SCRIPTS = [p for p in SCRIPTS if p.name.startswith(("dpo_", "kto_"))]
+"""The training scripts (DPO and KTO: the stage is the name's first word)."""
 
 
 def _make_inputs(flags: list[str], root: Path) -> None:
@@ -174,8 +185,9 @@ def _make_inputs(flags: list[str], root: Path) -> None:
     for directory in (args.load, getattr(args, "ref_model", None), getattr(args, "lora_load", None)):
         if directory:
             (root / directory).mkdir(parents=True, exist_ok=True)
+    keys = UNPAIRED_KEYS if getattr(args, "stage", None) == "kto" else OUTPUT_KEYS
     for prefix in DataConfig(args.data_path).prefixes_and_weights[0]:
-        for key in OUTPUT_KEYS:
+        for key in keys:
             for ext in (".bin", ".idx"):
                 path = root / (output_path_prefix(prefix, key) + ext)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +216,7 @@ def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys, tm
     config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
     # what the trainer needs beyond validate() (DPOTrainer refuses to start without them)
     assert config["data"]["data_path"] and config["checkpoint"]["load"] and config["training"]["train_iters"]
-    assert config["checkpoint"]["save"] and config["preference"]["stage"] == "dpo"
+    assert config["checkpoint"]["save"] and config["preference"]["stage"] == script.name.split("_")[0]
     assert config["precision"]["bf16"] and config["parallel"]["use_distributed_optimizer"]
     tp, pp = config["parallel"]["tensor_model_parallel_size"], config["parallel"]["pipeline_model_parallel_size"]
     assert config["parallel"]["sequence_parallel"] == (tp > 1)
@@ -224,6 +236,22 @@ def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, 
     world, torchrun = _world_size(launcher)
     assert (world, torchrun.node_rank, torchrun.master_addr, torchrun.master_port) == (8 * nodes, 1, "10.1.2.3", 29600)
     _validate_only(flags, world, monkeypatch, capsys, tmp_path)  # twice the data-parallel size still divides the batch
+
+
+@pytest.mark.parametrize("key", RM_MODELS)
+def test_rm_script_validates_and_fits_the_models_other_scripts(key, monkeypatch, capsys, tmp_path):
+    """The reward-model script: --stage rm for its world size, on the data, checkpoint and model flags of the
+    model's data/convert scripts and its DPO full run (only the stage, its options and the output differ)."""
+    launcher, flags = _dpo(key, RM_KIND)
+    world, _ = _world_size(launcher)
+    config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
+    assert config["preference"]["stage"] == "rm" and config["preference"]["center_rewards_coefficient"] == 0.01
+    dpo = _training_flags(_dpo(key, KINDS[3])[1])
+    train = _training_flags(flags)
+    same = ("load", "data_path", "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "global_batch_size", "micro_batch_size")
+    assert {k: getattr(train, k) for k in same} == {k: getattr(dpo, k) for k in same}
+    assert asdict(_model(train)) == asdict(_model(dpo)) and train.save != dpo.save
 
 
 # -- converter and preprocessing scripts: their own parsers, nothing converted ------------------------
@@ -249,6 +277,7 @@ def test_data_script_parses(script):
     build_handler(args.handler_name, args.map_keys or None)
     assert args.tokenizer_type == "PretrainedFromHF" and args.tokenizer_name_or_path
     assert args.overwrite, "re-running the script must replace its own data set, not stop at it"
+    assert args.unpair == script.name.endswith("_unpaired.sh")
 
 
 # -- the scripts of one model fit together -------------------------------------------------------------
@@ -274,6 +303,18 @@ def test_model_scripts_fit_together(key):
             assert to_hf.load_dir == train.save
             default_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1])), "convert_ckpt.py")[1])
             assert default_mg.save_dir == train.load, "hf2mcore's default layout is the full run's"
+
+
+@pytest.mark.parametrize("key", KTO_MODELS)
+def test_kto_scripts_fit_the_model_scripts(key):
+    """The KTO run trains on its unpaired data script's output, from the full DPO run's converted checkpoint."""
+    data = _preprocess_flags(entry(dry_run(_script(key, KTO_KINDS[0])), "preprocess_data.py")[1])
+    train = _training_flags(_dpo(key, KTO_KINDS[1])[1])
+    dpo = _training_flags(_dpo(key, KINDS[3])[1])
+    assert train.data_path == [data.output_prefix] and train.seq_length == data.seq_length
+    assert (train.load, train.tensor_model_parallel_size, train.pipeline_model_parallel_size) == \
+        (dpo.load, dpo.tensor_model_parallel_size, dpo.pipeline_model_parallel_size)
+    assert asdict(_model(train)) == asdict(_model(dpo)) and train.save != dpo.save
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))

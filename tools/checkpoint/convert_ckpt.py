@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UnsupportedModelError, ValueError) as err:
         print(f"convert_ckpt.py: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a read-only or missing path: the OS's message names the file
+        print(f"convert_ckpt.py: error: {err}", file=sys.stderr)
+        return 1
     if flags:
         print("pretrain_dpo.py model flags (add --seq-length and the data/training flags):")
         print(" ".join(flags))

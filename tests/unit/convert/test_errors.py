@@ -122,6 +122,15 @@ def test_tokenizer_is_recorded_from_the_hf_folder(hf_copy, tmp_path):
     assert state["args"]["tokenizer"] == str(hf_copy.resolve())
 
 
+def _convert_ckpt_main():
+    sys.path.insert(0, str(REPO / "tools" / "checkpoint"))
+    try:
+        from convert_ckpt import main
+    finally:
+        sys.path.pop(0)
+    return main
+
+
 def test_cli_prints_one_error_line_and_exits_non_zero(tmp_path):
     result = subprocess.run(
         [sys.executable, "tools/checkpoint/convert_ckpt.py", "--model-type", "GPT", "--load-model-type", "hf",
@@ -134,12 +143,7 @@ def test_cli_prints_one_error_line_and_exits_non_zero(tmp_path):
 
 
 def test_cli_converts_and_prints_the_pretrain_flags(tiny_hf, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools" / "checkpoint"))
-    try:
-        from convert_ckpt import main
-    finally:
-        sys.path.pop(0)
-    code = main(["--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
+    code = _convert_ckpt_main()(["--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
                  "--load-dir", str(tiny_hf), "--save-dir", str(tmp_path / "mg"),
                  "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
                  "--num-layer-list", "3,1", "--model-type-hf", "llama2", "--params-dtype", "bf16"])
@@ -147,6 +151,41 @@ def test_cli_converts_and_prints_the_pretrain_flags(tiny_hf, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert "--num-layers 4" in printed and "--tensor-model-parallel-size 2" in printed and "--bf16" in printed
     assert (tmp_path / "mg" / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
+
+
+def test_cli_reports_an_os_error_in_one_line(tiny_hf, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = _convert_ckpt_main()(["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(tiny_hf),
+                                 "--save-dir", str(blocker / "out")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("convert_ckpt.py: error: [Errno") and str(blocker) in err[-1]
+
+
+def test_staging_left_by_a_killed_conversion_is_removed_and_a_live_ones_kept(tiny_hf, tmp_path):
+    import os
+    import socket
+
+    host = socket.gethostname()
+    dead = _exited_pid()
+    abandoned = tmp_path / f".mg.staging-{host}-{dead}-0000"
+    running = tmp_path / f".mg.staging-{host}-{os.getpid()}-1111"
+    elsewhere = tmp_path / f".mg.staging-other-node-{dead}-2222"
+    for folder in (abandoned, running, elsewhere):
+        (folder / "iter_0000001").mkdir(parents=True)
+    run_conversion(ConvertConfig("hf", "mg", str(tiny_hf), str(tmp_path / "mg")))
+    assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").is_file()
+    assert not abandoned.exists() and running.is_dir() and elsewhere.is_dir()
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has finished (and been reaped), as a killed conversion's is."""
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def _split_into_two_shards(folder: Path) -> list[str]:
