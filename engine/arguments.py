@@ -119,6 +119,78 @@ class ModelConfig(Section):
         return -(-self.vocab_size // multiple) * multiple
 
 
+MOE_DISPATCHERS = ("alltoall", "allgather")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+
+
+@dataclass
+class MoEConfig(Section):
+    """Mixture of experts (Megatron-LM flag names); a dense model unless --num-experts is set."""
+
+    num_experts: int | None = option(None, "routed experts of every MoE layer (every decoder layer's MLP)")
+    moe_ffn_hidden_size: int | None = option(None, "width of each routed expert; default --ffn-hidden-size")
+    moe_router_topk: int = option(2, "experts each token is routed to")
+    moe_router_pre_softmax: bool = option(False, "softmax over all experts, then take the top k (probabilities "
+                                                 "not renormalized: Qwen2-MoE); default top k of the logits, then "
+                                                 "softmax over them (normalized top k: Mixtral, Qwen3-MoE)")
+    moe_router_topk_scaling_factor: float | None = option(None, "scale the routing probabilities (with "
+                                                                "--moe-router-pre-softmax)")
+    moe_router_load_balancing_type: str = option("aux_loss", "the router's load-balancing loss: aux_loss (over "
+                                                             "the micro-batch, Switch/GShard), seq_aux_loss (per "
+                                                             "sequence), none", choices=MOE_LOAD_BALANCING)
+    moe_aux_loss_coeff: float = option(0.0, "weight of the load-balancing loss in the policy loss (0: off)")
+    moe_z_loss_coeff: float | None = option(None, "weight of the router z-loss in the policy loss (ST-MoE)")
+    moe_shared_expert_intermediate_size: int | None = option(None, "width of the shared expert every token also "
+                                                                   "goes through (Qwen2-MoE); default none")
+    moe_shared_expert_gate: bool = option(False, "scale the shared expert's output by sigmoid(a learned gate) "
+                                                 "(Qwen2-MoE)")
+    moe_shared_expert_overlap: bool = option(False, "run the shared expert concurrently with the token dispatch "
+                                                    "(needs --moe-token-dispatcher-type alltoall)")
+    moe_token_dispatcher_type: str = option(
+        "alltoall", "how tokens reach their experts' ranks: alltoall (variable-length micro-batches; the default "
+                    "here, unlike Megatron-LM's allgather) or allgather (every micro-batch padded to --seq-length, "
+                    "since megatron-core's allgather dispatcher needs one shape on all ranks)",
+        choices=MOE_DISPATCHERS)
+    moe_grouped_gemm: bool = option(False, "run a rank's experts as one grouped GEMM (CUDA only: "
+                                           "transformer-engine's or the grouped_gemm package's kernels)")
+
+    def check(self) -> None:
+        if self.num_experts is None:
+            defaults = {f.name: f.default for f in fields(self)}
+            given = sorted(name for name in defaults if name != "num_experts" and getattr(self, name) != defaults[name])
+            require(not given, f"{', '.join('--' + n.replace('_', '-') for n in given)} need(s) --num-experts")
+            return
+        require(self.num_experts >= 1, "--num-experts must be >= 1")
+        require(1 <= self.moe_router_topk <= self.num_experts,
+                f"--moe-router-topk ({self.moe_router_topk}) must be between 1 and --num-experts ({self.num_experts})")
+        # megatron-core's rule: a softmax over one selected logit is constant, so its router would get no gradient.
+        require(self.moe_router_topk > 1 or self.moe_router_pre_softmax,
+                "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one expert has no gradient)")
+        require(self.moe_router_topk_scaling_factor is None or self.moe_router_topk_scaling_factor > 0,
+                "--moe-router-topk-scaling-factor must be > 0")
+        require(self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0")
+        require(self.moe_z_loss_coeff is None or self.moe_z_loss_coeff >= 0, "--moe-z-loss-coeff must be >= 0")
+        require(self.moe_aux_loss_coeff == 0 or self.moe_router_load_balancing_type != "none",
+                "--moe-aux-loss-coeff needs a --moe-router-load-balancing-type other than none")
+        require(self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size > 0, "--moe-ffn-hidden-size must be > 0")
+        shared = self.moe_shared_expert_intermediate_size
+        require(shared is None or shared > 0, "--moe-shared-expert-intermediate-size must be > 0")
+        require(not self.moe_shared_expert_gate or shared is not None,
+                "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        require(not self.moe_shared_expert_overlap or shared is not None,
+                "--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size")
+        require(not self.moe_shared_expert_overlap or self.moe_token_dispatcher_type == "alltoall",
+                "--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
+
+    def expert_ffn(self, model: ModelConfig) -> int:
+        """Width of each routed expert (--moe-ffn-hidden-size, else --ffn-hidden-size)."""
+        return self.moe_ffn_hidden_size or model.ffn_hidden_size
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type for comma-separated counts such as --num-layer-list 3,5 (training and convert_ckpt.py)."""
     try:
@@ -140,6 +212,10 @@ class ParallelConfig(Section):
               "split. Must match the checkpoint's split (convert_ckpt.py --num-layer-list)",
         type=int_list, metavar="N1,N2,...")
     sequence_parallel: bool = option(False, "shard norm and dropout activations over TP (needs TP > 1)")
+    expert_model_parallel_size: int = option(1, "expert-parallel ranks (EP): the experts of each MoE layer are "
+                                                "split over them (--num-experts must be divisible by EP)")
+    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP); "
+                                                           "default --tensor-model-parallel-size")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)")
     overlap_grad_reduce: bool = option(False, "overlap the DP gradient reduction with backward")
     overlap_param_gather: bool = option(False, "overlap the parameter all-gather with forward (needs "
@@ -155,6 +231,9 @@ class ParallelConfig(Section):
     def check(self) -> None:
         require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        require(self.expert_model_parallel_size >= 1, "--expert-model-parallel-size must be >= 1")
+        require(self.expert_tensor_parallel_size is None or self.expert_tensor_parallel_size >= 1,
+                "--expert-tensor-parallel-size must be >= 1")
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
@@ -192,6 +271,11 @@ class ParallelConfig(Section):
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP: --expert-tensor-parallel-size, else TP (megatron-core's default)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
 
 @dataclass
@@ -675,6 +759,7 @@ class EngineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     tokenizer: TokenizerConfig | None = None
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -714,6 +799,21 @@ def check_layout(model: ModelConfig, tp: int, pp: int, num_layer_list: tuple[int
                 f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})")
 
 
+def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, etp: int,
+                        ep_flag: str = "--expert-model-parallel-size",
+                        etp_flag: str = "--expert-tensor-parallel-size") -> None:
+    """Whether EP x ETP can hold the experts (training and the converters, which name their own flags)."""
+    if not moe.enabled:
+        require(ep == 1 and etp == tp, f"{ep_flag} and {etp_flag} need --num-experts (a dense model has no experts)")
+        return
+    require(moe.num_experts % ep == 0, f"--num-experts ({moe.num_experts}) must be divisible by {ep_flag} ({ep})")
+    ffn = moe.expert_ffn(model)
+    require(ffn % etp == 0, f"--moe-ffn-hidden-size ({ffn}) must be divisible by {etp_flag} ({etp})")
+    shared = moe.moe_shared_expert_intermediate_size
+    require(shared is None or shared % tp == 0, f"--moe-shared-expert-intermediate-size ({shared}) must be divisible "
+                                                 f"by --tensor-model-parallel-size ({tp})")
+
+
 def validate(config: EngineConfig, world_size: int) -> None:
     """Rules that span sections; raises ConfigError naming the flags before any work is done."""
     model, par, train = config.model, config.parallel, config.training
@@ -725,6 +825,24 @@ def validate(config: EngineConfig, world_size: int) -> None:
     )
     dp = world_size // (tp * pp)
     check_layout(model, tp, pp, par.num_layer_list)
+    moe, ep, etp = config.moe, par.expert_model_parallel_size, par.expert_tensor_size
+    check_expert_layout(model, moe, tp, ep, etp)
+    if moe.enabled:
+        require(
+            world_size % (etp * ep * pp) == 0,
+            f"world size {world_size} is not divisible by --expert-tensor-parallel-size ({etp}) x "
+            f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp}): the ranks of each "
+            "pipeline stage are split into expert groups",
+        )
+        require(etp == tp,
+                f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: not supported "
+                "yet (checkpoints split each expert over TP like a dense MLP); leave it unset")
+        require(tp == 1 or par.sequence_parallel,
+                f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core's "
+                "MoE layer refuses tensor parallelism without it in training)")
+        require(not (moe.moe_token_dispatcher_type == "allgather" and config.data.pack_sequences),
+                "--pack-sequences needs --moe-token-dispatcher-type alltoall: the allgather dispatcher needs every "
+                "micro-batch at one length (--seq-length), and a packed row's length varies")
     if par.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = model.num_layers // pp
         require(
@@ -773,7 +891,8 @@ SECTIONS = {
     "precision": (PrecisionConfig, "precision"), "training": (TrainingConfig, "training"),
     "checkpoint": (CheckpointConfig, "checkpoint"), "logging": (LoggingConfig, "logging"),
     "data": (DataConfig, "data"), "preference": (PreferenceConfig, "preference optimization"),
-    "lora": (LoraConfig, "lora"), "tokenizer": (TokenizerConfig, "tokenizer"),
+    "lora": (LoraConfig, "lora"), "moe": (MoEConfig, "mixture of experts"),
+    "tokenizer": (TokenizerConfig, "tokenizer"),
 }
 """EngineConfig field -> (section, argument group title): the parser and the config are built from this."""
 

@@ -33,7 +33,8 @@ from engine.model.lora import is_adapter_key, trained_with_adapters
 
 log = logging.getLogger(__name__)
 
-_ADAPTER = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])\.weight$")
+_ADAPTER = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp|mlp\.experts\.local_experts\.\d+|"
+                      r"mlp\.shared_experts)\.(linear_\w+)\.lora_([AB])\.weight$")
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -45,7 +46,9 @@ def read_adapters(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     vp_stages = list(range(layout.virtual_pipeline_size)) if layout.virtual_pipeline_size else [None]
     adapters: dict[str, torch.Tensor] = {}
     for pp_rank in range(source.pp):
-        per_tp = [_model_chunks(source._load(t, pp_rank), source._path(t, pp_rank)) for t in range(source.tp)]
+        # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
+        per_tp = [_model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
+                  for e in range(source.ep) for t in range(source.tp)]
         for index, vp_stage in enumerate(vp_stages):
             ranks = [{k: v for k, v in chunks[index].items() if trained_with_adapters(k)} for chunks in per_tp]
             adapters.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
@@ -135,6 +138,12 @@ def write_peft_adapter(config: ConvertConfig) -> Path:
         if match is None or match.group(4) != "A":
             continue
         layer, linear = int(match.group(1)), match.group(3)
+        if match.group(2) != "self_attention" and match.group(2) != "mlp":
+            raise ConversionError(
+                f"--save-lora-to-hf: {key} adapts an expert; transformers 5 holds a layer's experts as one 3D "
+                "tensor (PEFT modules cannot address one expert), so export attention-only adapters "
+                "(--lora-target-modules linear_qkv linear_proj) or merge the adapters into the weights (drop "
+                "--save-lora-to-hf)")
         b = adapters[key.replace("lora_A", "lora_B")]
         for module, (a_part, b_part) in _hf_modules(names, layer, linear, adapters[key], b, args).items():
             for part, tensor in (("lora_A", a_part), ("lora_B", b_part)):

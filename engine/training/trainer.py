@@ -27,7 +27,7 @@ from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
-from engine.model.provider import build_trainable_model
+from engine.model.provider import build_trainable_model, fixed_seq_length
 from engine.platform import Platform, current_device
 from engine.training.checkpointing import Checkpointer, TrainState
 from engine.training.exit_conditions import ExitConditions
@@ -176,8 +176,12 @@ class DPOTrainer:
                                  shuffle=split == "train")
 
     def _pad_multiple(self) -> int:
+        """Rows are padded to a multiple of this: 8 (and TP under sequence parallel); under the allgather MoE
+        dispatcher a multiple of --seq-length too, so every micro-batch has one length (sequences are
+        truncated to --seq-length)."""
         tp = self.config.parallel.tensor_model_parallel_size
-        return math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        multiple = math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        return math.lcm(multiple, self.config.model.seq_length) if fixed_seq_length(self.config) else multiple
 
     def _collate(self, split: str, pair_indices: list[int]):
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
@@ -307,7 +311,7 @@ class DPOTrainer:
         passes += 1 if self.objective.needs_current_logps else 0
         # The last projection: the vocab, or a reward model's single value per position.
         outputs = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
-        flops = sum(passes * forward_flops(self.config.model, outputs, n) for n in lengths)
+        flops = sum(passes * forward_flops(self.config.model, outputs, n, self.config.moe) for n in lengths)
         totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()

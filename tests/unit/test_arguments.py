@@ -277,3 +277,57 @@ def test_every_stage_has_traits_and_an_objective():
     for name, traits in STAGE_TRAITS.items():
         assert traits.beta in traits.options or name == "dpo" or (traits.beta is None and traits.value_head), name
         assert set(traits.defaults) <= set(traits.options), name
+
+
+MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
+
+
+@pytest.mark.parametrize(
+    "extra, world, message",
+    [
+        (MOE + " --expert-model-parallel-size 3", 3, r"--num-experts \(4\) must be divisible by "
+                                                      r"--expert-model-parallel-size \(3\)"),
+        (MOE + " --expert-model-parallel-size 4 --pipeline-model-parallel-size 2", 4,
+         r"world size 4 is not divisible by --expert-tensor-parallel-size \(1\) x --expert-model-parallel-size \(4\) "
+         r"x --pipeline-model-parallel-size \(2\)"),
+        (MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2", 4,
+         r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
+        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2,
+         r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2"),
+        (MOE + " --moe-ffn-hidden-size 50 --tensor-model-parallel-size 4 --sequence-parallel", 4,
+         r"--moe-ffn-hidden-size \(50\) must be divisible by --expert-tensor-parallel-size \(4\)"),
+        (MOE + " --moe-token-dispatcher-type allgather --pack-sequences", 1,
+         r"--pack-sequences needs --moe-token-dispatcher-type alltoall"),
+        (" --expert-model-parallel-size 2", 2, r"--expert-model-parallel-size and --expert-tensor-parallel-size need "
+                                                r"--num-experts"),
+    ],
+)
+def test_moe_layouts_name_the_flags(extra, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config(extra), world_size=world)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (" --moe-router-topk 3 --moe-aux-loss-coeff 0.1",
+         r"--moe-aux-loss-coeff, --moe-router-topk need\(s\) --num-experts"),
+        (MOE + " --moe-router-topk 5", r"--moe-router-topk \(5\) must be between 1 and --num-experts \(4\)"),
+        (MOE + " --moe-router-topk 1", r"--moe-router-topk 1 needs --moe-router-pre-softmax"),
+        (MOE + " --moe-shared-expert-gate", r"--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
+        (MOE + " --moe-shared-expert-intermediate-size 32 --moe-shared-expert-overlap --moe-token-dispatcher-type "
+               "allgather", r"--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall"),
+        (MOE + " --moe-router-load-balancing-type none --moe-aux-loss-coeff 0.01",
+         r"--moe-aux-loss-coeff needs a --moe-router-load-balancing-type other than none"),
+    ],
+)
+def test_moe_section_checks_name_the_flag(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        config(extra)
+
+
+def test_moe_layout_that_fits():
+    cfg = config(MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel")
+    validate(cfg, world_size=4)
+    assert (cfg.parallel.expert_model_parallel_size, cfg.parallel.expert_tensor_size) == (2, 2)
+    assert cfg.moe.expert_ffn(cfg.model) == 48 and cfg.moe.moe_token_dispatcher_type == "alltoall"

@@ -75,10 +75,28 @@ HF_CONFIGS = {
         model_type="qwen3", num_hidden_layers=36, hidden_size=4096, intermediate_size=12288,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
         rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936, tie_word_embeddings=False),
+    ("qwen3_moe", "qwen3_30b_a3b"): dict(  # Qwen/Qwen3-30B-A3B
+        model_type="qwen3_moe", num_hidden_layers=48, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936,
+        tie_word_embeddings=False),
+    ("qwen3_moe", "qwen3_235b_a22b"): dict(  # Qwen/Qwen3-235B-A22B
+        model_type="qwen3_moe", num_hidden_layers=94, hidden_size=4096, intermediate_size=12288,
+        moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936,
+        tie_word_embeddings=False),
+    ("mixtral", "mixtral_8x7b"): dict(  # mistralai/Mixtral-8x7B-Instruct-v0.1
+        model_type="mixtral", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+        num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, vocab_size=32000,
+        tie_word_embeddings=False, sliding_window=None),
 }
 MODELS = {key: family for family, key in HF_CONFIGS}
 KTO_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
-FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3"}
+FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3",
+               "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 RM_KIND = "rm_{}_full_ptd.sh"
 RM_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
 """One reward-model (--stage rm) script per dense family, beside that model's DPO scripts."""
@@ -137,9 +155,10 @@ def _dpo(key: str, kind: str, **env: str) -> tuple[list[str], list[str]]:
 def test_every_model_has_its_five_scripts_and_nothing_else():
     expected = {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in MODELS for kind in KINDS}
     expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in KTO_MODELS for kind in KTO_KINDS}
-    assert {MODELS[key] for key in KTO_MODELS} == set(FAMILY_DIRS), "one KTO script per dense family"
+    dense = {family for family in FAMILY_DIRS if not get_family(family).moe}
+    assert {MODELS[key] for key in KTO_MODELS} == dense, "one KTO script per dense family"
     expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{RM_KIND.format(key)}" for key in RM_MODELS}
-    assert {MODELS[key] for key in RM_MODELS} == set(FAMILY_DIRS)  # every dense family
+    assert {MODELS[key] for key in RM_MODELS} == dense  # every dense family
     found = {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
     assert found == expected
 
@@ -273,9 +292,11 @@ def test_model_scripts_fit_together(key):
     for kind in KINDS[3:]:
         train = _training_flags(_dpo(key, kind)[1])
         tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
+        ep = getattr(train, "expert_model_parallel_size", 1)
         to_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1]), TP=str(tp), PP=str(pp)),
                                                "convert_ckpt.py")[1])
         assert (to_mg.target_tensor_parallel_size, to_mg.target_pipeline_parallel_size) == (tp, pp)
+        assert to_mg.target_expert_parallel_size == ep, f"{kind.format(key)} EP is not the hf2mcore EP"
         assert train.load == to_mg.save_dir, f"{kind.format(key)} --load is not the hf2mcore --save-dir"
         assert train.data_path == [data.output_prefix]
         assert train.seq_length == data.seq_length
@@ -305,6 +326,10 @@ def test_model_flags_equal_what_the_converter_prints(key):
         train = _training_flags(_dpo(key, kind)[1])
         expected = config_from_args(build_parser().parse_args(printed + ["--seq-length", str(train.seq_length)]))
         assert asdict(_model(train)) == asdict(expected.model), kind.format(key)
+        architecture = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+                        "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+        moe = config_from_args(train).moe
+        assert [getattr(moe, f) for f in architecture] == [getattr(expected.moe, f) for f in architecture], key
 
 
 def _preprocess_flags(flags: list[str]) -> argparse.Namespace:
