@@ -516,7 +516,7 @@ class Checkpointer:
                 # DP rank 0 reads it; its checksum is agreed on before the collective load.
                 verify = not self.checkpoint.no_verify_checkpoint and _writes_files()
                 _on_every_rank(partial(verify_files, directory, [file], "--no-verify-checkpoint") if verify else None)
-                optimizer.load_parameter_state(str(file))
+                _load_distributed_optimizer_state(optimizer, file)
             if rank_state["train_state"]["iteration"] < self.config.training.train_iters:
                 # Else no step is left to train (the trainer says so): the schedule flags do not matter.
                 restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
@@ -531,3 +531,26 @@ class Checkpointer:
             _set_rng_state(states[dp_rank])
         return TrainState(**rank_state["train_state"])
 
+
+
+@torch.no_grad()
+def _load_distributed_optimizer_state(optimizer, file: Path) -> None:
+    """`distrib_optim.pt` into the distributed optimizer's shards.
+
+    megatron-core 0.16.1's loader copies every key of each parameter's optimizer state from the file,
+    which holds `param`, `exp_avg` and `exp_avg_sq`; torch's Adam (megatron's optimizer when neither
+    transformer-engine nor apex is installed, as on CPU) also keeps a per-parameter `step` there
+    (KeyError 'step'). That step was already restored from the param groups by `load_state_dict`, so
+    it is set aside during the copy and put back, one tensor per parameter: `load_state_dict` gives every
+    parameter the same step tensor, which torch's Adam then increments once per parameter per update
+    (a wrong bias correction from the first step after a resume). The copy writes into leaf parameters:
+    no autograd.
+    """
+    inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [{param: state.pop("step") for param, state in opt.state.items() if "step" in state} for opt in inner]
+    try:
+        optimizer.load_parameter_state(str(file))
+    finally:
+        for opt, saved in zip(inner, steps):
+            for param, step in saved.items():
+                opt.state[param]["step"] = step.clone()
