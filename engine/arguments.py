@@ -509,8 +509,8 @@ class PreferenceConfig(Section):
         None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
               "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
-    refer_model_iter: int | None = option(None, "iteration of the reference checkpoint used when resuming "
-                                                "(default 1)")
+    refer_model_iter: int | None = option(None, "on resume, load the reference from this iteration of --ref-model or "
+                                                "--load (default: the reference the checkpoint records, else 1)")
     precompute_ref_logps: bool = option(False, "one reference pass over the data, cached: training then holds no "
                                                "reference model")
 
@@ -587,8 +587,6 @@ class PreferenceConfig(Section):
                          f"--{name.replace('_', '-')} does not apply: {why} builds no reference model")
             require(not self.precompute_ref_logps,
                      f"--precompute-ref-logps does not apply: {why} builds no reference model")
-        elif self.refer_model_iter is None:
-            self.refer_model_iter = 1
         require(self.refer_model_iter is None or self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
 
     @property

@@ -102,9 +102,11 @@ class AdapterOffReference(ReferencePolicy):
 def reference_source(config: EngineConfig, loaded_iteration: int, saved_record: dict | None,
                      resuming: bool) -> ReferenceSource | None:
     """Where the reference comes from; None for reference-free objectives (SimPO, ORPO, CPO,
-    --reference-free). Under LoRA the base (--load); else the initial policy on a fresh start, or on
-    resume iteration --refer-model-iter of --ref-model or of --load, or else the reference the
-    checkpoint records (`saved_record`): never the trained weights."""
+    --reference-free). Under LoRA the base (--load); else the initial policy on a fresh start. On resume
+    the reference the checkpoint records (`saved_record`): never the trained weights, even when the run
+    saved its own iteration 1 beside them; with --ref-model or --refer-model-iter given, iteration
+    --refer-model-iter (default 1) of --ref-model or --load (MindSpeed-LLM's flow, and checkpoints
+    without a record)."""
     pref, load = config.preference, config.checkpoint.load
     if not pref.uses_reference:
         return None
@@ -112,15 +114,15 @@ def reference_source(config: EngineConfig, loaded_iteration: int, saved_record: 
         return ReferenceSource(load, read_tracker(load))
     if not resuming:
         if pref.ref_model is not None:
-            return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter)
+            return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter or 1)
         return ReferenceSource(load, loaded_iteration)
-    root = pref.ref_model or load
-    if (Path(root) / iteration_dir_name(pref.refer_model_iter)).is_dir():
-        return ReferenceSource(root, pref.refer_model_iter)
-    if pref.ref_model is None and saved_record is not None:
+    if pref.ref_model is None and pref.refer_model_iter is None and saved_record is not None:
         return ReferenceSource(saved_record["root"], saved_record["iteration"])
+    root, iteration = pref.ref_model or load, pref.refer_model_iter or 1
+    if (Path(root) / iteration_dir_name(iteration)).is_dir():
+        return ReferenceSource(root, iteration)
     raise CheckpointError(
-        f"the reference checkpoint {Path(root) / iteration_dir_name(pref.refer_model_iter)} does not exist; "
+        f"the reference checkpoint {Path(root) / iteration_dir_name(iteration)} does not exist; "
         "set --ref-model to the initial checkpoint or --refer-model-iter to a saved iteration"
     )
 

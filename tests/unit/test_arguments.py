@@ -172,7 +172,6 @@ def test_preference_defaults_and_the_objective_description(extra, described, ref
     pref = config(extra).preference
     assert pref.describe().startswith(described)
     assert pref.uses_reference is reference
-    assert (pref.refer_model_iter == 1) is reference
 
 
 def test_stage_defaults():
