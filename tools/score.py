@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.checkpoint.layout import TRACKER_FILE  # noqa: E402
 from engine.data.handlers import HANDLERS, RecordError, build_handler  # noqa: E402
 from engine.data.preprocess import json_object  # noqa: E402
-from engine.data.templates import ChatEncoder, Conversation, get_template  # noqa: E402
+from engine.data.templates import ChatEncoder, Conversation, build_chat_encoder  # noqa: E402
 from engine.data.truncation import truncate_lengths  # noqa: E402
 from engine.tokenizer import TokenizerConfig, build_tokenizer  # noqa: E402
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="HF sequence-classifier folder or megatron RM checkpoint")
     parser.add_argument("--input", required=True, help="JSONL of prompt/response records or of preference pairs")
     parser.add_argument("--output", help="write each record's scores here as JSONL")
-    parser.add_argument("--prompt-type", default="empty", help="chat template, as preprocess_data.py")
+    parser.add_argument("--prompt-type", default="empty", help="chat template (or auto), as preprocess_data.py")
     parser.add_argument("--prompt-type-path", help="JSON file of extra templates")
     parser.add_argument("--handler-name", default="AlpacaStylePairwiseHandler", choices=sorted(HANDLERS),
                         help="shape of pairwise records")
@@ -71,12 +71,12 @@ def read_sequences(path: str, encoder: ChatEncoder, handler, seq_length: int | N
                     answers = [record["response"]]
             except (RecordError, KeyError) as err:
                 raise ValueError(f"{path}:{line_number}: {err}") from None
-            prompt = encoder.encode_prompt(conversation)
-            responses = [encoder.encode_response(a) for a in answers]
+            encoded = encoder.encode(conversation, *answers)  # per answer: ids and prompt length
             if seq_length is not None:
-                keep_prompt, keep = truncate_lengths(len(prompt), max(map(len, responses)), seq_length)
-                prompt, responses = prompt[len(prompt) - keep_prompt:], [r[:keep] for r in responses]
-            records.append([prompt + r for r in responses])
+                keep_prompt, keep_answer = truncate_lengths(max(n for _, n in encoded),
+                                                            max(len(ids) - n for ids, n in encoded), seq_length)
+                encoded = [(ids[n - min(n, keep_prompt):n + keep_answer], n) for ids, n in encoded]
+            records.append([ids for ids, _ in encoded])
     if not records:
         raise ValueError(f"{path}: no records")
     return records, bool(pairwise)
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                          save_dir=str(hf_dir)))
         tokenizer_dir = args.tokenizer_name_or_path or str(hf_dir)
         try:
-            encoder = ChatEncoder(get_template(args.prompt_type, args.prompt_type_path),
-                                  build_tokenizer(TokenizerConfig("PretrainedFromHF", tokenizer_dir)))
+            encoder = build_chat_encoder(args.prompt_type, build_tokenizer(TokenizerConfig("PretrainedFromHF",
+                                                                                        tokenizer_dir)),
+                                         args.prompt_type_path)
             records, pairwise = read_sequences(args.input, encoder, build_handler(args.handler_name, args.map_keys),
                                                args.seq_length)
         except (OSError, ValueError) as err:
