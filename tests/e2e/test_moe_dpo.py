@@ -19,7 +19,8 @@ from tests.e2e.convert_assets import build_tiny_moe
 from tests.e2e.dpo_assets import build_preference_data, convert
 from tests.e2e.test_dpo import _model_flags, read_metrics
 
-TRAIN = ("--stage dpo --is-pairwise-dataset --split 100,0,0 --dpo-beta 0.1 --lr 1e-3 --lr-decay-style constant "
+DPO = "--stage dpo --dpo-beta 0.1"
+TRAIN = ("--is-pairwise-dataset --split 100,0,0 --lr 1e-3 --lr-decay-style constant "
          "--clip-grad 1.0 --log-interval 1 --global-batch-size 8 --micro-batch-size 2 --seq-length 64 "
          "--moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001").split()
 ROUTER = ("moe/load_balancing_loss", "moe/z_loss")
@@ -48,9 +49,10 @@ def assets(tmp_path_factory) -> MoeAssets:
     return MoeAssets(tmp_path_factory.mktemp("moe_dpo"))
 
 
-def run_moe_dpo(assets: MoeAssets, save: Path, layout: Layout, extra: str = "", load: Path | None = None) -> list[dict]:
+def run_moe_dpo(assets: MoeAssets, save: Path, layout: Layout, extra: str = "", load: Path | None = None,
+                stage: str = DPO) -> list[dict]:
     checkpoint, flags = assets.checkpoint(layout.tp, layout.pp)
-    args = [*flags, *TRAIN, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(layout.tp),
+    args = [*flags, *TRAIN, *stage.split(), "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(layout.tp),
             "--pipeline-model-parallel-size", str(layout.pp), "--load", str(load or checkpoint), "--save", str(save),
             *layout.argv, *extra.split()]
     result = run_cli("pretrain_dpo", args, nproc=layout.ranks)
@@ -119,3 +121,13 @@ def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
     assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(4)} <= changed
     assert "model.layers.0.mlp.shared_expert.up_proj.weight" in changed
     assert not any("norm" in k or k.endswith("mlp.gate.weight") for k in changed)
+
+
+def test_moe_reward_model_agrees_at_ep2(assets, tmp_path):
+    """--stage rm on the MoE decoder: the value head's losses, rewards and router losses match one rank."""
+    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), "--train-iters 3", stage="--stage rm")
+    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"),
+                      "--train-iters 3", stage="--stage rm")
+    assert one[-1]["loss"] < one[0]["loss"]
+    for name in ("loss", "rewards/margins", *ROUTER):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
