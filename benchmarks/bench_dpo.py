@@ -103,8 +103,18 @@ def build_model(root: Path, args) -> list[str]:
     return flags, parameters
 
 
+DATA_SHAPES = {  # --data-shape: (prompt lengths, answer lengths as fractions of --max-answer), both inclusive
+    # Short prompts, answers spread 10x: chat-style preference data.
+    "short-prompt": ((8, 32), (0.1, 1.0)),
+    # Prompts >= 60% of the tokens (summarisation, RAG, multi-turn history): prompts 3-9x --max-answer / 3,
+    # answers from 1/6 to all of --max-answer (300-900 and 50-300 at --max-answer 300).
+    "long-prompt": (None, (1 / 6, 1.0)),
+}
+
+
 def build_data(root: Path, args) -> str:
-    """Random token pairs: prompt 8-32 tokens, answers from L/10 to L (a 10x spread), L = --max-answer."""
+    """Random token pairs: short-prompt: prompt 8-32 tokens, answers from L/10 to L (a 10x spread), L =
+    --max-answer; long-prompt: prompts L to 3L, answers L/6 to L."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from engine.formats import OUTPUT_KEYS, output_path_prefix
@@ -114,11 +124,13 @@ def build_data(root: Path, args) -> str:
     (root / "data").mkdir()
     builders = {key: IndexedDatasetBuilder(output_path_prefix(prefix, key) + ".bin", dtype=np.int32)
                 for key in OUTPUT_KEYS}
-    low = max(1, args.max_answer // 10)
+    prompts, (low, high) = DATA_SHAPES[args.data_shape]
+    prompts = prompts or (args.max_answer, 3 * args.max_answer)
+    low, high = max(1, int(args.max_answer * low)), int(args.max_answer * high)
     for _ in range(args.pairs):
-        prompt = rng.integers(3, args.vocab_size, rng.integers(8, 33))
+        prompt = rng.integers(3, args.vocab_size, rng.integers(prompts[0], prompts[1] + 1))
         for side in ("chosen", "rejected"):
-            answer = rng.integers(3, args.vocab_size, rng.integers(low, args.max_answer + 1))
+            answer = rng.integers(3, args.vocab_size, rng.integers(low, high + 1))
             ids = np.concatenate([prompt, answer]).astype(np.int32)
             labels = np.concatenate([np.full(prompt.size, -100), answer]).astype(np.int32)
             builders[f"{side}_input_ids"].add_document(ids, [ids.size])
@@ -177,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-length", type=int, default=512, help="packing row capacity and truncation length")
     parser.add_argument("--max-answer", type=int, default=200)
+    parser.add_argument("--data-shape", choices=list(DATA_SHAPES), default="short-prompt",
+                        help="short-prompt: prompts 8-32 tokens, answers --max-answer / 10 to --max-answer; "
+                             "long-prompt: prompts --max-answer to 3x, answers --max-answer / 6 to --max-answer")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--global-batch-size", type=int, default=16)

@@ -1,5 +1,5 @@
 """Pairs -> one micro-batch for the DPO forward step: padded rows ``[chosen x n ; rejected x n]``
-or, under packing, one THD row of the same sequences."""
+or, under packing, one THD row of the same sequences, with the positions the output layer runs on."""
 
 from __future__ import annotations
 
@@ -10,6 +10,38 @@ import torch
 
 from engine.formats import IGNORE_INDEX
 from engine.data.readers import DataError
+
+
+@dataclass
+class OutputRows:
+    """The positions whose logits the loss reads (those with a target), and what each one scores.
+
+    The output layer and the log-prob kernel run on these positions only: on DPO data the prompt
+    positions carry no target, and computing [tokens, vocab] logits there is most of the output
+    layer's work. The model selects rows of its last hidden states, megatron's [s, b, h] layout
+    flattened to [s * b, h] (position t of row r is row t * b + r). Under sequence parallelism each
+    of the `shards` TP ranks holds s / shards consecutive positions and selects its own rows; the
+    output layer then all-gathers them, so every shard selects the same count M (padded with rows
+    that carry no target, each a distinct position, so the selection's backward writes each
+    gradient row once, without accumulating). Entries are in that gathered order: shard by shard.
+    """
+
+    index: torch.Tensor
+    """int64 [shards, M]: each shard's rows of its own flattened [s / shards * b, h] hidden states."""
+    targets: torch.Tensor
+    """int64 [1, shards * M]: the token each selected position predicts; IGNORE_INDEX on padding."""
+    sequence_ids: torch.Tensor
+    """int64 [1, shards * M]: which of the 2n sequences each position belongs to (chosen of pair i is i,
+    its rejected n + i); -1 on padding."""
+    answer_ordinal: torch.Tensor
+    """int64 [1, shards * M]: 1-based index of an answer token within its sequence's answer; 0 on the
+    prompt targets (--orpo-prompt-loss) and padding."""
+    prompt_targets: bool = False
+    """The prompt positions are selected too, predicting the next input token (ORPO's NLL over the prompt)."""
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "OutputRows":
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
+                                for name in ("index", "targets", "sequence_ids", "answer_ordinal")})
 
 
 @dataclass
@@ -44,11 +76,13 @@ class PairBatch:
     device; set with `global_nll_tokens` when the objective averages a term over the batch's tokens."""
     global_nll_tokens: torch.Tensor | None = None
     """Tokens that term averages over in the whole global batch."""
+    outputs: OutputRows | None = None
+    """The positions the output layer runs on (see `OutputRows`)."""
 
     def to(self, device: torch.device) -> "PairBatch":
         """The same batch with its tensors on `device`."""
         moved = {name: getattr(self, name).to(device, non_blocking=True)
-                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens")
+                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens", "outputs")
                  if getattr(self, name) is not None}
         return replace(self, **moved)
 
@@ -68,7 +102,45 @@ def _sequences(samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
     return sequences
 
 
-def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:
+def _output_rows(tokens: np.ndarray, labels: np.ndarray, placements: list[tuple[int, int, int]], shards: int,
+                 prompt_targets: bool) -> OutputRows:
+    """`OutputRows` of a collated micro-batch: `tokens` and (shifted) `labels` [rows, L], sequence k at
+    `placements[k]` = (row, start, length). With `prompt_targets`, every position of a sequence up to
+    its last answer position predicts the next input token (ORPO's NLL over the prompt), else only the
+    answer positions are selected."""
+    rows, length = tokens.shape
+    if length % shards:
+        raise ValueError(f"a micro-batch of {length} positions does not split into {shards} sequence-parallel "
+                         f"shards: pad it to a multiple of the tensor-parallel size")
+    entries = []  # columns: row, position, target, sequence, answer ordinal
+    for k, (row, start, size) in enumerate(placements):
+        answer = labels[row, start:start + size] != IGNORE_INDEX
+        ordinal = np.cumsum(answer) * answer
+        keep = np.arange(int(np.flatnonzero(answer)[-1]) + 1) if prompt_targets else np.flatnonzero(answer)
+        t = start + keep
+        target = np.where(answer[keep], labels[row, t], tokens[row, t + 1])
+        entries.append(np.stack([np.full_like(t, row), t, target, np.full_like(t, k), ordinal[keep]], axis=1))
+    entries = np.concatenate(entries).astype(np.int64)
+    span = length // shards
+    shard = entries[:, 1] // span
+    local = (entries[:, 1] % span) * rows + entries[:, 0]
+    width = max(1, int(np.bincount(shard, minlength=shards).max()))
+    index = np.zeros((shards, width), dtype=np.int64)
+    fields = np.zeros((3, shards, width), dtype=np.int64)
+    fields[0], fields[1] = IGNORE_INDEX, -1
+    for s in range(shards):
+        mine = shard == s
+        count = int(mine.sum())
+        index[s, :count] = local[mine]
+        fields[:, s, :count] = entries[mine][:, 2:].T
+        # padding: distinct unselected positions (a shard with fewer entries than M has enough of them)
+        index[s, count:] = np.setdiff1d(np.arange(span * rows), local[mine])[:width - count]
+    flat = [torch.from_numpy(f.reshape(1, -1)) for f in fields]
+    return OutputRows(torch.from_numpy(index), *flat, prompt_targets=prompt_targets)
+
+
+def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0, shards: int = 1,
+                  prompt_targets: bool = False) -> PairBatch:
     """Stack pairs into ``[chosen x n ; rejected x n]`` rows, padded to the micro-batch's own length.
 
     L is the longest sequence of the micro-batch rounded up to
@@ -77,6 +149,7 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
     shifted here so that position t is scored on predicting token t + 1:
     ``labels[:, t] = label[t + 1]``; the last real position and all padding get
     IGNORE_INDEX, so the loss mask is simply ``labels != IGNORE_INDEX``.
+    `shards` (the TP size under sequence parallelism) and `prompt_targets` shape the `OutputRows`.
     """
     if not samples:
         raise ValueError("collate_pairs needs at least one pair")
@@ -90,12 +163,15 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
     for r, (ids, lab) in enumerate(rows):
         tokens[r, :ids.size] = ids
         labels[r, :lab.size - 1] = lab[1:]
+    outputs = _output_rows(tokens, labels, [(r, 0, ids.size) for r, (ids, _) in enumerate(rows)], shards,
+                           prompt_targets)
     return PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
                      position_ids=torch.arange(length, dtype=torch.int64).expand(len(rows), length).contiguous(),
-                     num_pairs=len(samples))
+                     num_pairs=len(samples), outputs=outputs)
 
 
-def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0) -> PairBatch:
+def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0, shards: int = 1,
+               prompt_targets: bool = False) -> PairBatch:
     """Concatenate the 2n sequences of a micro-batch into one row: megatron's THD layout.
 
     Sequences follow each other in batch order (chosen of pairs 0..n-1, then their
@@ -119,8 +195,9 @@ def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0
     labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros(length, dtype=np.int64)
     sequence_ids = np.full(length, -1, dtype=np.int64)
-    start = 0
+    start, placements = 0, []
     for k, (ids, lab) in enumerate(sequences):
+        placements.append((0, start, ids.size))
         end = start + ids.size
         tokens[start:end] = ids
         labels[start:end - 1] = lab[1:]
@@ -132,4 +209,5 @@ def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0
     return PairBatch(tokens=torch.from_numpy(tokens)[None], labels=torch.from_numpy(labels)[None],
                      position_ids=torch.from_numpy(positions)[None], num_pairs=len(samples),
                      sequence_ids=torch.from_numpy(sequence_ids)[None], cu_seqlens=cu_seqlens,
-                     max_seqlen=max(lengths), seq_lengths=lengths)
+                     max_seqlen=max(lengths), seq_lengths=lengths,
+                     outputs=_output_rows(tokens[None], labels[None], placements, shards, prompt_targets))

@@ -19,6 +19,7 @@ from megatron.core.transformer.module import Float16Module
 
 from engine.arguments import EngineConfig
 from engine.model import compat
+from engine.model.gpt import OutputRowsGPTModel
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.platform import Platform, current_device
@@ -130,7 +131,8 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
-    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype."""
+    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype; their output
+    layer runs on the positions the forward names (`OutputRowsGPTModel`)."""
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
     impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled)
@@ -138,7 +140,7 @@ def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTMode
     vpp = config.virtual_pipeline_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
+        model = OutputRowsGPTModel(
             config=tf_config,
             transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage,
                                                       adapters, tuple(lora.lora_target_modules)),

@@ -4,7 +4,7 @@ FLOPs are counted for the matrix multiplies of a forward pass over a sequence of
 length s (2 FLOPs per multiply-add): per layer the QKV projection 2*s*h*(d_q + 2*d_kv),
 attention scores and values 2*2*s^2*d_q halved for the causal mask, the output
 projection 2*s*d_q*h and the MLP 2*s*h*f*(3 with SwiGLU, else 2); plus the LM head
-2*s*h*V. A DPO step costs 3 forwards for the policy (forward + backward) and 1 for
+2*a*h*V over the a positions it runs on (those with a target: the answer tokens). A DPO step costs 3 forwards for the policy (forward + backward) and 1 for
 an online reference. MFU = achieved FLOP/s per device / the device's dense bf16 peak.
 """
 
@@ -36,8 +36,10 @@ def detect_peak_tflops(override: float | None) -> float | None:
     return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
 
 
-def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int) -> float:
-    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring)."""
+def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int,
+                  output_positions: int | None = None) -> float:
+    """Matrix-multiply FLOPs of one forward pass over one sequence whose output layer runs on `output_positions`
+    of its positions (all by default; formula in the module docstring)."""
     s, h = seq_length, model.hidden_size
     d_q = model.num_attention_heads * model.kv_channels
     d_kv = model.num_query_groups * model.kv_channels
@@ -48,7 +50,8 @@ def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int) -
         + 2 * s * d_q * h
         + 2 * s * h * model.ffn_hidden_size * mlp_matrices
     )
-    return model.num_layers * per_layer + 2 * s * h * padded_vocab_size
+    outputs = s if output_positions is None else output_positions
+    return model.num_layers * per_layer + 2 * outputs * h * padded_vocab_size
 
 
 class MetricsLogger:

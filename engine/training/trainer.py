@@ -27,6 +27,7 @@ from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
+from engine.formats import IGNORE_INDEX
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
 from engine.model.provider import build_trainable_model
@@ -186,20 +187,22 @@ class DPOTrainer:
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
 
     def _batch(self, samples: list[dict], pair_indices: list[int]):
-        if self.config.data.pack_sequences:
-            batch = pack_pairs(samples, self._pad_multiple())
-        else:
-            batch = collate_pairs(samples, self._pad_multiple())
+        par = self.config.parallel
+        shards = par.tensor_model_parallel_size if par.sequence_parallel else 1
+        collate = pack_pairs if self.config.data.pack_sequences else collate_pairs
+        batch = collate(samples, self._pad_multiple(), shards=shards, prompt_targets=self.objective.nll_over_prompt)
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch.to(current_device())
 
-    def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
+    def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[tuple[int, int]]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and the unpadded length of every sequence in them."""
+        and for every sequence in them its unpadded length and the positions the output layer runs on."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
-        lengths = [len(s[key]) for micro in samples for s in micro
-                   for key in ("chosen_input_ids", "rejected_input_ids")]
+        every = self.objective.nll_over_prompt  # every position but the last predicts a target
+        lengths = [(len(s[f"{side}_input_ids"]), len(s[f"{side}_labels"]) - 1 if every
+                    else int((s[f"{side}_labels"][1:] != IGNORE_INDEX).sum()))
+                   for micro in samples for s in micro for side in ("chosen", "rejected")]
         micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
         self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
         return micro_batches, lengths
@@ -290,7 +293,7 @@ class DPOTrainer:
                 "pairs named above, or resume from the last checkpoint"
             )
 
-    def _step_scalars(self, result, lengths: list[int], elapsed: float) -> dict[str, float]:
+    def _step_scalars(self, result, lengths: list[tuple[int, int]], elapsed: float) -> dict[str, float]:
         """The logged step: its metrics, and `step_time_s` (`elapsed`, between device synchronizations) with the
         throughput derived from it. `peak_memory_gib` is, on CUDA, the peak allocated since the previous log
         line (reset every --log-interval, so it covers the interval's steps and any evaluation or save in
@@ -308,14 +311,16 @@ class DPOTrainer:
             scalars["skipped_update"] = 1
         return scalars
 
-    def _global_work(self, lengths: list[int]) -> tuple[float, float]:
+    def _global_work(self, lengths: list[tuple[int, int]]) -> tuple[float, float]:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
         passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
         passes += 1 if self.objective.needs_current_logps else 0
-        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n) for n in lengths)
-        totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
+        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n, outputs)
+                    for n, outputs in lengths)
+        totals = torch.tensor([float(sum(n for n, _ in lengths)), flops], dtype=torch.float64,
+                              device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()
 
