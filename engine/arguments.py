@@ -219,6 +219,10 @@ class TrainingConfig(Section):
 
     micro_batch_size: int = option(1, "pairs per micro-batch per DP rank")
     global_batch_size: int | None = option(None, "pairs per optimizer step; default --micro-batch-size x DP")
+    max_tokens_per_micro_batch: int | None = option(
+        None, "form micro-batches by a token budget instead of --micro-batch-size pairs: each DP rank's pairs of a "
+              "global batch, in order, fill micro-batches while their collated tokens (chosen and rejected rows with "
+              "their padding, or the packed row) stay within this; the global batch stays --global-batch-size pairs")
     train_iters: int | None = option(None, "optimizer steps of the run (required to train)")
     lr: float = option(1e-5, "peak learning rate")
     min_lr: float = option(0.0, "learning rate at the end of the decay")
@@ -258,6 +262,8 @@ class TrainingConfig(Section):
 
     def check(self) -> None:
         require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+                "--max-tokens-per-micro-batch must be >= 1")
         require(self.eval_interval is None or self.eval_interval >= 1, "--eval-interval must be >= 1")
         require(self.eval_iters >= 1, "--eval-iters must be >= 1")
         require(self.max_skipped_iters >= 1, "--max-skipped-iters must be >= 1")
@@ -716,6 +722,18 @@ def validate(config: EngineConfig, world_size: int) -> None:
         f"--global-batch-size ({train.global_batch_size}) must be divisible by --micro-batch-size "
         f"({train.micro_batch_size}) x data-parallel size ({dp} = world {world_size} / (TP {tp} x PP {pp}))",
     )
+    budget = train.max_tokens_per_micro_batch
+    if budget is not None:
+        require(budget >= 2 * model.seq_length,
+                f"--max-tokens-per-micro-batch ({budget}) must hold the longest pair: at least 2 x --seq-length "
+                f"({2 * model.seq_length})")
+        require(par.num_layers_per_virtual_pipeline_stage is None,
+                "--max-tokens-per-micro-batch cannot be combined with --num-layers-per-virtual-pipeline-stage: the "
+                "interleaved schedule needs a micro-batch count that is a multiple of the pipeline size")
+        sorted_losses = [name for name in SORTED_LOSS_TYPES if name in config.preference.loss_types]
+        require(not sorted_losses,
+                f"--dpo-loss-type {' '.join(sorted_losses)} sorts over the pairs of a micro-batch, which a token "
+                "budget would change: use --micro-batch-size without --max-tokens-per-micro-batch")
     if par.num_layers_per_virtual_pipeline_stage is not None:
         microbatches = train.global_batch_size // (train.micro_batch_size * dp)
         require(

@@ -8,6 +8,7 @@ save) -> close.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from engine.arguments import EngineConfig, TrainingConfig, check_inputs
 from engine.checkpoint.layout import iteration_dir_name
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.data.dataset import build_pairwise_datasets
-from engine.data.sampler import PairwiseBatchSampler
+from engine.data.sampler import PairwiseBatchSampler, token_budget_micro_batches
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
 from engine.formats import IGNORE_INDEX
@@ -71,7 +72,7 @@ class DPOTrainer:
     save_lock: SaveDirLock | None
     datasets: dict[str, Dataset | None]
     num_microbatches: int
-    """Micro-batches per global batch on each data-parallel rank."""
+    """Micro-batches per global batch on each data-parallel rank (without --max-tokens-per-micro-batch)."""
     objective: PairwiseObjective
     checkpointer: Checkpointer
     model: list[torch.nn.Module]
@@ -161,14 +162,16 @@ class DPOTrainer:
             return
         pref, train, source = self.config.preference, self.config.training, self.reference_source
         pairs = len(self.datasets["train"])
+        budget = train.max_tokens_per_micro_batch
+        split = (f"micro-batches of up to {budget} tokens" if budget is not None
+                 else f"{self.num_microbatches} micro-batches x {train.micro_batch_size}")
         logger.info(
             "objective %s | policy %s iteration %d (%s) | reference %s | %d train pairs, "
-            "global batch %d = %d micro-batches x %d x DP %d, --train-iters %d = %.1f epochs",
+            "global batch %d = %s x DP %d, --train-iters %d = %.1f epochs",
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
             (f"{source.root} iteration {source.iteration}"
              + (" (cached log-probs: no reference model)" if self.reference.forward_passes == 0 else ""))
-            if source else "none", pairs, train.global_batch_size, self.num_microbatches, train.micro_batch_size,
-            self._dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
+            if source else "none", pairs, train.global_batch_size, split, self._dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
         )
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -199,6 +202,15 @@ class DPOTrainer:
         and for every sequence in them its unpadded length and the positions the output layer runs on."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
+        budget = self.config.training.max_tokens_per_micro_batch
+        if budget is not None:  # the same pairs, in the same order, regrouped by their tokens
+            flat, pairs = [i for micro in indices for i in micro], [s for micro in samples for s in micro]
+            sizes = token_budget_micro_batches(
+                [(len(s["chosen_input_ids"]), len(s["rejected_input_ids"])) for s in pairs], budget,
+                self._pad_multiple(), self.config.data.pack_sequences)
+            bounds = list(itertools.accumulate(sizes, initial=0))
+            indices = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            samples = [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         every = self.objective.nll_over_prompt  # every position but the last predicts a target
         lengths = [(len(s[f"{side}_input_ids"]), len(s[f"{side}_labels"]) - 1 if every
                     else int((s[f"{side}_labels"][1:] != IGNORE_INDEX).sum()))
@@ -234,7 +246,7 @@ class DPOTrainer:
                 self._before_step(micro_batches, items)
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
-                self.scheduler, self.num_microbatches, train.micro_batch_size,
+                self.scheduler, len(micro_batches), train.micro_batch_size,
                 max(b.tokens.shape[1] for b in micro_batches), self.objective.metric_names,
             )
             self.state.iteration += 1

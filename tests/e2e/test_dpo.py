@@ -207,6 +207,25 @@ def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, straig
     assert margin(hf_out) > margin(assets.hf_policy) + 1.0
 
 
+def test_token_budget_micro_batches_train_like_fixed_ones_and_resume_exactly(assets, straight, tmp_path):
+    """--max-tokens-per-micro-batch regroups each global batch's pairs (the same 8, in order): the losses and
+    updates of --micro-batch-size 4, and a resume continues bit for bit."""
+    import shutil
+
+    budget = "--max-tokens-per-micro-batch 256"  # 2 x --seq-length: two to three of these pairs per micro-batch
+    whole = run_dpo(assets, tmp_path / "whole", extra=f"--train-iters 4 {budget}")
+    for a, b in zip(whole, straight[:4], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    packed = run_dpo(assets, tmp_path / "packed", nproc=2, extra=f"--train-iters 2 --pack-sequences {budget}")
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in straight[:2]], abs=1e-6)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(assets.checkpoint(1, 1)[0], resumed_dir)
+    run_dpo(assets, resumed_dir, load=resumed_dir, extra=f"--train-iters 2 {budget}")
+    run_dpo(assets, resumed_dir, load=resumed_dir, extra=f"--train-iters 4 {budget}")
+    assert [r["loss"] for r in read_metrics(resumed_dir)] == [r["loss"] for r in whole]  # bit-exact on CPU fp32
+
+
 def _pretrain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("pretrain_dpo", args, nproc=1, timeout=300, env=env)
 
