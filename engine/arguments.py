@@ -329,6 +329,10 @@ class DataConfig(Section):
     is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts; pairwise data is the only kind")
     pack_sequences: bool = option(False, "concatenate each micro-batch's sequences into one row (megatron's THD "
                                          "layout, attention within each sequence) instead of padding every row")
+    shared_prompt: bool = option(False, "each pair as one sequence [prompt | chosen | rejected], the prompt computed "
+                                        "once: the rejected answer attends to the prompt and itself, never to the "
+                                        "chosen one, its positions continuing from the prompt's end (local layer "
+                                        "spec with SDPA attention)")
 
     def check(self) -> None:
         self.split_fractions  # parses, or raises naming --split
@@ -710,6 +714,12 @@ def validate(config: EngineConfig, world_size: int) -> None:
         not (config.lora.enabled and config.model.transformer_impl == "transformer_engine"),
         "--transformer-impl transformer_engine cannot be combined with --lora-r: LoRA adapts megatron-core's local "
         "linears, TE's fused layers have none; use --transformer-impl auto or local (same model, local layers)",
+    )
+    require(
+        not (config.data.shared_prompt and (model.transformer_impl == "transformer_engine"
+                                            or model.attention_backend == "unfused")),
+        "--shared-prompt needs the local layer spec with SDPA attention: drop --transformer-impl transformer_engine "
+        "and --attention-backend unfused (--transformer-impl auto takes the local spec under --shared-prompt)",
     )
     require(
         not (config.lora.enabled and config.preference.ref_model),

@@ -80,25 +80,26 @@ class PairwiseBatchSampler:
             yield [mine[i:i + self.micro_batch_size].tolist() for i in range(0, per_rank, self.micro_batch_size)]
 
 
-def token_budget_micro_batches(lengths: list[tuple[int, int]], budget: int, pad_to_multiple_of: int,
+def token_budget_micro_batches(rows: list[tuple[int, ...]], budget: int, pad_to_multiple_of: int,
                                packed: bool) -> list[int]:
-    """Sizes of consecutive micro-batches over pairs of (chosen, rejected) lengths, in order: each takes pairs while
-    its collated tokens stay within `budget` (padded: 2n rows of the longest sequence rounded up to
-    `pad_to_multiple_of`; packed: the sum of the 2n lengths rounded up), so a long pair is not padded with many
-    short ones' rows and many short pairs share one micro-batch. A pair over the budget alone is a micro-batch of
-    its own. The split depends on the lengths alone: every rank of a pipeline and every rerun or resume forms the
-    same micro-batches."""
+    """Sizes of consecutive micro-batches over pairs, in order, each pair given as the lengths of the rows it
+    collates into ((chosen, rejected), or one [prompt | chosen | rejected] row under --shared-prompt): a
+    micro-batch takes pairs while its collated tokens stay within `budget` (padded: its rows times the longest
+    rounded up to `pad_to_multiple_of`; packed: the sum of the lengths rounded up), so a long pair is not padded
+    with many short ones' rows and many short pairs share one micro-batch. A pair over the budget alone is a
+    micro-batch of its own. The split depends on the lengths alone: every rank of a pipeline and every rerun or
+    resume forms the same micro-batches."""
     def round_up(n: int) -> int:
         return -(-n // pad_to_multiple_of) * pad_to_multiple_of
 
-    sizes, count, longest, total = [], 0, 0, 0
-    for chosen, rejected in lengths:
-        grown_longest, grown_total = max(longest, chosen, rejected), total + chosen + rejected
-        tokens = round_up(grown_total) if packed else 2 * (count + 1) * round_up(grown_longest)
+    sizes, count, width, longest, total = [], 0, 0, 0, 0
+    for pair in rows:
+        grown = (width + len(pair), max(longest, *pair), total + sum(pair))
+        tokens = round_up(grown[2]) if packed else grown[0] * round_up(grown[1])
         if count and tokens > budget:
             sizes.append(count)
-            count, grown_longest, grown_total = 0, max(chosen, rejected), chosen + rejected
-        count, longest, total = count + 1, grown_longest, grown_total
+            count, grown = 0, (len(pair), max(pair), sum(pair))
+        count, (width, longest, total) = count + 1, grown
     if count:
         sizes.append(count)
     return sizes

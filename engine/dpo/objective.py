@@ -149,17 +149,25 @@ class PairwiseObjective:
         return logps
 
     def _forward(self, model, batch):
-        """Padded rows go in as they are (causal attention); a packed row goes in the THD layout. The output layer
-        runs on the batch's `OutputRows` only: this TP rank's share of them under sequence parallelism."""
+        """Padded rows go in as they are (causal attention); a packed row goes in the THD layout; --shared-prompt
+        rows carry their pairs' layouts to the attention and rotate each token by its position id. The output
+        layer runs on the batch's `OutputRows` only: this TP rank's share of them under sequence parallelism."""
         shards = batch.outputs.index.shape[0]
-        rows = batch.outputs.index[parallel_state.get_tensor_model_parallel_rank() if shards > 1 else 0]
-        if batch.cu_seqlens is None:
-            return model(batch.tokens, batch.position_ids, None, output_rows=rows, **self.model_kwargs)
-        packed = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                                     max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
-                                     seq_lengths=tuple(batch.seq_lengths))
-        return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed, output_rows=rows,
-                     **self.model_kwargs)
+        kwargs = dict(self.model_kwargs, output_rows=batch.outputs.index[
+            parallel_state.get_tensor_model_parallel_rank() if shards > 1 else 0])
+        layouts = tuple(batch.pair_layouts) if batch.pair_layouts is not None else None
+        if batch.cu_seqlens is not None:
+            kwargs["packed_seq_params"] = HostPackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen, seq_lengths=tuple(batch.seq_lengths),
+                pair_layouts=layouts)
+        elif layouts is not None:
+            length = batch.tokens.shape[1]
+            kwargs["packed_seq_params"] = HostPackedSeqParams(qkv_format="sbhd", max_seqlen_q=length,
+                                                              max_seqlen_kv=length, pair_layouts=layouts)
+        if layouts is not None:
+            kwargs["rope_from_position_ids"] = True
+        return model(batch.tokens, batch.position_ids, None, **kwargs)
 
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):

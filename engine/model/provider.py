@@ -19,7 +19,7 @@ from megatron.core.transformer.module import Float16Module
 
 from engine.arguments import EngineConfig
 from engine.model import compat
-from engine.model.gpt import OutputRowsGPTModel
+from engine.model.gpt import PreferenceGPTModel
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.platform import Platform, current_device
@@ -56,7 +56,9 @@ def fusions(config: EngineConfig, platform: Platform, transformer_impl: str) -> 
         bias_dropout_fusion=True,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=m.position_embedding_type == "rope" and compat.rope_fusion_available(),
+        # --shared-prompt rotates each token by its position id, through megatron's unfused RoPE (engine/model/gpt.py).
+        apply_rope_fusion=(m.position_embedding_type == "rope" and compat.rope_fusion_available()
+                           and not config.data.shared_prompt),
         gradient_accumulation_fusion=transformer_impl == "transformer_engine" and compat.grad_accum_fusion_available(),
     )
 
@@ -132,15 +134,16 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
     """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype; their output
-    layer runs on the positions the forward names (`OutputRowsGPTModel`)."""
+    layer runs on the positions the forward names (`PreferenceGPTModel`)."""
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
-    impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled)
+    impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled,
+                                    shared_prompt=config.data.shared_prompt)
     tf_config = transformer_config(config, platform, impl)
     vpp = config.virtual_pipeline_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
-        model = OutputRowsGPTModel(
+        model = PreferenceGPTModel(
             config=tf_config,
             transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage,
                                                       adapters, tuple(lora.lora_target_modules)),

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from engine.arguments import EngineConfig, TrainingConfig, check_inputs
 from engine.checkpoint.layout import iteration_dir_name
-from engine.data.collate import collate_pairs, pack_pairs
+from engine.data.collate import collate_pairs, pack_pairs, shared_prefix_length
 from engine.data.dataset import build_pairwise_datasets
 from engine.data.sampler import PairwiseBatchSampler, token_budget_micro_batches
 from engine.dpo.objective import PairwiseObjective
@@ -193,21 +193,29 @@ class DPOTrainer:
         par = self.config.parallel
         shards = par.tensor_model_parallel_size if par.sequence_parallel else 1
         collate = pack_pairs if self.config.data.pack_sequences else collate_pairs
-        batch = collate(samples, self._pad_multiple(), shards=shards, prompt_targets=self.objective.nll_over_prompt)
+        batch = collate(samples, self._pad_multiple(), shards=shards, prompt_targets=self.objective.nll_over_prompt,
+                        shared_prompt=self.config.data.shared_prompt)
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch.to(current_device())
 
+    def _rows(self, sample: dict) -> tuple[int, ...]:
+        """The lengths of the rows a pair collates into: chosen and rejected, or one shared-prompt row."""
+        chosen, rejected = sample["chosen_input_ids"], sample["rejected_input_ids"]
+        if self.config.data.shared_prompt:
+            return (chosen.size + rejected.size - shared_prefix_length(chosen, rejected),)
+        return chosen.size, rejected.size
+
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[tuple[int, int]]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and for every sequence in them its unpadded length and the positions the output layer runs on."""
+        and for every sequence in them its unpadded length (under --shared-prompt the rejected one's without the
+        shared prefix) and the positions the output layer runs on."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
         budget = self.config.training.max_tokens_per_micro_batch
         if budget is not None:  # the same pairs, in the same order, regrouped by their tokens
             flat, pairs = [i for micro in indices for i in micro], [s for micro in samples for s in micro]
-            sizes = token_budget_micro_batches(
-                [(len(s["chosen_input_ids"]), len(s["rejected_input_ids"])) for s in pairs], budget,
-                self._pad_multiple(), self.config.data.pack_sequences)
+            sizes = token_budget_micro_batches([self._rows(s) for s in pairs], budget, self._pad_multiple(),
+                                               self.config.data.pack_sequences)
             bounds = list(itertools.accumulate(sizes, initial=0))
             indices = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             samples = [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -215,6 +223,11 @@ class DPOTrainer:
         lengths = [(len(s[f"{side}_input_ids"]), len(s[f"{side}_labels"]) - 1 if every
                     else int((s[f"{side}_labels"][1:] != IGNORE_INDEX).sum()))
                    for micro in samples for s in micro for side in ("chosen", "rejected")]
+        if self.config.data.shared_prompt:  # the rejected answers' tokens past the shared prefix run (FLOPs: as
+            # a sequence of their own, leaving out their attention to the prefix)
+            rows = [self._rows(s)[0] for micro in samples for s in micro]
+            lengths[1::2] = [(row - chosen, outputs) for row, (chosen, _), (_, outputs)
+                             in zip(rows, lengths[0::2], lengths[1::2])]
         micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
         self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
         return micro_batches, lengths

@@ -1,5 +1,5 @@
 """`OutputRows`: every labelled position selected exactly once, by the shard (sequence-parallel rank) that holds
-it, each shard selecting equally many distinct rows; the FLOP count charges the output layer for those only."""
+it, each shard selecting equally many rows; the FLOP count charges the output layer for those only."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_each_labelled_position_is_selected_once_by_the_shard_that_holds_it(coll
     assert index.shape[0] == shards
     selected = []
     for k in range(shards):
-        assert len(set(index[k].tolist())) == index.shape[1]  # distinct: the backward writes each row once
+        assert len(set(index[k].tolist())) == index.shape[1]  # distinct: no shared prefix selects a row twice
         assert ((index[k] >= 0) & (index[k] < span * rows)).all()
         positions, row = k * span + index[k] // rows, index[k] % rows  # megatron's [s, b] flattening
         targets = outputs.targets[0, k * index.shape[1]:(k + 1) * index.shape[1]]
