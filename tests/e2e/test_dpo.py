@@ -226,6 +226,21 @@ def test_token_budget_micro_batches_train_like_fixed_ones_and_resume_exactly(ass
     assert [r["loss"] for r in read_metrics(resumed_dir)] == [r["loss"] for r in whole]  # bit-exact on CPU fp32
 
 
+def test_shared_prompt_trains_like_separate_sequences(assets, straight, tmp_path):
+    """--shared-prompt (each pair one [prompt | chosen | rejected] sequence) through the CLI: padded at TP1, and
+    packed with a cached reference and a token budget at TP2 + sequence parallel: the losses and updates of
+    separate padded sequences."""
+    padded = run_dpo(assets, tmp_path / "padded", extra="--train-iters 3 --micro-batch-size 4 --shared-prompt")
+    packed = run_dpo(assets, tmp_path / "packed", tp=2, nproc=2,
+                     extra="--train-iters 3 --shared-prompt --pack-sequences --precompute-ref-logps "
+                           "--max-tokens-per-micro-batch 256 --sequence-parallel")
+    for rows in (padded, packed):
+        for a, b in zip(rows, straight[:3], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
 def _pretrain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("pretrain_dpo", args, nproc=1, timeout=300, env=env)
 
