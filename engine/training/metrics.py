@@ -4,8 +4,8 @@ FLOPs are counted for the matrix multiplies of a forward pass over a sequence of
 length s (2 FLOPs per multiply-add): per layer the QKV projection 2*s*h*(d_q + 2*d_kv),
 attention scores and values 2*2*s^2*d_q halved for the causal mask, the output
 projection 2*s*d_q*h and the MLP 2*s*h*f*(3 with SwiGLU, else 2); plus the LM head
-2*a*h*V over the a positions it runs on (those with a target: the answer tokens). A DPO step costs 3 forwards for the policy (forward + backward) and 1 for
-an online reference. MFU = achieved FLOP/s per device / the device's dense bf16 peak.
+2*a*h*V over the a positions it runs on (those with a target: the answer tokens). A DPO
+step costs 3 forwards for the policy (forward + backward) and 1 for an online reference. MFU = achieved FLOP/s per device / the device's dense bf16 peak.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class DPOTrainer:
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
             (f"{source.root} iteration {source.iteration}"
              + (" (cached log-probs: no reference model)" if self.reference.forward_passes == 0 else ""))
-            if source else "none", pairs, train.global_batch_size, split, self._dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
+            if source else "none", pairs, train.global_batch_size, split, self._dp_size, train.train_iters,
+            train.train_iters * train.global_batch_size / pairs,
         )
 
     # -- data ---------------------------------------------------------------------------------------------
