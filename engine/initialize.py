@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int | None = None,
                            deterministic_mode: bool = False) -> Platform:
-    """Joins the torchrun process group and builds megatron's TP/PP/DP groups.
+    """Joins the torchrun process group and builds megatron's TP/PP/DP groups (and EP/ETP for experts).
 
     Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
     a plain `python` launch runs as a world of one. Without CUDA the CPU adaptor is
@@ -50,9 +50,11 @@ def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int 
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_size,
         )
     logger.info(
-        "rank %d/%d on %s (%s): TP=%d PP=%d DP=%d",
+        "rank %d/%d on %s (%s): TP=%d PP=%d DP=%d EP=%d ETP=%d",
         rank,
         world_size,
         platform.device_type,
@@ -60,6 +62,8 @@ def initialize_distributed(parallel: ParallelConfig, virtual_pipeline_size: int 
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel_state.get_data_parallel_world_size(),
+        parallel.expert_model_parallel_size,
+        parallel.expert_tensor_size,
     )
     return platform
 

@@ -50,8 +50,8 @@ SORTED_LOSS_TYPES = tuple(name for name, traits in LOSS_TRAITS.items() if traits
 
 @dataclass(frozen=True)
 class StageTraits:
-    beta: str
-    """The option holding the stage's beta (ORPO's lambda for orpo)."""
+    beta: str | None
+    """The option holding the stage's beta (ORPO's lambda for orpo); None for rm, which has none."""
     options: tuple[str, ...]
     """The stage-specific options it reads; another stage's option given with it is an error."""
     loss_types: tuple[str, ...] = ()
@@ -66,6 +66,12 @@ class StageTraits:
     """The option weighting its chosen-answer NLL; None: weight 1, built into the objective (ORPO)."""
     defaults: dict = field(default_factory=dict)
     """Defaults of its options (they are None until the stage is known)."""
+    data: str = "pairwise"
+    """The preprocessed data it trains on: "pairwise" (prompt, chosen, rejected) or "unpaired" (prompt,
+    completion, desirable or not: KTO), each with its own shard names (engine/formats.py)."""
+    value_head: bool = False
+    """The model ends in a scalar value head instead of the vocab projection (a reward model): no log-probs,
+    no reference, its own Bradley-Terry loss on the rewards at each sequence's last token."""
 
 
 _PAIRWISE_DEFAULTS = {"dpo_loss_type": ["sigmoid"], "dpo_beta": 0.1}
@@ -79,8 +85,14 @@ STAGE_TRAITS: dict[str, StageTraits] = {
                         defaults={"orpo_beta": 0.1, "orpo_prompt_loss": True}),
     "cpo": StageTraits("dpo_beta", ("dpo_loss_type", "dpo_beta", "cpo_alpha"), CPO_LOSS_TYPES,
                        nll_weight="cpo_alpha", defaults={**_PAIRWISE_DEFAULTS, "cpo_alpha": 1.0}),
+    "kto": StageTraits("dpo_beta", ("dpo_beta", "kto_desirable_weight", "kto_undesirable_weight"), reference=True,
+                       data="unpaired",
+                       defaults={"dpo_beta": 0.1, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0}),
+    "rm": StageTraits(None, ("center_rewards_coefficient",), value_head=True,
+                      defaults={"center_rewards_coefficient": 0.0}),
 }
 STAGES = tuple(STAGE_TRAITS)
-"""--stage choices; all but dpo are reference-free (no reference model is built)."""
+"""--stage choices; dpo and kto train against a reference model, the others are reference-free; rm trains a reward
+model."""
 STAGE_OPTIONS = tuple(sorted({name for traits in STAGE_TRAITS.values() for name in traits.options}))
 """Options that only some stages read."""

@@ -10,6 +10,7 @@ every bridged call site is listed in `CPU_ADAPTOR_SITES` and covered by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ CPU_ADAPTOR_SITES = (
     "Tensor.type() -> 'torch.cuda.*Tensor' names (clip_grads and mixed-precision optimizer asserts)",
     "torch.cuda.get_rng_state/set_rng_state/manual_seed -> CPU default generator",
     "megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state -> CPU generator",
+    "torch.cuda.Stream()/current_stream()/stream(...) -> a stream stand-in whose waits do nothing, a null context "
+    "(MoEAlltoAllTokenDispatcher's device-to-host stream, the shared expert's overlap stream)",
+    "megatron.core.transformer.moe.moe_utils.te_general_gemm -> None when transformer-engine is absent "
+    "(0.16.1 leaves the name undefined and the router's gating linear reads it: NameError)",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu -> numpy split sizes from CPU tensors "
+    "too (the alltoall dispatcher's all_to_all_single split sizes; megatron converts only CUDA tensors)",
+    "megatron.core.tensor_parallel.mappings._gather_along_first_dim/_reduce_scatter_along_first_dim with split "
+    "sizes -> equal-size gloo collectives (the alltoall dispatcher's uneven TP gather and its backward; gloo's "
+    "all_gather refuses tensors of different sizes)",
 )
 
 
@@ -196,12 +206,97 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class CpuEvent:
+    """torch.cuda.Event on CPU: recorded work has already run, so the event is always complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class CpuStream:
+    """torch.cuda.Stream on CPU: work runs in program order, so there is nothing to wait for; a recorded
+    event is complete at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CURRENT_STREAM = CpuStream()
+
+
+def _cpu_stream_context(stream: Any) -> contextlib.nullcontext:
+    return contextlib.nullcontext(stream)
+
+
+def _move_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's maybe_move_tensor_to_cpu, also for CPU tensors: the alltoall dispatcher's split sizes must
+    reach all_to_all_single as host integers, never as tensors."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            return tensor.numpy()
+    return tensor
+
+
+def _uneven_gather(original: Callable) -> Callable:
+    """megatron's gather along dim 0; uneven `output_split_sizes` go through an equal-size all_gather of
+    zero-padded pieces (gloo has no uneven all_gather), the padding cut away after."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in range(group.size())]
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, output_split_sizes)])
+
+    return gather
+
+
+def _uneven_reduce_scatter(original: Callable) -> Callable:
+    """megatron's reduce-scatter along dim 0; uneven `input_split_sizes` go through an all_reduce of the
+    whole tensor, each rank keeping its own rows (gloo has no reduce_scatter of uneven pieces)."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total.split(list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    return reduce_scatter
+
+
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
     return torch.get_rng_state()
 
 
 def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
     torch.set_rng_state(new_state)
+
+
+_ABSENT = object()
+"""What `_patch` saves for a name the owner did not have (uninstall deletes it again)."""
 
 
 class CpuAdaptor:
@@ -215,8 +310,8 @@ class CpuAdaptor:
     def installed(self) -> bool:
         return self._mode is not None
 
-    def _patch(self, owner: Any, name: str, value: Callable) -> None:
-        self._saved.append((owner, name, getattr(owner, name)))
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name, _ABSENT)))
         setattr(owner, name, value)
 
     def install(self) -> None:
@@ -240,6 +335,19 @@ class CpuAdaptor:
         self._patch(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(seed))
         self._patch(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state)
         self._patch(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state)
+        self._patch(torch.cuda, "Stream", CpuStream)
+        self._patch(torch.cuda, "current_stream", lambda device=None: _CURRENT_STREAM)
+        self._patch(torch.cuda, "stream", _cpu_stream_context)
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            self._patch(moe_utils, "te_general_gemm", None)
+        self._patch(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_host)
+        from megatron.core.tensor_parallel import mappings
+
+        self._patch(mappings, "_gather_along_first_dim", _uneven_gather(mappings._gather_along_first_dim))
+        self._patch(mappings, "_reduce_scatter_along_first_dim",
+                    _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim))
         self._mode = CudaToCpuMode()
         self._mode.__enter__()
         logger.info("megatron-core %s CPU adaptor installed (gloo backend)", version)
@@ -250,7 +358,10 @@ class CpuAdaptor:
         self._mode.__exit__(None, None, None)
         self._mode = None
         for owner, name, value in reversed(self._saved):
-            setattr(owner, name, value)
+            if value is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
         self._saved.clear()
 
 

@@ -3,7 +3,11 @@
 Byte-level BPE tokenizers carry a model family's special tokens and its real
 Jinja chat template, so HF ``apply_chat_template`` is the ground truth a test
 can compare against. (Tool-calling branches of the Qwen templates are left out:
-no test conversation reaches them.)
+no test conversation reaches them.) The models' own templates are llama3, Qwen2.5,
+Qwen3, Mistral v0.1 and Llama 2; the others (Mistral v3 as mistral-common renders
+it, ChatML, and the registry's alpaca, default and empty) are Jinja transcriptions.
+The Qwen tokenizers split text with Qwen2's regex, which keeps ``"\n\n"`` one
+piece, so they have the ``"\n\n"`` merge of the real vocabulary.
 """
 
 from __future__ import annotations
@@ -120,24 +124,110 @@ MISTRAL_CHAT_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
 {%- endfor %}
 """
 
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+MISTRAL_V3_CHAT_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.index0 == ns.last_user and system_message is defined %}
+            {{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ALPACA_CHAT_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system = 'Below is an instruction that describes a task. Write a response that appropriately completes the request.' %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- system + '\n\n' }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}
+    {%- else %}
+        {{- message['content'] + eos_token + '\n\n' }}
+    {%- endif %}
+{%- endfor %}"""
+
+DEFAULT_CHAT_TEMPLATE = """{%- set loop_messages = messages %}
+{%- if messages[0]['role'] == 'system' %}
+    {{- 'System: ' + messages[0]['content'] + '\n' }}
+    {%- set loop_messages = messages[1:] %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {{- 'Human: ' + message['content'] + '\nAssistant:' }}
+    {%- else %}
+        {{- message['content'] + eos_token + '\n' }}
+    {%- endif %}
+{%- endfor %}"""
+
+EMPTY_CHAT_TEMPLATE = "{%- for message in messages %}{{- message['content'] }}{%- endfor %}"
+
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PLAIN_SPECIAL = ["<s>", "</s>"]
 
 # family -> keyword arguments of build_bpe_tokenizer_dir
 TOKENIZER_FAMILIES = {
     "llama3": dict(special_tokens=LLAMA3_SPECIAL, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                    chat_template=LLAMA3_CHAT_TEMPLATE, pattern=LLAMA3_PATTERN),
     "qwen": dict(special_tokens=QWEN_SPECIAL, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                 chat_template=QWEN2_5_CHAT_TEMPLATE),
+                 chat_template=QWEN2_5_CHAT_TEMPLATE, pattern=QWEN2_PATTERN),
     "qwen3": dict(special_tokens=QWEN_SPECIAL, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                  chat_template=QWEN3_CHAT_TEMPLATE),
+                  chat_template=QWEN3_CHAT_TEMPLATE, pattern=QWEN2_PATTERN),
     "mistral": dict(special_tokens=MISTRAL_SPECIAL, bos_token="<s>", eos_token="</s>",
                     chat_template=MISTRAL_CHAT_TEMPLATE),
+    "mistral_v3": dict(special_tokens=MISTRAL_SPECIAL, bos_token="<s>", eos_token="</s>",
+                       chat_template=MISTRAL_V3_CHAT_TEMPLATE),
+    "llama2": dict(special_tokens=MISTRAL_SPECIAL[:3], bos_token="<s>", eos_token="</s>",
+                   chat_template=LLAMA2_CHAT_TEMPLATE),
+    "chatml": dict(special_tokens=QWEN_SPECIAL[:3], bos_token=None, eos_token="<|im_end|>",
+                   chat_template=CHATML_CHAT_TEMPLATE, pattern=QWEN2_PATTERN),
+    "alpaca": dict(special_tokens=PLAIN_SPECIAL, bos_token="<s>", eos_token="</s>", chat_template=ALPACA_CHAT_TEMPLATE),
+    "default": dict(special_tokens=PLAIN_SPECIAL, bos_token="<s>", eos_token="</s>",
+                    chat_template=DEFAULT_CHAT_TEMPLATE),
+    "empty": dict(special_tokens=PLAIN_SPECIAL, bos_token="<s>", eos_token="</s>", chat_template=EMPTY_CHAT_TEMPLATE),
 }
+"""One per registry template (engine/data/templates.json): a tokenizer carrying the matching chat template."""
 
 
 def build_bpe_tokenizer_dir(path, *, special_tokens, eos_token, bos_token=None, pad_token=None,

@@ -4,6 +4,7 @@
 ROOT/latest_checkpointed_iteration.txt        "N" (or "release")
 ROOT/iter_000000N/mp_rank_TT/model_optim_rng.pt        PP == 1
 ROOT/iter_000000N/mp_rank_TT_PPP/model_optim_rng.pt    PP > 1
+ROOT/iter_000000N/mp_rank_TT[_PPP]_EEE/model_optim_rng.pt  EP > 1 (expert parallel rank EEE, as Megatron-LM names it)
 ROOT/iter_000000N/manifest.json                        checksums of the files above
 ```
 Each file holds `model` (`model0`, `model1`, ... under virtual pipeline stages), and
@@ -40,16 +41,19 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """Megatron-LM's get_checkpoint_name: the pipeline rank under PP, then the expert rank under EP."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
 def staging_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f".staging_{iteration_dir_name(iteration)}"
 
 
-def rank_file(base: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(base) / rank_dir_name(tp_rank, pp_rank, pp_size) / CHECKPOINT_FILE
+def rank_file(base: str | Path, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+              ep_size: int = 1) -> Path:
+    return Path(base) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / CHECKPOINT_FILE
 
 
 def read_tracker(root: str | Path) -> int | None:
@@ -73,9 +77,9 @@ def incomplete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def write_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int,
-                     state: dict) -> Path:
+                     state: dict, ep_rank: int = 0, ep_size: int = 1) -> Path:
     """Writes one rank's file, with its checksum, into the staging directory of `iteration` (not yet visible)."""
-    path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
+    path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size, ep_rank, ep_size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_hashed(state, path)
@@ -137,13 +141,13 @@ def publish(root: str | Path, iteration: int) -> Path:
 
 
 def load_rank_state(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int,
-                    verify: bool = True) -> dict:
+                    verify: bool = True, ep_rank: int = 0, ep_size: int = 1) -> dict:
     """One rank's file of a published iteration, checked against the manifest unless `verify` is False."""
-    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
+    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size, ep_rank, ep_size)
     if not path.is_file():
         raise CheckpointError(
-            f"{path} does not exist: is iteration {iteration} of {root} saved with this TP/PP layout "
-            f"(rank dir {rank_dir_name(tp_rank, pp_rank, pp_size)})?"
+            f"{path} does not exist: is iteration {iteration} of {root} saved with this TP/PP/EP layout "
+            f"(rank dir {rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size)})?"
         )
     if verify:
         verify_files(Path(root) / iteration_dir_name(iteration), [path], skip_flag="--no-verify-checkpoint")
@@ -177,22 +181,28 @@ def verify_files(directory: Path, paths: list[Path] | None = None, skip_flag: st
             )
 
 
-def discover_parallel_layout(root: str | Path, iteration: int) -> tuple[int, int]:
-    """(TP, PP) sizes of a saved iteration, read from its mp_rank_* directory names."""
+def discover_parallel_layout(root: str | Path, iteration: int, expert_parallel: bool = False) -> tuple[int, int, int]:
+    """(TP, PP, EP) sizes of a saved iteration, read from its mp_rank_* directory names.
+
+    `mp_rank_TT_NNN` is ambiguous in Megatron-LM's naming (pipeline rank under PP, expert rank under EP
+    without PP); `expert_parallel` says which, as the checkpoint's recorded args do for Megatron-LM.
+    """
     base = Path(root) / iteration_dir_name(iteration)
     if not base.is_dir():
         raise CheckpointError(f"{base} does not exist: iteration {iteration} is not saved in {root}")
     ranks = set()
     for entry in base.iterdir():
         parts = entry.name.split("_")
-        if entry.is_dir() and parts[:2] == ["mp", "rank"] and len(parts) in (3, 4):
-            ranks.add((int(parts[2]), int(parts[3]) if len(parts) == 4 else 0))
+        if entry.is_dir() and parts[:2] == ["mp", "rank"] and len(parts) in (3, 4, 5):
+            numbers = [int(part) for part in parts[2:]]
+            if len(numbers) == 2:
+                numbers = numbers + [0] if not expert_parallel else [numbers[0], 0, numbers[1]]
+            ranks.add(tuple(numbers) + (0,) * (3 - len(numbers)))
     if not ranks:
         raise CheckpointError(f"{base} holds no mp_rank_* directories")
-    tp = 1 + max(t for t, _ in ranks)
-    pp = 1 + max(p for _, p in ranks)
-    expected = {(t, p) for t in range(tp) for p in range(pp)}
+    tp, pp, ep = (1 + max(r[i] for r in ranks) for i in range(3))
+    expected = {(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)}
     if ranks != expected:
-        missing = sorted(rank_dir_name(t, p, pp) for t, p in expected - ranks)
+        missing = sorted(rank_dir_name(t, p, pp, e, ep) for t, p, e in expected - ranks)
         raise CheckpointError(f"{base} is incomplete: missing {', '.join(missing)}")
-    return tp, pp
+    return tp, pp, ep

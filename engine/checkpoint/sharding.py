@@ -3,12 +3,18 @@
 Used by the HF <-> megatron converters, by resharding, and by the layout-parity tests.
 The rules follow megatron-core's tensor-parallel layers: column-parallel weights
 (linear_qkv, linear_fc1, vocab embedding, output layer) split on dim 0, row-parallel
-weights (linear_proj, linear_fc2) on dim 1, everything else is replicated. LoRA adapters
+weights (linear_proj, linear_fc2) on dim 1, everything else is replicated (a reward model's value_head.weight
+too, kept on the last stage). LoRA adapters
 (engine/model/lora.py) follow their layer: B of a column-parallel linear and A of a
 row-parallel one split like its weight; the other factor is replicated. linear_qkv
 is already stored per query group as [q heads | k | v], so a contiguous split keeps
 whole groups together. A gated linear_fc1 holds [gate; up], and each TP rank holds
 [gate_i; up_i], so the halves are split separately.
+
+Mixture of experts: expert parallel rank e holds routed experts e*n .. e*n+n-1 (n = experts / EP), numbered
+from 0 as megatron-core's SequentialMLP names them (`mlp.experts.local_experts.J`); each expert's linears
+split over TP like a dense MLP's (expert TP equals TP in saved layouts). The router and the shared expert are
+held by every EP rank (the shared expert split over TP like a dense MLP).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.formats import VALUE_HEAD_KEY
+
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
                     "linear_qkv.lora_B.weight", "linear_fc1.lora_B.weight")
 _ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight", "linear_proj.lora_A.weight", "linear_fc2.lora_A.weight")
@@ -39,6 +48,9 @@ class ShardLayout:
     tied_embeddings: bool = True
     padded_vocab_size: int | None = None
     """Vocab rows after padding for this layout; vocab tensors are zero-padded or cut to it."""
+    expert_model_parallel_size: int = 1
+    num_experts: int | None = None
+    """Routed experts per MoE layer (None: a dense model)."""
 
     def __post_init__(self) -> None:
         pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_size or 1
@@ -52,6 +64,14 @@ class ShardLayout:
                 )
         elif self.num_layers % (pp * vpp):
             raise ValueError(f"{self.num_layers} layers cannot be split evenly over {pp} x {vpp} stages")
+        ep = self.expert_model_parallel_size
+        if ep > 1 and (self.num_experts is None or self.num_experts % ep):
+            raise ValueError(f"{self.num_experts} experts cannot be split evenly over {ep} expert-parallel ranks")
+
+    @property
+    def local_experts(self) -> int:
+        """Routed experts per expert-parallel rank."""
+        return (self.num_experts or 0) // self.expert_model_parallel_size
 
     def stage_layers(self, pp_rank: int, vp_stage: int | None = None) -> range:
         """Global layer indices held by one (pipeline rank, virtual stage)."""
@@ -110,10 +130,20 @@ def _tp_merge(key: str, pieces: list[torch.Tensor], swiglu: bool) -> torch.Tenso
     return torch.cat(pieces, dim=dim)
 
 
+def _expert_key(key: str, offset: int) -> str | None:
+    """`key` with its routed expert's index moved by `offset`; None when `key` is no routed expert's."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return None
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+
+
 def shard_state_dict(
-    full: dict[str, torch.Tensor], layout: ShardLayout, tp_rank: int, pp_rank: int, vp_stage: int | None = None
+    full: dict[str, torch.Tensor], layout: ShardLayout, tp_rank: int, pp_rank: int, vp_stage: int | None = None,
+    ep_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The state dict of one model chunk on one rank, with layers renumbered from 0 as megatron does."""
+    """The state dict of one model chunk on one rank, with layers (and routed experts) renumbered from 0 as
+    megatron does."""
     layers = layout.stage_layers(pp_rank, vp_stage)
     first, last = layout.is_first(pp_rank, vp_stage), layout.is_last(pp_rank, vp_stage)
     tp, swiglu = layout.tensor_model_parallel_size, layout.swiglu
@@ -125,17 +155,23 @@ def shard_state_dict(
             if index not in layers:
                 continue
             key = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+            expert = _EXPERT_KEY.match(key) if layout.expert_model_parallel_size > 1 else None
+            if expert is not None:
+                local = int(expert.group(2)) - ep_rank * layout.local_experts
+                if not 0 <= local < layout.local_experts:
+                    continue
+                key = f"{expert.group(1)}{local}{expert.group(3)}"
         elif key.startswith("embedding."):
             if not first:
                 continue
-        elif key.startswith(("decoder.final_layernorm", "output_layer")):
+        elif key.startswith(("decoder.final_layernorm", "output_layer", "value_head")):
             if not last:
                 continue
         if key in _VOCAB_PARALLEL:
             tensor = _resize_vocab(tensor, layout.padded_vocab_size)
         out[key] = _tp_slice(key, tensor, tp, tp_rank, swiglu)
-    if last and layout.tied_embeddings and layout.pipeline_model_parallel_size > 1:
-        # The last stage keeps its own copy of the tied embedding as output_layer.weight.
+    if last and layout.tied_embeddings and layout.pipeline_model_parallel_size > 1 and VALUE_HEAD_KEY not in full:
+        # The last stage keeps its own copy of the tied embedding as output_layer.weight (a reward model has none).
         embedding = _resize_vocab(full["embedding.word_embeddings.weight"], layout.padded_vocab_size)
         out["output_layer.weight"] = _tp_slice("output_layer.weight", embedding, tp, tp_rank, swiglu)
     return out
@@ -144,34 +180,62 @@ def shard_state_dict(
 def merge_chunk(
     ranks: list[dict[str, torch.Tensor]], layout: ShardLayout, pp_rank: int, vp_stage: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """The TP shards of one model chunk (all its keys, or any subset such as one layer) -> full tensors.
+    """The shards of one model chunk (all its keys, or any subset such as one layer) -> full tensors.
 
-    Layers are renumbered to global indices; `_extra_state` and the tied output-layer copy are dropped.
+    `ranks` holds the TP shards of EP rank 0, then those of EP rank 1, ... (index ep_rank * TP + tp_rank).
+    Layers and routed experts are renumbered to global indices; `_extra_state` and the tied output-layer
+    copy are dropped.
     """
     layers = layout.stage_layers(pp_rank, vp_stage)
+    tp = len(ranks) // layout.expert_model_parallel_size
     full: dict[str, torch.Tensor] = {}
-    for key in ranks[0]:
-        if key.endswith("_extra_state"):
-            continue
-        if key == "output_layer.weight" and layout.tied_embeddings:
-            continue
-        merged = _tp_merge(key, [r[key] for r in ranks], layout.swiglu)
-        match = _LAYER_KEY.match(key)
-        if match:
-            key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
-        full[key] = merged
+    for ep_rank in range(layout.expert_model_parallel_size):
+        group = ranks[ep_rank * tp:(ep_rank + 1) * tp]
+        for key in group[0]:
+            if key.endswith("_extra_state") or (key == "output_layer.weight" and layout.tied_embeddings):
+                continue
+            expert = _expert_key(key, ep_rank * layout.local_experts)
+            if expert is None and ep_rank > 0:
+                continue  # a dense tensor: every EP rank holds it, EP rank 0's copy is taken
+            merged = _tp_merge(key, [r[key] for r in group], layout.swiglu)
+            key = expert or key
+            match = _LAYER_KEY.match(key)
+            if match:
+                key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
+            full[key] = merged
     return full
 
 
 def merge_state_dicts(
-    shards: dict[tuple[int, int, int | None], dict[str, torch.Tensor]], layout: ShardLayout
+    shards: dict[tuple[int, ...], dict[str, torch.Tensor]], layout: ShardLayout
 ) -> dict[str, torch.Tensor]:
-    """Inverse of shard_state_dict: `shards[(tp_rank, pp_rank, vp_stage)]` -> the full state dict."""
-    tp = layout.tensor_model_parallel_size
+    """Inverse of shard_state_dict: `shards[(tp_rank, pp_rank, vp_stage)]` (with `ep_rank` as a fourth entry
+    under expert parallelism) -> the full state dict."""
+    tp, ep = layout.tensor_model_parallel_size, layout.expert_model_parallel_size
     vp_stages = range(layout.virtual_pipeline_size) if layout.virtual_pipeline_size else [None]
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(layout.pipeline_model_parallel_size):
         for vp_stage in vp_stages:
-            ranks = [shards[(tp_rank, pp_rank, vp_stage)] for tp_rank in range(tp)]
+            ranks = [shards[(tp_rank, pp_rank, vp_stage) + ((ep_rank,) if ep > 1 else ())]
+                     for ep_rank in range(ep) for tp_rank in range(tp)]
             full.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     return full
+
+
+def select_experts(state: dict[str, torch.Tensor], num_experts: int, ep_size: int,
+                   ep_rank: int) -> dict[str, torch.Tensor]:
+    """A rank file saved without expert parallelism (all experts) cut to EP rank `ep_rank`'s experts,
+    renumbered from 0; every other tensor is kept as it is."""
+    if ep_size == 1:
+        return dict(state)
+    local = num_experts // ep_size
+    out = {}
+    for key, tensor in state.items():
+        match = _EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        index = int(match.group(2)) - ep_rank * local
+        if 0 <= index < local:
+            out[f"{match.group(1)}{index}{match.group(3)}"] = tensor
+    return out

@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engine.arguments import ConfigError, ModelConfig, check_layout
+from engine.arguments import ConfigError, ModelConfig, MoEConfig, check_expert_layout, check_layout
 from engine.convert.common import ConvertConfig, ConversionError, staged_output
 from engine.convert.hf_io import HFCheckpoint, has_tokenizer
-from engine.convert.mapping import hf_to_mcore_units
+from engine.convert.mapping import CLASSIFIER_SUFFIX, SCORE, hf_to_mcore_units
 from engine.convert.mg_io import MegatronWriter
 from engine.checkpoint.sharding import ShardLayout
 from engine.model.families import UnsupportedModelError, detect_family, get_family, model_args, pretrain_flags
@@ -40,6 +40,11 @@ def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
         check_layout(model, config.target_tensor_parallel_size, config.target_pipeline_parallel_size,
                      config.num_layer_list, tp_flag="--target-tensor-parallel-size",
                      pp_flag="--target-pipeline-parallel-size")
+        moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+        moe = MoEConfig(**{k: v for k, v in args.items() if k in moe_fields and v is not None})
+        tp = config.target_tensor_parallel_size
+        check_expert_layout(model, moe, tp, config.target_expert_parallel_size, tp,
+                            ep_flag="--target-expert-parallel-size", etp_flag="--target-tensor-parallel-size")
     except ConfigError as err:
         raise ConversionError(f"{config.load_dir}: {err}") from None
     return model
@@ -48,15 +53,17 @@ def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
 def target_layout(args: dict[str, Any], config: ConvertConfig) -> ShardLayout:
     """The output layout; also records it (and the padding rule) in `args`."""
     tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
+    ep = config.target_expert_parallel_size
     padded = model_config(args, config).padded_vocab(tp)
     args["make_vocab_size_divisible_by"] = config.make_vocab_size_divisible_by
     args["padded_vocab_size"] = config.padded_vocab_size
-    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
                 num_layer_list=list(config.num_layer_list) if config.num_layer_list else None)
     return ShardLayout(
         num_layers=args["num_layers"], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         layers_per_stage=config.num_layer_list, swiglu=True,
         tied_embeddings=not args["untie_embeddings_and_output_weights"], padded_vocab_size=padded,
+        num_experts=args.get("num_experts"), expert_model_parallel_size=ep,
     )
 
 
@@ -67,6 +74,8 @@ def layout_flags(args: dict[str, Any]) -> list[str]:
               "--pipeline-model-parallel-size", str(args["pipeline_model_parallel_size"])]
     if args.get("num_layer_list"):
         flags += ["--num-layer-list", ",".join(map(str, args["num_layer_list"]))]
+    if args.get("expert_model_parallel_size", 1) > 1:
+        flags += ["--expert-model-parallel-size", str(args["expert_model_parallel_size"])]
     if args.get("params_dtype") in ("bf16", "fp16"):
         flags.append(f"--{args['params_dtype']}")
     return flags
@@ -88,6 +97,14 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     window = hf.config.get("sliding_window")
     if window and hf.config.get("use_sliding_window", True) and window < args["max_position_embeddings"]:
         log.warning("sliding_window %d is ignored: megatron-core attends over the whole sequence", window)
+    architecture = (hf.config.get("architectures") or [""])[0]
+    reward_model = architecture.endswith(CLASSIFIER_SUFFIX)
+    if reward_model:
+        labels = len(hf.config.get("id2label") or {0: 0})
+        if labels != 1:
+            raise ConversionError(f"{config.load_dir}/config.json: {architecture} with {labels} labels; a reward model "
+                                  "has num_labels 1")
+        args["value_head_init"] = {"from": f"{SCORE} of {Path(config.load_dir).resolve()}"}
     layout = target_layout(args, config)
     tokenizer = config.tokenizer_model or (config.load_dir if has_tokenizer(config.load_dir) else None)
     args.update(
@@ -98,13 +115,14 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
     )
     with staged_output(config.save_dir) as staging:
         writer = MegatronWriter(staging, layout, args, config.dtype)
-        for unit in hf_to_mcore_units(hf.read, family, args, te=config.transformer_impl == "transformer_engine"):
+        for unit in hf_to_mcore_units(hf.read, family, args, te=config.transformer_impl == "transformer_engine",
+                                      value_head=reward_model):
             writer.add(unit)
         if not args["untie_embeddings_and_output_weights"] and hf.has(family.names.output):
             hf.skip(family.names.output)
         hf.check_all_read()
         writer.close()
     flags = layout_flags(args)
-    log.info("converted %s (%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
-             config.save_dir, " ".join(flags))
+    log.info("converted %s (%s%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
+             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, " ".join(flags))
     return flags

@@ -24,28 +24,33 @@ import torch
 
 from engine.convert.common import ConversionError, ConvertConfig, staged_output
 from engine.convert.hf_io import save_safetensors
-from engine.convert.mapping import unpack_qkv
+from engine.convert.mapping import FINAL_NORM, OUTPUT, SCORE, unpack_qkv
 from engine.convert.mg_io import MegatronCheckpoint, _model_chunks
 from engine.checkpoint.sharding import merge_chunk
 from engine.model.families import get_family
-from engine.model.lora import is_adapter_key
+from engine.formats import VALUE_HEAD_KEY
+from engine.model.lora import is_adapter_key, trained_with_adapters
 
 log = logging.getLogger(__name__)
 
-_ADAPTER = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])\.weight$")
+_ADAPTER = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp|mlp\.experts\.local_experts\.\d+|"
+                      r"mlp\.shared_experts)\.(linear_\w+)\.lora_([AB])\.weight$")
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def read_adapters(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full (TP-merged) adapter tensors of the latest iteration of `root`, by global layer; and its args."""
+    """Full (TP-merged) adapter tensors of the latest iteration of `root`, by global layer (with a reward model's
+    value head, trained beside them); and its args."""
     source = MegatronCheckpoint(root)
     layout = source.layout
     vp_stages = list(range(layout.virtual_pipeline_size)) if layout.virtual_pipeline_size else [None]
     adapters: dict[str, torch.Tensor] = {}
     for pp_rank in range(source.pp):
-        per_tp = [_model_chunks(source._load(t, pp_rank), source._path(t, pp_rank)) for t in range(source.tp)]
+        # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
+        per_tp = [_model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
+                  for e in range(source.ep) for t in range(source.tp)]
         for index, vp_stage in enumerate(vp_stages):
-            ranks = [{k: v for k, v in chunks[index].items() if is_adapter_key(k)} for chunks in per_tp]
+            ranks = [{k: v for k, v in chunks[index].items() if trained_with_adapters(k)} for chunks in per_tp]
             adapters.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     if not adapters:
         raise ConversionError(f"--lora-load {root}: the checkpoint holds no LoRA adapter tensors")
@@ -73,7 +78,8 @@ def load_adapters(config: ConvertConfig) -> dict[str, torch.Tensor]:
 
 
 def merged_units(source: MegatronCheckpoint, config: ConvertConfig) -> Iterator[dict[str, torch.Tensor]]:
-    """The base checkpoint's units with `--lora-load`'s adapters merged in (as is without --lora-load)."""
+    """The base checkpoint's units with `--lora-load`'s adapters merged in (as is without --lora-load); a LoRA
+    reward model's value head replaces the base's output layer."""
     if config.lora_load is None:
         yield from source.units()
         return
@@ -92,6 +98,9 @@ def merged_units(source: MegatronCheckpoint, config: ConvertConfig) -> Iterator[
                 tensor = (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
                 used += 1
             merged[key] = tensor
+        if FINAL_NORM in merged and VALUE_HEAD_KEY in adapters:
+            merged.pop(OUTPUT, None)
+            merged[VALUE_HEAD_KEY] = adapters[VALUE_HEAD_KEY]
         yield merged
     expected = sum(1 for k in adapters if k.endswith("lora_A.weight"))
     if used != expected:
@@ -129,18 +138,29 @@ def write_peft_adapter(config: ConvertConfig) -> Path:
         if match is None or match.group(4) != "A":
             continue
         layer, linear = int(match.group(1)), match.group(3)
+        if match.group(2) != "self_attention" and match.group(2) != "mlp":
+            raise ConversionError(
+                f"--save-lora-to-hf: {key} adapts an expert; transformers 5 holds a layer's experts as one 3D "
+                "tensor (PEFT modules cannot address one expert), so export attention-only adapters "
+                "(--lora-target-modules linear_qkv linear_proj) or merge the adapters into the weights (drop "
+                "--save-lora-to-hf)")
         b = adapters[key.replace("lora_A", "lora_B")]
         for module, (a_part, b_part) in _hf_modules(names, layer, linear, adapters[key], b, args).items():
             for part, tensor in (("lora_A", a_part), ("lora_B", b_part)):
                 tensor = tensor.to(config.dtype) if config.dtype else tensor
                 tensors[f"base_model.model.{module}.{part}.weight"] = tensor.contiguous().clone()
             targets.add(module.rsplit(".", 1)[-1])
+    head = adapters.get(VALUE_HEAD_KEY)
+    if head is not None:  # a reward model: the classifier's score is saved whole beside the adapters
+        tensors[f"base_model.model.{SCORE}"] = (head.to(config.dtype) if config.dtype else head).contiguous().clone()
     hf_config = base.get("hf_config") or {}
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_r, "lora_alpha": config.lora_alpha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
         "lora_dropout": ((args.get("engine") or {}).get("lora") or {}).get("lora_dropout", 0.0),
         "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": hf_config.get("_name_or_path") or None, "modules_to_save": None,
+        "base_model_name_or_path": hf_config.get("_name_or_path") or None,
+        "modules_to_save": None if head is None else [SCORE.removesuffix(".weight")],
         "init_lora_weights": True, "use_rslora": False, "use_dora": False,
     }
     with staged_output(config.save_dir) as staging:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from engine.model.families import ModelFamily
+from engine.formats import VALUE_HEAD_KEY
+from engine.model.families import HFNames, ModelFamily
 from engine.model.spelling import to_spelling
 
 Reader = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -26,6 +27,14 @@ Reader = Callable[[str, tuple[int, ...]], torch.Tensor]
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT = "output_layer.weight"
+SCORE = "score.weight"
+"""HF `*ForSequenceClassification`'s head [num_labels, hidden]: a reward model's value head (num_labels 1)."""
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def classifier_architecture(family: ModelFamily) -> str:
+    """The family's transformers sequence classifier (LlamaForCausalLM -> LlamaForSequenceClassification)."""
+    return family.architecture.removesuffix("ForCausalLM") + CLASSIFIER_SUFFIX
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -48,10 +57,55 @@ def _layer(index: int, name: str) -> str:
     return f"decoder.layers.{index}.{name}"
 
 
+def _moe_from_hf(hf: Reader, names: HFNames, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One layer's MoE tensors, megatron names relative to the layer: the router, each routed expert's
+    [gate; up] linear_fc1 and its linear_fc2 (HF stores one tensor per expert projection), the shared expert."""
+    hidden, experts, ffn = args["hidden_size"], args["num_experts"], args["moe_ffn_hidden_size"]
+    out = {"mlp.router.weight": hf(names.router, (experts, hidden))}
+    for e in range(experts):
+        prefix = names.expert.format(e)
+        out[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = torch.cat(
+            [hf(prefix + names.expert_gate, (ffn, hidden)), hf(prefix + names.expert_up, (ffn, hidden))])
+        out[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = hf(prefix + names.expert_down, (hidden, ffn))
+    shared = args.get("moe_shared_expert_intermediate_size")
+    if shared:
+        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+            [hf(names.shared_expert + "gate_proj.weight", (shared, hidden)),
+             hf(names.shared_expert + "up_proj.weight", (shared, hidden))])
+        out["mlp.shared_experts.linear_fc2.weight"] = hf(names.shared_expert + "down_proj.weight", (hidden, shared))
+        if args.get("moe_shared_expert_gate"):
+            out["mlp.shared_experts.gate_weight"] = hf(names.shared_expert_gate, (1, hidden))
+    return out
+
+
+def _moe_to_hf(name: str, tensor: torch.Tensor, names: HFNames) -> dict[str, torch.Tensor] | None:
+    """Inverse of `_moe_from_hf` for one megatron tensor (name relative to its layer); None if not an MoE one."""
+    if name == "mlp.router.weight":
+        return {names.router: tensor}
+    if name == "mlp.shared_experts.gate_weight":
+        return {names.shared_expert_gate: tensor}
+    if name.startswith("mlp.experts.local_experts."):
+        index, linear = name[len("mlp.experts.local_experts."):].split(".", 1)
+        prefix = names.expert.format(int(index))
+        gate, up, down = names.expert_gate, names.expert_up, names.expert_down
+    elif name.startswith("mlp.shared_experts."):
+        linear, prefix = name[len("mlp.shared_experts."):], names.shared_expert
+        gate, up, down = "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+    else:
+        return None
+    if linear == "linear_fc1.weight":
+        first, second = tensor.chunk(2, dim=0)
+        return {prefix + gate: first.clone(), prefix + up: second.clone()}
+    if linear == "linear_fc2.weight":
+        return {prefix + down: tensor}
+    return None
+
+
 def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
-                      te: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer);
-    layers under the TE spec's names when `te`."""
+                      te: bool = False, value_head: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer, or with
+    `value_head` a sequence classifier's score as the reward model's value head); layers under the TE spec's
+    names when `te`."""
     names = family.names
     hidden, vocab, ffn = args["hidden_size"], args["vocab_size"], args["ffn_hidden_size"]
     heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
@@ -68,11 +122,13 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
             ),
             _layer(i, "self_attention.linear_proj.weight"): hf(names.o, (hidden, heads * head_dim)),
             _layer(i, "pre_mlp_layernorm.weight"): hf(names.post_norm, (hidden,)),
-            _layer(i, "mlp.linear_fc1.weight"): torch.cat(
-                [hf(names.gate, (ffn, hidden)), hf(names.up, (ffn, hidden))]
-            ),
-            _layer(i, "mlp.linear_fc2.weight"): hf(names.down, (hidden, ffn)),
         }
+        if args.get("num_experts"):
+            unit.update({_layer(i, k): v for k, v in _moe_from_hf(hf, names, args).items()})
+        else:
+            unit[_layer(i, "mlp.linear_fc1.weight")] = torch.cat([hf(names.gate, (ffn, hidden)),
+                                                                  hf(names.up, (ffn, hidden))])
+            unit[_layer(i, "mlp.linear_fc2.weight")] = hf(names.down, (hidden, ffn))
         if args["add_qkv_bias"]:
             unit[_layer(i, "self_attention.linear_qkv.bias")] = pack_qkv(
                 hf(f"{names.q}.bias", (heads * head_dim,)),
@@ -85,7 +141,9 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
             unit[_layer(i, "self_attention.k_layernorm.weight")] = hf(names.k_norm, (head_dim,))
         yield to_spelling(unit, te) if te else unit
     final = {FINAL_NORM: read(names.final_norm, (hidden,))}
-    if args["untie_embeddings_and_output_weights"]:
+    if value_head:
+        final[VALUE_HEAD_KEY] = read(SCORE, (1, hidden))
+    elif args["untie_embeddings_and_output_weights"]:
         final[OUTPUT] = read(names.output, (vocab, hidden))
     yield final
 
@@ -103,6 +161,8 @@ def mcore_to_hf_unit(unit: dict[str, torch.Tensor], family: ModelFamily, args: d
             out[names.final_norm] = tensor
         elif key == OUTPUT:
             out[names.output] = tensor
+        elif key == VALUE_HEAD_KEY:
+            out[SCORE] = tensor
         else:
             _, _, index, name = key.split(".", 3)
             hf = lambda n: names.layer(int(index), n)  # noqa: E731 - binds this layer
@@ -110,6 +170,8 @@ def mcore_to_hf_unit(unit: dict[str, torch.Tensor], family: ModelFamily, args: d
                 suffix = name.rsplit(".", 1)[1]
                 q, k, v = unpack_qkv(tensor, heads, groups, head_dim)
                 out.update({hf(f"{names.q}.{suffix}"): q, hf(f"{names.k}.{suffix}"): k, hf(f"{names.v}.{suffix}"): v})
+            elif (moe := _moe_to_hf(name, tensor, names)) is not None:
+                out.update({hf(k): v for k, v in moe.items()})
             elif name == "mlp.linear_fc1.weight":
                 gate, up = tensor.chunk(2, dim=0)
                 out.update({hf(names.gate): gate.clone(), hf(names.up): up.clone()})

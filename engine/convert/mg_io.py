@@ -18,6 +18,7 @@ import torch
 
 from engine.convert.common import ConversionError
 from engine.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT
+from engine.formats import VALUE_HEAD_KEY
 from engine.checkpoint.sharding import ShardLayout, merge_chunk, shard_state_dict
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
@@ -66,26 +67,39 @@ class MegatronCheckpoint:
                                       "(pass --load-iteration)")
         self.iteration = iteration
         try:
-            self.tp, self.pp = discover_parallel_layout(self.root, iteration)
+            args = self._first_args()
+            # Megatron-LM's mp_rank_TT_NNN is a pipeline rank, or an expert rank without PP: the args decide.
+            expert_parallel = (args.get("expert_model_parallel_size", 1) > 1
+                               and args.get("pipeline_model_parallel_size", 1) == 1)
+            self.tp, self.pp, self.ep = discover_parallel_layout(self.root, iteration, expert_parallel)
             # The rank files this reads, against the iteration's checksums (not its optimizer files).
             verify_files(self.root / iteration_dir_name(iteration),
-                         [self._path(t, p) for t in range(self.tp) for p in range(self.pp)])
+                         [self._path(t, p, e) for t in range(self.tp) for p in range(self.pp) for e in range(self.ep)])
         except CheckpointError as err:
             raise ConversionError(str(err)) from None
         first = self._load(0, 0)
-        args = first.get("args")
-        args = vars(args) if hasattr(args, "__dict__") else args
         if not isinstance(args, dict) or any(args.get(k) is None for k in _REQUIRED_ARGS):
             raise ConversionError(f"{self._path(0, 0)}: 'args' lacks the model flags {', '.join(_REQUIRED_ARGS)}")
         self.args: dict[str, Any] = dict(args)
         self.layout = self._discover_layout(len(_model_chunks(first, self._path(0, 0))))
 
-    def _path(self, tp_rank: int, pp_rank: int) -> Path:
-        return rank_file(self.root / iteration_dir_name(self.iteration), tp_rank, pp_rank, self.pp)
+    def _first_args(self) -> dict:
+        """The args of the first rank file (mp_rank_00, mp_rank_00_000 or mp_rank_00_000_000): {} if unreadable."""
+        base = self.root / iteration_dir_name(self.iteration)
+        for name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
+            path = base / name / "model_optim_rng.pt"
+            if path.is_file():
+                args = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("args")
+                args = vars(args) if hasattr(args, "__dict__") else args
+                return args if isinstance(args, dict) else {}
+        return {}
 
-    def _load(self, tp_rank: int, pp_rank: int) -> dict:
+    def _path(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        return rank_file(self.root / iteration_dir_name(self.iteration), tp_rank, pp_rank, self.pp, ep_rank, self.ep)
+
+    def _load(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
         # Memory-mapped: tensors are paged in when a unit touches them, not all at once.
-        return torch.load(self._path(tp_rank, pp_rank), map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(self._path(tp_rank, pp_rank, ep_rank), map_location="cpu", mmap=True, weights_only=False)
 
     def _discover_layout(self, vpp: int) -> ShardLayout:
         counts = []
@@ -106,6 +120,7 @@ class MegatronCheckpoint:
             layers_per_stage=tuple(row[0] for row in counts) if vpp == 1 else None,
             swiglu=True,
             tied_embeddings=not self.args["untie_embeddings_and_output_weights"],
+            expert_model_parallel_size=self.ep, num_experts=self.args.get("num_experts"),
         )
 
     def units(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -118,9 +133,9 @@ class MegatronCheckpoint:
         remaining = {p: len(vp_stages) for p in range(self.pp)}
         opened: dict[int, list[list[dict]]] = {}
         for pp_rank, vp_stage in chunks:
-            if pp_rank not in opened:
-                opened[pp_rank] = [_model_chunks(self._load(t, pp_rank), self._path(t, pp_rank))
-                                   for t in range(self.tp)]
+            if pp_rank not in opened:  # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
+                opened[pp_rank] = [_model_chunks(self._load(t, pp_rank, e), self._path(t, pp_rank, e))
+                                   for e in range(self.ep) for t in range(self.tp)]
             ranks = [tp_chunks[vp_stage or 0] for tp_chunks in opened[pp_rank]]
             first, last = layout.is_first(pp_rank, vp_stage), layout.is_last(pp_rank, vp_stage)
             if first:
@@ -133,7 +148,7 @@ class MegatronCheckpoint:
             for index in sorted(by_layer):
                 yield self._merge(ranks, by_layer[index], pp_rank, vp_stage, vocab)
             if last:
-                yield self._merge(ranks, [FINAL_NORM, OUTPUT], pp_rank, vp_stage, vocab)
+                yield self._merge(ranks, [FINAL_NORM, OUTPUT, VALUE_HEAD_KEY], pp_rank, vp_stage, vocab)
             remaining[pp_rank] -= 1
             if not remaining[pp_rank]:
                 del opened[pp_rank]
@@ -141,7 +156,9 @@ class MegatronCheckpoint:
     def _merge(self, ranks: list[dict], keys: list[str], pp_rank: int, vp_stage: int | None,
                vocab: int) -> dict[str, torch.Tensor]:
         present = [k for k in keys if k in ranks[0]]
-        required = [k for k in keys if k != OUTPUT or not self.layout.tied_embeddings]
+        # A reward model's last stage holds its value head instead of an output layer.
+        optional = {OUTPUT} if self.layout.tied_embeddings or VALUE_HEAD_KEY in present else set()
+        required = [k for k in keys if k not in optional and k != VALUE_HEAD_KEY]
         missing = sorted(set(required) - set(present))
         if missing:
             raise ConversionError(f"{self._path(0, pp_rank)}: missing {', '.join(missing)}")
@@ -162,7 +179,9 @@ class MegatronWriter:
     def __init__(self, root: Path, layout: ShardLayout, args: dict[str, Any], dtype: torch.dtype | None):
         self.root, self.layout, self.args, self.dtype = root, layout, args, dtype
         self._stage = 0
-        self._shards: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.tensor_model_parallel_size)]
+        # Index ep_rank * TP + tp_rank.
+        self._shards: list[dict[str, torch.Tensor]] = [
+            {} for _ in range(layout.tensor_model_parallel_size * layout.expert_model_parallel_size)]
         self._embedding: torch.Tensor | None = None
 
     def _stage_of(self, unit: dict[str, torch.Tensor]) -> int:
@@ -188,15 +207,17 @@ class MegatronWriter:
             # shard_state_dict adds the tied output copy to whatever it shards for the last stage;
             # only the final unit should carry it.
             layout = replace(layout, tied_embeddings=False)
-        for tp_rank, shard in enumerate(self._shards):
-            shard.update(shard_state_dict(unit, layout, tp_rank, stage))
+        tp = layout.tensor_model_parallel_size
+        for index, shard in enumerate(self._shards):
+            shard.update(shard_state_dict(unit, layout, index % tp, stage, ep_rank=index // tp))
 
     def _write_stage(self) -> None:
-        pp = self.layout.pipeline_model_parallel_size
-        for tp_rank, shard in enumerate(self._shards):
+        pp, tp = self.layout.pipeline_model_parallel_size, self.layout.tensor_model_parallel_size
+        ep = self.layout.expert_model_parallel_size
+        for index, shard in enumerate(self._shards):
             state = {"model": shard, "args": self.args, "iteration": CONVERTED_ITERATION,
                      "checkpoint_version": CHECKPOINT_VERSION}
-            write_rank_state(self.root, CONVERTED_ITERATION, tp_rank, self._stage, pp, state)
+            write_rank_state(self.root, CONVERTED_ITERATION, index % tp, self._stage, pp, state, index // tp, ep)
         log.info("wrote pipeline stage %d/%d", self._stage + 1, pp)
         self._shards = [{} for _ in self._shards]
         self._stage += 1

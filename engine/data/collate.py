@@ -70,6 +70,8 @@ class PairBatch:
     seq_lengths: list[int] | None = None
     """The segments' lengths under packing (``cu_seqlens``' differences), kept on the host, where the
     attention splits the row without reading ``cu_seqlens`` back from the device."""
+    margins: torch.Tensor | None = None
+    """float32 [n]: each pair's reward margin (--stage rm), when the data set has a margin file."""
     global_pairs: torch.Tensor | None = None
     """Pairs in the whole global batch (every micro-batch, every DP rank), a 0-dim tensor on the
     device; set with `global_nll_tokens` when the objective averages a term over the batch's tokens."""
@@ -84,7 +86,8 @@ class PairBatch:
     def to(self, device: torch.device) -> "PairBatch":
         """The same batch with its tensors on `device`."""
         moved = {name: getattr(self, name).to(device, non_blocking=True)
-                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens", "outputs")
+                 for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens", "outputs",
+                              "margins")
                  if getattr(self, name) is not None}
         return replace(self, **moved)
 
@@ -102,6 +105,14 @@ def _sequences(samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
             raise DataError(f"micro-batch sample {k % n}: the {side} sequence has no response token to "
                             f"train on (all labels are prompt or the response is empty)")
     return sequences
+
+
+def _margins(samples: list[dict]) -> torch.Tensor | None:
+    """The pairs' margins when the data carries them (`margin` of each sample), else None."""
+    if not any("margin" in s for s in samples):
+        return None
+    # blended data sets: pairs of a set without margins have margin 0
+    return torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
 
 
 def _output_rows(sequences: list[tuple[np.ndarray, np.ndarray]], placements: list[tuple[int, np.ndarray]],
@@ -172,7 +183,7 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
                            shards, prompt_targets)
     return PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
                      position_ids=torch.arange(length, dtype=torch.int64).expand(len(rows), length).contiguous(),
-                     num_pairs=len(samples), outputs=outputs)
+                     num_pairs=len(samples), outputs=outputs, margins=_margins(samples))
 
 
 def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0, shards: int = 1,
@@ -218,7 +229,8 @@ def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0
                      position_ids=torch.from_numpy(positions)[None], num_pairs=len(samples),
                      sequence_ids=torch.from_numpy(sequence_ids)[None], cu_seqlens=cu_seqlens,
                      max_seqlen=max(lengths), seq_lengths=lengths,
-                     outputs=_output_rows(sequences, placements, 1, length, shards, prompt_targets))
+                     outputs=_output_rows(sequences, placements, 1, length, shards, prompt_targets),
+                     margins=_margins(samples))
 
 
 def shared_prefix_length(chosen: np.ndarray, rejected: np.ndarray) -> int:
@@ -280,7 +292,8 @@ def shared_pairs(samples: list[dict], pad_to_multiple_of: int, pad_id: int, shar
         placements[n + i] = (row, start + np.concatenate([np.arange(prefix), prefix + chosen + np.arange(rest)]))
     outputs = _output_rows(sequences, placements, tokens.shape[0], length, shards, prompt_targets)
     batch = PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
-                      position_ids=torch.from_numpy(position_ids), num_pairs=n, outputs=outputs, pair_layouts=layouts)
+                      position_ids=torch.from_numpy(position_ids), num_pairs=n, outputs=outputs, pair_layouts=layouts,
+                      margins=_margins(samples))
     if packed:
         batch.sequence_ids = torch.from_numpy(sequence_ids)
         batch.cu_seqlens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from engine.arguments import DataConfig
 from engine.data.readers import DataError
 from engine.data.truncation import truncate_lengths
-from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, missing_shards_message, output_path_prefix
+from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, missing_shards_message, output_path_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class PairwiseDataset(Dataset):
 
     Item ``i`` is a dict of int64 arrays ``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels`` (labels aligned with the ids,
-    prompt positions ``IGNORE_INDEX``; the collate function shifts them).
+    prompt positions ``IGNORE_INDEX``; the collate function shifts them), plus ``margin`` (a float) when the
+    data set has a margin file (engine/formats.py MARGIN_KEY).
     """
 
     def __init__(self, prefix: str, seq_length: int, vocab_size: int | None = None) -> None:
@@ -84,6 +85,7 @@ class PairwiseDataset(Dataset):
             raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
         self.datasets = {k: IndexedDataset(p) for k, p in paths.items()}
         self._validate(paths, vocab_size)
+        self.margins = self._margins(output_path_prefix(prefix, MARGIN_KEY))
         lengths = np.maximum(self.datasets["chosen_input_ids"].sequence_lengths,
                              self.datasets["rejected_input_ids"].sequence_lengths)
         long = int(np.count_nonzero(lengths > seq_length))
@@ -111,25 +113,43 @@ class PairwiseDataset(Dataset):
                 offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
                 _check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
 
+    def _margins(self, path: str) -> np.ndarray | None:
+        """The per-pair margins, read whole (4 bytes a pair), or None when the data set has none."""
+        if not IndexedDataset.exists(path):
+            return None
+        margins = IndexedDataset(path)
+        if len(margins) != len(self) or not (margins.sequence_lengths == 1).all():
+            raise DataError(f"{path}.idx holds {len(margins)} margins for {len(self)} pairs (one per pair expected): "
+                            "it belongs to another preprocessing run; preprocess again with --overwrite")
+        if margins.index.dtype != np.float32:
+            raise DataError(f"{path}.idx: margins must be float32, found {margins.index.dtype.__name__}")
+        return np.array(np.memmap(path + ".bin", dtype=np.float32, mode="r")[:len(self)])  # the .bin is the values
+
     def __len__(self) -> int:
         return len(self.datasets["chosen_input_ids"])
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         seqs = {k: d.get(int(i)).astype(np.int64) for k, d in self.datasets.items()}
         prompt = {side: _prompt_length(seqs[f"{side}_labels"]) for side in ("chosen", "rejected")}
-        if prompt["chosen"] != prompt["rejected"]:
-            raise DataError(f"--data-path {self.prefix!r}: pair {i}: chosen and rejected prompts differ in length "
-                            f"({prompt['chosen']} vs {prompt['rejected']} masked tokens)")
-        p = prompt["chosen"]
-        response = max(seqs["chosen_input_ids"].size, seqs["rejected_input_ids"].size) - p
-        keep_prompt, keep_response = truncate_lengths(p, response, self.seq_length)
-        if keep_prompt == p and keep_response == response:
-            return seqs
-        return {k: np.concatenate([s[p - keep_prompt:p], s[p:p + keep_response]]) for k, s in seqs.items()}
+        longest = max(prompt.values())
+        response = max(seqs[f"{side}_input_ids"].size - prompt[side] for side in prompt)
+        keep_prompt, keep_response = truncate_lengths(longest, response, self.seq_length)
+        if keep_prompt != longest or keep_response != response:
+            out = {}
+            for k, s in seqs.items():
+                p = prompt[k.split("_")[0]]
+                kept = min(p, keep_prompt)
+                out[k] = np.concatenate([s[p - kept:p], s[p:p + keep_response]])
+            seqs = out
+        if self.margins is not None:
+            seqs["margin"] = float(self.margins[i])
+        return seqs
 
 
 def _prompt_length(labels: np.ndarray) -> int:
-    """The prompt is the leading run of masked labels (the same in both halves of a pair)."""
+    """The prompt is the leading run of masked labels. The two halves of a pair usually share it; they
+    differ where a token straddles the prompt/answer boundary in one of them (see engine/data/preprocess.py),
+    and truncation then keeps the end of each side's own prompt, as preprocessing does."""
     unmasked = np.flatnonzero(labels != IGNORE_INDEX)
     return int(unmasked[0]) if unmasked.size else labels.size
 
@@ -197,16 +217,17 @@ def split_ranges(num_documents: int, split: list[float]) -> list[tuple[int, int]
 
 
 def build_pairwise_datasets(data: DataConfig, seq_length: int, vocab_size: int | None,
-                            seed: int) -> dict[str, Dataset | None]:
+                            seed: int, reader: type[Dataset] = PairwiseDataset) -> dict[str, Dataset | None]:
     """train/valid/test pair data sets from ``--data-path`` and ``--split``.
 
     Each prefix is split into contiguous document ranges (train first), then
     the prefixes' ranges of one split are blended by weight (unweighted
     prefixes: by size, i.e. each pair once). A split with no pairs is None.
+    `reader(prefix, seq_length, vocab_size)` reads one prefix (unpaired data: engine/data/unpaired.py).
     """
     prefixes, weights = data.prefixes_and_weights
     fractions, split = data.split_fractions, data.split
-    datasets = [PairwiseDataset(p, seq_length, vocab_size) for p in prefixes]
+    datasets = [reader(p, seq_length, vocab_size) for p in prefixes]
     out: dict[str, Dataset | None] = {}
     for s, name in enumerate(SPLIT_NAMES):
         parts = []

@@ -7,27 +7,17 @@ logical field and its column; the caller adds the file and line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Any, ClassVar
 
-from engine.data.templates import Conversation
+from engine.data.records import Conversation, PairwiseSample, RecordError
+
+__all__ = ["HANDLERS", "PairwiseSample", "RecordError", "build_handler"]
 
 
-class RecordError(ValueError):
-    """A record that cannot be turned into a pair; ``field`` is the column at fault, if any."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class PairwiseSample:
-    """A prompt with its preferred and dispreferred answers."""
-
-    conversation: Conversation
-    chosen: str
-    rejected: str
+OPTIONAL_FIELDS = {"margin": ""}
+"""Logical fields every handler reads when --map-keys names their column (off by default): `margin`, a number per
+pair that --stage rm subtracts from the reward difference."""
 
 
 class PairwiseHandler:
@@ -41,14 +31,15 @@ class PairwiseHandler:
 
     def __init__(self, map_keys: dict[str, str] | None = None) -> None:
         map_keys = dict(map_keys or {})
-        unknown = sorted(set(map_keys) - set(self.defaults))
+        defaults = {**self.defaults, **OPTIONAL_FIELDS}
+        unknown = sorted(set(map_keys) - set(defaults))
         if unknown:
             raise ValueError(
-                f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(self.defaults)}"
+                f"--map-keys: {unknown} are not fields of {self.name}; known fields: {sorted(defaults)}"
             )
-        self.keys = {**self.defaults, **map_keys}
+        self.keys = {**defaults, **map_keys}
         self.explicit_columns = {
-            k: v for k, v in map_keys.items() if k not in self.tag_keys and v and v != self.defaults[k]
+            k: v for k, v in map_keys.items() if k not in self.tag_keys and v and v != defaults[k]
         }
         """Columns the user renamed: each must exist in the data, checked before any work. (Mapping a
         field to its default name, as in ``{"system": "system"}``, renames nothing and may be absent.)"""
@@ -57,7 +48,7 @@ class PairwiseHandler:
         column = self.keys[logical]
         value = record.get(column) if column else None
         if value is None and required:
-            raise RecordError("missing required key", column or logical)
+            raise RecordError("missing required key", column or logical, "missing_field")
         return value
 
     def _text(self, record: dict, logical: str, required: bool = False, allow_empty: bool = False) -> str | None:
@@ -68,7 +59,7 @@ class PairwiseHandler:
         if not isinstance(value, str):
             raise RecordError(f"must be a string, got {type(value).__name__}", column)
         if required and not allow_empty and not value.strip():
-            raise RecordError("is empty", column)
+            raise RecordError("is empty", column, "empty_field")
         return value
 
     def _history(self, record: dict) -> list[tuple[str, str]]:
@@ -86,22 +77,53 @@ class PairwiseHandler:
     def __call__(self, record: dict) -> PairwiseSample:
         raise NotImplementedError
 
+    @property
+    def has_margin(self) -> bool:
+        return bool(self.keys["margin"])
+
+    def margin(self, record: dict) -> float | None:
+        """The pair's margin when --map-keys names a margin column (then every record needs a finite number)."""
+        if not self.has_margin:
+            return None
+        value = self._get(record, "margin", required=True)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(f"must be a finite number, got {value!r}", self.keys["margin"])
+        return float(value)
+
 
 class AlpacaStylePairwiseHandler(PairwiseHandler):
-    """``{"instruction", "input", "system", "history": [[q, a], ...], "chosen", "rejected"}``."""
+    """``{"instruction", "input", "system", "history": [[q, a], ...], "chosen", "rejected"}``.
+
+    The prompt is the instruction and the input joined by a newline, either alone when the other is
+    empty (LLaMA-Factory's rule). The answers are ``chosen``/``rejected`` or, in LLaMA-Factory's and
+    MindSpeed-LLM's older pairwise files, ``output: [chosen, rejected]``.
+    """
 
     name = "AlpacaStylePairwiseHandler"
     defaults = {"prompt": "instruction", "query": "input", "system": "system", "history": "history",
-                "chosen": "chosen", "rejected": "rejected"}
+                "chosen": "chosen", "rejected": "rejected", "output": "output"}
+
+    def _answers(self, record: dict) -> tuple[str, str]:
+        output = self._get(record, "output")
+        if output is None or self._get(record, "chosen") is not None or self._get(record, "rejected") is not None:
+            return self._text(record, "chosen", required=True), self._text(record, "rejected", required=True)
+        column = self.keys["output"]
+        if not (isinstance(output, list) and len(output) == 2 and all(isinstance(a, str) for a in output)):
+            raise RecordError("must be a list of two strings, [chosen, rejected]", column)
+        for answer in output:
+            if not answer.strip():
+                raise RecordError("holds an empty answer", column, "empty_field")
+        return output[0], output[1]
 
     def __call__(self, record: dict) -> PairwiseSample:
-        prompt = self._text(record, "prompt", required=True)
-        query = self._text(record, "query")
-        if query:
-            prompt = f"{prompt}\n{query}"
+        instruction, query = self._text(record, "prompt"), self._text(record, "query")
+        prompt = "\n".join(part for part in (instruction, query) if part)
+        if not prompt.strip():
+            if instruction is None and query is None:
+                raise RecordError("missing required key", self.keys["prompt"] or "prompt", "missing_field")
+            raise RecordError("is empty, and so is the input", self.keys["prompt"] or "prompt", "empty_field")
         conv = Conversation(prompt=prompt, system=self._text(record, "system"), history=self._history(record))
-        return PairwiseSample(conv, self._text(record, "chosen", required=True),
-                              self._text(record, "rejected", required=True))
+        return PairwiseSample(conv, *self._answers(record))
 
 
 class _MessagesMixin:
@@ -149,7 +171,7 @@ class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
             raise RecordError(f"must be a message with string {self.keys['content_tag']!r} or a string, "
                               f"got {type(value).__name__}", column)
         if not value.strip():
-            raise RecordError("is empty", column)
+            raise RecordError("is empty", column, "empty_field")
         return value
 
     def __call__(self, record: dict) -> PairwiseSample:
@@ -163,8 +185,9 @@ class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
 class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
     """TRL and ms-swift preference shapes, recognised per record.
 
-    - TRL: ``prompt``/``chosen``/``rejected`` as strings or message lists; without
-      ``prompt``, chosen and rejected are whole conversations sharing all but the last message.
+    - TRL: ``prompt``/``chosen``/``rejected`` as strings or message lists; without ``prompt``
+      (TRL's conversational format with an implicit prompt), chosen and rejected are whole
+      conversations and the prompt is their longest common message prefix.
     - ms-swift: ``messages`` (ending with the chosen assistant turn) + ``rejected_response``, or
       ``system``/``history``/``query``/``response``/``rejected_response``.
     Messages use ``role``/``content`` with roles system/user/assistant.
@@ -188,8 +211,26 @@ class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         if not isinstance(value, str):
             raise RecordError(f"must be a string or one assistant message, got {type(value).__name__}", column)
         if not value.strip():
-            raise RecordError("is empty", column)
+            raise RecordError("is empty", column, "empty_field")
         return value
+
+    def _implicit_prompt(self, chosen: Any, rejected: Any) -> tuple[list, list, list]:
+        """TRL's implicit prompt (``trl.data_utils.extract_prompt``): the longest common message prefix of
+        chosen and rejected; what follows it must be one assistant message on each side."""
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise RecordError("missing: chosen and rejected must then be message lists sharing the prompt",
+                              self.keys["prompt"], "missing_field")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == len(chosen) == len(rejected):  # identical: TRL then keeps the last message as the answer
+            shared -= 1
+        for logical, messages in (("chosen", chosen), ("rejected", rejected)):
+            if len(messages) - shared != 1:
+                raise RecordError(f"must be the shared prompt (the longest common message prefix with the other "
+                                  f"answer: {shared} messages) followed by one assistant message, got "
+                                  f"{len(messages) - shared} after it", self.keys[logical])
+        return chosen[:shared], chosen[shared:], rejected[shared:]
 
     def __call__(self, record: dict) -> PairwiseSample:
         system = self._text(record, "system")
@@ -208,14 +249,11 @@ class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         chosen = self._get(record, "chosen", required=True)
         rejected = self._get(record, "rejected", required=True)
         prompt = self._get(record, "prompt")
-        if prompt is None:  # implicit prompt: shared conversation prefix
-            if not (isinstance(chosen, list) and isinstance(rejected, list)) or chosen[:-1] != rejected[:-1]:
-                raise RecordError("missing: chosen and rejected must then be message lists that differ only "
-                                  "in the last message", self.keys["prompt"])
-            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if prompt is None:
+            prompt, chosen, rejected = self._implicit_prompt(chosen, rejected)
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise RecordError("is empty", self.keys["prompt"])
+                raise RecordError("is empty", self.keys["prompt"], "empty_field")
             conv = Conversation(prompt=prompt, system=system, history=self._history(record))
         else:
             conv = self._conv(prompt, "prompt", system)

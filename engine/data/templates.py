@@ -1,13 +1,23 @@
-"""Prompt types (``--prompt-type``): a data-driven registry of chat templates.
+"""Prompt types (``--prompt-type``): how a conversation becomes text, and that text token ids.
 
-A template is a handful of format strings with ``{content}``, ``{bos_token}``
-and ``{eos_token}`` placeholders (``templates.json`` holds the built-in ones;
-``--prompt-type-path`` adds a user's file with the same schema). A pair is
-encoded one message at a time: the prompt (prefix, system, history, final user
-turn, assistant header) and then the response. Encoding per message is what
-keeps the prompt/response boundary exact, and for the built-in templates the
-concatenation equals HF ``apply_chat_template`` on the same conversation
-(tests/unit/data/test_templates.py proves it for llama3, qwen and mistral).
+A format renders a conversation and one answer as two texts, the prompt and the
+answer, whose concatenation is the whole conversation's text. The rule, the same
+for every format: the whole text is tokenized at once, exactly as HF
+``apply_chat_template`` tokenizes a rendered chat, and the prompt (label -100) is
+the tokens lying wholly inside the prompt's text; a token that straddles the
+boundary (Qwen's ``"\n\n"`` when an answer starts with a newline) is an answer token.
+
+Two kinds of format:
+
+- the registry: a handful of format strings per model family with ``{content}``,
+  ``{bos_token}`` and ``{eos_token}`` placeholders (``templates.json`` holds the
+  built-in ones; ``--prompt-type-path`` adds a user's file with the same schema);
+- ``auto``: the tokenizer's own Jinja chat template, rendered by transformers. The
+  prompt's text is what the template renders before the answer: found by rendering
+  the conversation once with a placeholder answer.
+
+tests/unit/data/test_template_sweep.py proves that every registry template gives
+the same ids and masks as ``auto`` on a tokenizer carrying the matching chat template.
 """
 
 from __future__ import annotations
@@ -15,10 +25,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
+from engine.data.records import Conversation, RecordError
 from engine.tokenizer import Tokenizer
+
+AUTO = "auto"
+"""--prompt-type value that uses the tokenizer's own chat template."""
 
 BUILTIN_TEMPLATES_FILE = os.path.join(os.path.dirname(__file__), "templates.json")
 SYSTEM_STYLES = ("separate", "first_user", "last_user")
@@ -43,6 +57,8 @@ class Template:
     """Format of an assistant turn, including its end-of-turn marker."""
     response_prefix: str = ""
     """Text that opens only the final (trained) answer, e.g. Qwen3's empty think block; masked."""
+    response_lstrip: str = ""
+    """Characters stripped from the start of the final answer (Qwen3's template strips newlines there)."""
     default_system: str = ""
     """System prompt used when a sample has none."""
     stop_words: tuple[str, ...] = ()
@@ -52,7 +68,8 @@ class Template:
     replace_eos: bool = False
     """Use ``stop_words[0]`` as ``{eos_token}`` and as the appended EOS (chat models' end-of-turn)."""
     trim_content: bool = False
-    """Strip whitespace around every message, as Llama 2/3 chat templates do."""
+    """Strip whitespace around every message, as Llama 2/3 chat templates do (a system prompt merged into
+    a user message is part of that message: the two are stripped as one, as Llama 2's template does)."""
 
     def __post_init__(self) -> None:
         if self.system_style not in SYSTEM_STYLES:
@@ -84,36 +101,36 @@ def load_templates(path: str) -> dict[str, Template]:
     return {name: Template.from_dict(name, fields, path) for name, fields in raw.items()}
 
 
-def get_template(name: str, path: str | None = None) -> Template:
-    """Template ``name`` from ``path`` (--prompt-type-path) if given, else the built-ins."""
+def _registry(path: str | None = None) -> dict[str, Template]:
+    """The built-in templates, overridden and extended by those of ``path`` (--prompt-type-path)."""
     registry = load_templates(BUILTIN_TEMPLATES_FILE)
     if path is not None:
         registry.update(load_templates(path))
+    return registry
+
+
+def get_template(name: str, path: str | None = None) -> Template:
+    """Template ``name`` from ``path`` (--prompt-type-path) if given, else the built-ins."""
+    registry = _registry(path)
     if name not in registry:
-        raise ValueError(f"--prompt-type {name!r} is not a known template; known: {sorted(registry)}")
+        raise ValueError(f"--prompt-type {name!r} is not a known template; known: {sorted(registry) + [AUTO]}")
     return registry[name]
 
 
-@dataclass(frozen=True)
-class Conversation:
-    """One prompt in the form every handler produces; the answers are kept apart."""
+class ChatFormat(Protocol):
+    """Renders a conversation with each of its answers as (prompt text, answer text)."""
 
-    prompt: str
-    """Final user message."""
-    system: str | None = None
-    history: Sequence[tuple[str, str]] = field(default_factory=tuple)
-    """Earlier (user, assistant) turns; they belong to the masked prompt."""
+    def texts(self, conv: Conversation, answers: Sequence[str]) -> list[tuple[str, str]]:
+        """One (prompt, answer) per answer; prompt + answer is the whole conversation's text."""
 
 
-class ChatEncoder:
-    """A template bound to a tokenizer: turns a conversation into prompt and response ids."""
+class TemplateFormat:
+    """A registry template with the tokenizer's BOS and EOS strings filled in."""
 
     def __init__(self, template: Template, tokenizer: Tokenizer) -> None:
         self.template = template
-        self.tokenizer = tokenizer
         eos = template.stop_words[0] if template.replace_eos else tokenizer.eos_token
-        self.eos_id = tokenizer.token_to_id(eos)
-        if self.eos_id is None:
+        if tokenizer.token_to_id(eos) is None:
             raise ValueError(f"--prompt-type {template.name}: EOS {eos!r} is not a token of this tokenizer")
         bos = tokenizer.bos_token
         uses_bos = any("{bos_token}" in s for s in (template.prefix, template.user_format, template.system_format))
@@ -123,36 +140,110 @@ class ChatEncoder:
         def resolve(fmt: str) -> str:
             return fmt.replace("{bos_token}", bos or "").replace("{eos_token}", eos)
 
+        self._prefix = resolve(template.prefix)
         self._system = resolve(template.system_format)
         self._user = resolve(template.user_format)
         self._assistant = resolve(template.assistant_format)
-        self._prefix_ids = tokenizer.encode(resolve(template.prefix)) if template.prefix else []
-        self._response_prefix_ids = tokenizer.encode(template.response_prefix) if template.response_prefix else []
+        # what the assistant format writes before the final answer belongs to the prompt, as in ``auto``
+        self._answer_head, self._answer_tail = self._assistant.split("{content}", 1)
+        self._eos = eos
 
     def _text(self, text: str) -> str:
         return text.strip() if self.template.trim_content else text
 
-    def encode_prompt(self, conv: Conversation) -> list[int]:
-        """Ids of everything before the answer: all of it gets label -100."""
-        tok, t = self.tokenizer, self.template
-        ids = list(self._prefix_ids)
+    def prompt_text(self, conv: Conversation) -> str:
+        """Everything before the answer: prefix, system, history, final user turn, the assistant format's
+        text before ``{content}``, response prefix."""
+        t = self.template
+        out = [self._prefix]
         system = conv.system or t.default_system
-        system_text = self._system.replace("{content}", self._text(system)) if system else ""
-        if system_text and t.system_style == "separate":
-            ids += tok.encode(system_text)
-            system_text = ""
-        turns = [*conv.history, (conv.prompt, None)]
-        for user, assistant in turns:
-            if system_text and (t.system_style == "first_user" or assistant is None):
-                user, system_text = system_text + self._text(user), ""
-            ids += tok.encode(self._user.replace("{content}", self._text(user)))
+        if system and t.system_style == "separate":
+            out.append(self._system.replace("{content}", self._text(system)))
+            system = ""
+        for user, assistant in [*conv.history, (conv.prompt, None)]:
+            if system and (t.system_style == "first_user" or assistant is None):
+                user, system = self._system.replace("{content}", system) + user, ""
+            out.append(self._user.replace("{content}", self._text(user)))
             if assistant is not None:
-                ids += tok.encode(self._assistant.replace("{content}", self._text(assistant)))
-        return ids + self._response_prefix_ids
+                out.append(self._assistant.replace("{content}", self._text(assistant)))
+        out += [self._answer_head, t.response_prefix]
+        return "".join(out)
 
-    def encode_response(self, text: str) -> list[int]:
-        """Ids of the trained answer: its text, end-of-turn marker and (efficient_eos) EOS."""
-        ids = self.tokenizer.encode(self._assistant.replace("{content}", self._text(text)))
-        if self.template.efficient_eos:
-            ids.append(self.eos_id)
-        return ids
+    def answer_text(self, answer: str) -> str:
+        """The trained answer: its text, end-of-turn marker and (efficient_eos) EOS."""
+        text = self._text(answer)
+        if self.template.response_lstrip:
+            text = text.lstrip(self.template.response_lstrip)
+        return text + self._answer_tail + (self._eos if self.template.efficient_eos else "")
+
+    def texts(self, conv: Conversation, answers: Sequence[str]) -> list[tuple[str, str]]:
+        prompt = self.prompt_text(conv)
+        return [(prompt, self.answer_text(a)) for a in answers]
+
+
+PLACEHOLDER = "\U000f0000answer\U000f0001"
+"""Stands for the answer when rendering a chat template to find where the answer starts (private-use
+characters around a word, so no template trims, splits or escapes it)."""
+
+
+class TokenizerChatTemplate:
+    """``--prompt-type auto``: the tokenizer's own chat template, rendered by transformers.
+
+    The prompt's text is what the template renders before a placeholder answer. A template that
+    changes that text with the answer (Qwen3 moves a ``<think>`` part of it into its think block)
+    ends the prompt where the two renderings part: what depends on the answer is trained.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, registry: Sequence[str] = ()) -> None:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"--prompt-type auto: the tokenizer has no chat template (chat_template in its "
+                             f"tokenizer_config.json or chat_template.jinja); choose one of {sorted(registry)}")
+        from jinja2 import TemplateError  # what templates raise (raise_exception) and fail with
+
+        self.tokenizer = tokenizer
+        self._errors = (TemplateError, TypeError, ValueError)
+        try:
+            self.texts(Conversation(prompt="Hi"), ["Hello"])
+        except RecordError as e:
+            raise ValueError(f"--prompt-type auto: {e}") from None
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.tokenizer.render_chat(messages)
+        except self._errors as e:
+            raise RecordError(f"the tokenizer's chat template refused this conversation: {e}",
+                              reason="template_error") from None
+
+    def texts(self, conv: Conversation, answers: Sequence[str]) -> list[tuple[str, str]]:
+        messages = conv.messages()
+        probe = self._render(messages + [{"role": "assistant", "content": PLACEHOLDER}])
+        at = probe.rfind(PLACEHOLDER)
+        if at < 0:
+            raise RecordError("the tokenizer's chat template does not render the final assistant message",
+                              reason="template_error")
+        head = probe[:at]
+        out = []
+        for answer in answers:
+            text = self._render(messages + [{"role": "assistant", "content": answer}])
+            cut = len(head) if text.startswith(head) else len(os.path.commonprefix([text, head]))
+            out.append((text[:cut], text[cut:]))
+        return out
+
+
+class ChatEncoder:
+    """A format bound to a tokenizer: a conversation and its answers become ids and prompt lengths."""
+
+    def __init__(self, chat_format: ChatFormat, tokenizer: Tokenizer) -> None:
+        self.format = chat_format
+        self.tokenizer = tokenizer
+
+    def encode(self, conv: Conversation, *answers: str) -> list[tuple[list[int], int]]:
+        """Per answer: the ids of the whole conversation, and how many of them are the prompt."""
+        return [self.tokenizer.encode_pair(prompt, answer) for prompt, answer in self.format.texts(conv, answers)]
+
+
+def build_chat_encoder(prompt_type: str, tokenizer: Tokenizer, path: str | None = None) -> ChatEncoder:
+    """The --prompt-type format (``auto`` or a registry template) bound to ``tokenizer``."""
+    if prompt_type == AUTO:
+        return ChatEncoder(TokenizerChatTemplate(tokenizer, sorted(_registry(path))), tokenizer)
+    return ChatEncoder(TemplateFormat(get_template(prompt_type, path), tokenizer), tokenizer)

@@ -151,10 +151,13 @@ class PairwiseObjective:
     def _forward(self, model, batch):
         """Padded rows go in as they are (causal attention); a packed row goes in the THD layout; --shared-prompt
         rows carry their pairs' layouts to the attention and rotate each token by its position id. The output
-        layer runs on the batch's `OutputRows` only: this TP rank's share of them under sequence parallelism."""
-        shards = batch.outputs.index.shape[0]
-        kwargs = dict(self.model_kwargs, output_rows=batch.outputs.index[
-            parallel_state.get_tensor_model_parallel_rank() if shards > 1 else 0])
+        layer runs on the batch's `OutputRows` only, when it has them: this TP rank's share of them under sequence
+        parallelism."""
+        kwargs = dict(self.model_kwargs)
+        if self.output_rows and batch.outputs is not None:  # else (RM; KTO's loss view) at every position
+            shards = batch.outputs.index.shape[0]
+            kwargs["output_rows"] = batch.outputs.index[
+                parallel_state.get_tensor_model_parallel_rank() if shards > 1 else 0]
         layouts = tuple(batch.pair_layouts) if batch.pair_layouts is not None else None
         if batch.cu_seqlens is not None:
             kwargs["packed_seq_params"] = HostPackedSeqParams(
@@ -295,9 +298,15 @@ class PairwiseObjective:
         return tuple(sorted(names))
 
     # Stage state: carried across steps (and checkpoints).
+    output_rows = True
+    """The model's output layer runs on the batch's `OutputRows` (a reward model's value head runs on every
+    position, `RewardGPTModel`)."""
     needs_current_logps = False
     """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the
     trainer then runs a forward-only pass over the batch and hands the result to `before_step`."""
+    current_logps_in_eval = False
+    """`before_step` also runs before each evaluation batch (KTO's KL point of that batch; BCO's running
+    shift is training state, so its evaluation leaves it alone)."""
 
     def before_step(self, items: list, policy_logps: list[torch.Tensor | None], groups=()) -> None:
         """Updates the stage's state from the step's (batch, reference) items and the policy's packed
@@ -331,6 +340,33 @@ def _sequence_sums(values: torch.Tensor, selection: torch.Tensor) -> torch.Tenso
     may run in TF32; gathering the sequences into a [2n, longest] block scatters in backward.
     """
     return torch.where(selection, values, 0).sum(dim=-1)
+
+
+def _row_sequence_index(batch) -> torch.Tensor:
+    """For a batch without `OutputRows` (outputs at every position, [rows, L]): which of the 2n sequences each
+    position belongs to: row r for padded rows; for a packed row its `sequence_ids`, with the padding tail (no
+    labels) counted under sequence 0."""
+    if batch.sequence_ids is None:
+        rows, length = batch.labels.shape
+        return torch.arange(rows, device=batch.labels.device).unsqueeze(1).expand(rows, length)
+    return batch.sequence_ids.clamp(min=0)
+
+
+def _row_sequence_selection(batch) -> torch.Tensor | None:
+    """For a batch without `OutputRows`: [2n, t] one-hot of the packed row's sequences (sequence k's positions in
+    row k); None for padded rows, where row r already is sequence r."""
+    if batch.sequence_ids is None:
+        return None
+    sequences = torch.arange(2 * batch.num_pairs, device=batch.sequence_ids.device)
+    return batch.sequence_ids == sequences.unsqueeze(-1)
+
+
+def _row_sequence_sums(values: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
+    """`_sequence_sums` over a batch without `OutputRows` (`values` [rows, L]): a row sum for padded rows
+    (`selection` None: one sequence a row), else the packed row masked once per sequence."""
+    if selection is None:
+        return values.sum(dim=-1)
+    return _sequence_sums(values, selection)
 
 
 def mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:

@@ -50,12 +50,28 @@ class HFNames:
     """SwiGLU up projection (second half of megatron's linear_fc1)."""
     down: str = "mlp.down_proj.weight"
     """MLP output projection."""
+    router: str = "mlp.gate.weight"
+    """MoE router [experts, hidden] (MoE families)."""
+    expert: str = "mlp.experts.{}."
+    """Prefix of routed expert E's projections (formatted with the expert index): one tensor per projection."""
+    expert_gate: str = "gate_proj.weight"
+    """A routed expert's gate projection (first half of its linear_fc1)."""
+    expert_up: str = "up_proj.weight"
+    """A routed expert's up projection (second half of its linear_fc1)."""
+    expert_down: str = "down_proj.weight"
+    """A routed expert's output projection (its linear_fc2)."""
+    shared_expert: str = "mlp.shared_expert."
+    """Prefix of the shared expert's gate_proj / up_proj / down_proj (Qwen2-MoE)."""
+    shared_expert_gate: str = "mlp.shared_expert_gate.weight"
+    """The shared expert's sigmoid gate [1, hidden] (Qwen2-MoE)."""
 
     def layer(self, index: int, name: str) -> str:
         return self.layer_prefix.format(index) + name
 
 
 LLAMA_NAMES = HFNames()
+MIXTRAL_NAMES = HFNames(router="block_sparse_moe.gate.weight", expert="block_sparse_moe.experts.{}.",
+                        expert_gate="w1.weight", expert_up="w3.weight", expert_down="w2.weight")
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,10 @@ class ModelFamily:
     """Always has q/k/v biases (Qwen2), whatever config.json says."""
     qk_norm: bool = False
     """Per-head RMSNorm on queries and keys (Qwen3)."""
+    moe: bool = False
+    """Every decoder layer's MLP is a mixture of experts (a router and routed experts)."""
+    shared_expert: bool = False
+    """MoE layers also have a shared expert with a sigmoid gate (Qwen2-MoE)."""
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -86,6 +106,10 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily("mistral", "mistral", "MistralForCausalLM", "MistralConfig"),
         ModelFamily("qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2Config", qkv_bias=True),
         ModelFamily("qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3Config", qk_norm=True),
+        ModelFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", qk_norm=True, moe=True),
+        ModelFamily("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", qkv_bias=True, moe=True,
+                    shared_expert=True),
+        ModelFamily("mixtral", "mixtral", "MixtralForCausalLM", "MixtralConfig", names=MIXTRAL_NAMES, moe=True),
     )
 }
 
@@ -164,9 +188,36 @@ def model_args(family: ModelFamily, hf_config: dict) -> dict[str, Any]:
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
+    if family.moe:
+        args.update(_moe_args(family, hf_config))
     missing = [k for k, v in args.items() if v is None and k not in ("rope_scaling_type",)]
     if missing:
         raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}")
+    return args
+
+
+def _moe_args(family: ModelFamily, hf_config: dict) -> dict[str, Any]:
+    """MoEConfig field values of an MoE family's config.json.
+
+    Routing: Mixtral and Qwen3-MoE (norm_topk_prob true) softmax over the top k logits, which equals megatron's
+    default (top k, then softmax); Qwen2-MoE (norm_topk_prob false) keeps the top k of a softmax over all
+    experts: megatron's --moe-router-pre-softmax.
+    """
+    get = hf_config.get
+    if get("decoder_sparse_step", 1) != 1 or get("mlp_only_layers"):
+        raise UnsupportedModelError("decoder_sparse_step != 1 or mlp_only_layers (dense MLP layers between MoE "
+                                    "layers) is not supported: every layer must be an MoE layer")
+    normalized = family.name == "mixtral" or get("norm_topk_prob", False)
+    args: dict[str, Any] = {
+        # Published Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts for all three.
+        "num_experts": get("num_local_experts") or get("num_experts"),
+        "moe_ffn_hidden_size": get("intermediate_size") if family.name == "mixtral" else get("moe_intermediate_size"),
+        "moe_router_topk": get("num_experts_per_tok"),
+        "moe_router_pre_softmax": not normalized,
+    }
+    if family.shared_expert:
+        args["moe_shared_expert_intermediate_size"] = get("shared_expert_intermediate_size")
+        args["moe_shared_expert_gate"] = True
     return args
 
 
@@ -176,6 +227,8 @@ _FLAG_ORDER = (
     "rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
     "normalization", "norm_epsilon", "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm",
     "untie_embeddings_and_output_weights", "vocab_size", "make_vocab_size_divisible_by", "padded_vocab_size",
+    "num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
 )
 
 
@@ -220,9 +273,21 @@ def hf_config_kwargs(family: ModelFamily, args: dict[str, Any]) -> dict[str, Any
         "rope_parameters": rope,
         "tie_word_embeddings": not args["untie_embeddings_and_output_weights"],
     }
+    if family.moe:
+        topk_normalized = not args["moe_router_pre_softmax"]
+        if family.name == "mixtral":
+            if not topk_normalized:
+                raise UnsupportedModelError("Mixtral normalizes its top-k routing weights: no --moe-router-pre-softmax")
+            kwargs.update(num_local_experts=args["num_experts"], intermediate_size=args["moe_ffn_hidden_size"])
+        else:
+            kwargs.update(num_experts=args["num_experts"], moe_intermediate_size=args["moe_ffn_hidden_size"],
+                          norm_topk_prob=topk_normalized, decoder_sparse_step=1, mlp_only_layers=[])
+        kwargs["num_experts_per_tok"] = args["moe_router_topk"]
+        if family.shared_expert:
+            kwargs["shared_expert_intermediate_size"] = args["moe_shared_expert_intermediate_size"]
     if not family.qkv_bias:
         kwargs["attention_bias"] = False
-    if family.model_type in ("mistral", "qwen2"):
+    if family.model_type in ("mistral", "qwen2", "mixtral"):
         # megatron-core attends over the whole context; the HF model must too.
         kwargs["sliding_window"] = None
     return kwargs

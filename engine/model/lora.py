@@ -45,6 +45,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from engine.arguments import LORA_TARGETS
+from engine.formats import VALUE_HEAD_KEY
 from engine.platform import current_device
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
@@ -68,6 +69,12 @@ def is_adapter_key(key: str) -> bool:
     return any(marker in key for marker in ADAPTER_MARKERS)
 
 
+def trained_with_adapters(key: str) -> bool:
+    """What a LoRA run trains and saves beside the frozen base: the adapters, and a reward model's value head,
+    which is new and trains in full (PEFT's `modules_to_save`)."""
+    return is_adapter_key(key) or key == VALUE_HEAD_KEY
+
+
 class _LoraMixin:
     """Adapter parameters, the on/off switch and the deterministic init shared by both layers."""
 
@@ -85,6 +92,10 @@ class _LoraMixin:
         split, partial = (self.lora_B, self.lora_A) if sharded == "B" else (self.lora_A, self.lora_B)
         set_tensor_model_parallel_attributes(split.weight, is_parallel=True, dim=0 if sharded == "B" else 1, stride=1)
         partial.weight.tp_partial_grad = True
+        # A routed expert's adapters, like its weights, are reduced over the experts' data-parallel group, not
+        # the dense one (megatron's DDP reads `allreduce`): each EP rank holds other experts.
+        for param in (self.lora_A.weight, self.lora_B.weight):
+            param.allreduce = not (self.is_expert and self.expert_parallel)
 
     def reset_adapters(self, generator: torch.Generator, tp_rank: int) -> None:
         """A: kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT) drawn whole, then this rank's slice; B: zero."""
@@ -153,7 +164,8 @@ def lora_layers(module: torch.nn.Module) -> Iterator[tuple[str, _LoraMixin]]:
 
 
 def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
-    """Freezes everything but the adapters and initializes them identically for any TP/PP layout.
+    """Freezes everything but the adapters (and a reward model's value head) and initializes the adapters
+    identically for any TP/PP layout.
 
     Called on the bare GPTModel chunks, before mixed-precision and DDP wrapping, so DDP's
     grad buffers and the optimizer only ever see adapter parameters.
@@ -161,15 +173,28 @@ def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            param.requires_grad_(is_adapter_key(f"{name}."))
+            param.requires_grad_(trained_with_adapters(name))
         for layer in chunk.decoder.layers:
             for name, module in lora_layers(layer):
                 target = LORA_TARGETS.index(name.rsplit(".", 1)[-1])
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.layer_number * 8 + target)
-                module.reset_adapters(generator, tp_rank)
+                stream = seed * 1_000_003 + layer.layer_number * 8 + target + 100_003 * _expert_stream(name, layer)
+                module.reset_adapters(torch.Generator().manual_seed(stream), tp_rank)
     found = sum(1 for chunk in chunks for _ in lora_layers(chunk))
     if not found:
         raise ValueError("LoRA is on but the model has no adapted layer (check --lora-target-modules)")
+
+
+def _expert_stream(name: str, layer: torch.nn.Module) -> int:
+    """0 for a dense linear, 1 for the shared expert's, 2 + E for routed expert E (its global index, the same
+    under any EP): every expert starts from its own adapters, identical for every layout."""
+    if ".shared_experts." in f".{name}":
+        return 1
+    marker = "experts.local_experts."
+    if marker not in name:
+        return 0
+    local = int(name.split(marker, 1)[1].split(".", 1)[0])
+    experts = layer.mlp.experts
+    return 2 + parallel_state.get_expert_model_parallel_rank() * experts.num_local_experts + local
 
 
 @contextmanager

@@ -16,12 +16,14 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.router import TopKRouter
 
 from engine.arguments import EngineConfig
 from engine.model import compat
 from engine.model.gpt import PreferenceGPTModel
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
+from engine.model.value_head import RewardGPTModel
 from engine.platform import Platform, current_device
 
 
@@ -63,6 +65,38 @@ def fusions(config: EngineConfig, platform: Platform, transformer_impl: str) -> 
     )
 
 
+def fixed_seq_length(config: EngineConfig) -> bool:
+    """Whether every micro-batch is padded to --seq-length: megatron-core's allgather MoE dispatcher gathers
+    the same number of tokens from every rank of its group, and refuses variable_seq_lengths."""
+    return config.moe.enabled and config.moe.moe_token_dispatcher_type == "allgather"
+
+
+def moe_fields(config: EngineConfig) -> dict:
+    """The MoE part of TransformerConfig (all defaults for a dense model)."""
+    moe, par, pairs = config.moe, config.parallel, config.training.micro_batch_size
+    if not moe.enabled:
+        # megatron rejects variable_seq_lengths with its default (allgather) dispatcher, even without experts.
+        return dict(moe_token_dispatcher_type="alltoall")
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.expert_ffn(config.model),
+        moe_router_topk=moe.moe_router_topk,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        # Scaled by the pairs of a micro-batch: see `count_router_losses_per_micro_batch`.
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff * pairs,
+        moe_z_loss_coeff=None if moe.moe_z_loss_coeff is None else moe.moe_z_loss_coeff * pairs,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=moe.moe_shared_expert_gate,
+        moe_shared_expert_overlap=moe.moe_shared_expert_overlap,
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_grouped_gemm=moe.moe_grouped_gemm,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_size,
+    )
+
+
 def transformer_config(config: EngineConfig, platform: Platform, transformer_impl: str = "local") -> TransformerConfig:
     m, par, prec = config.model, config.parallel, config.precision
     on_gpu = platform.is_cuda
@@ -101,11 +135,10 @@ def transformer_config(config: EngineConfig, platform: Platform, transformer_imp
         # global count over micro-batches and DP ranks, so a global batch's loss does not
         # depend on how it is split.
         calculate_per_token_loss=True,
-        # DPO micro-batches are padded to their own longest pair, so stage-to-stage
-        # activation shapes vary and must be communicated.
-        variable_seq_lengths=True,
-        # No MoE here; megatron rejects variable_seq_lengths with its default (allgather) dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        # DPO micro-batches are padded to their own longest pair, so stage-to-stage activation shapes vary and
+        # must be communicated; under the allgather MoE dispatcher every micro-batch has --seq-length tokens.
+        variable_seq_lengths=not fixed_seq_length(config),
+        **moe_fields(config),
         # With two pipeline ranks, a batched p2p call holds an activation and a gradient for the same
         # peer, and the backend matches same-peer messages in posting order, which differs between
         # the two ranks: activations and gradients swap silently. Unbatched p2p orders the calls by
@@ -117,6 +150,22 @@ def transformer_config(config: EngineConfig, platform: Platform, transformer_imp
         # gives the same model for any TP size. On GPU, per-rank init is much faster.
         use_cpu_initialization=not on_gpu,
     )
+
+
+def count_router_losses_per_micro_batch(model: GPTModel) -> None:
+    """The router's losses enter the policy loss as coeff x (their mean over the global batch's micro-batches).
+
+    Under calculate_per_token_loss megatron-core multiplies each router loss by the micro-batch's token
+    count, expecting loss_func's count to be tokens; the DPO count is pairs, and megatron divides every
+    gradient by the global pair count N. So the routers take their losses unmultiplied, and the
+    coefficients are scaled by the pairs of a micro-batch (`moe_fields`): over M = N / micro-batch-size
+    micro-batches, sum(coeff x mbs x loss) / N = coeff x mean(loss), whatever the TP/PP/DP/EP layout.
+    Only a forward with gradients in training mode adds them (megatron's router skips them otherwise), so
+    reference passes (no_grad, eval) and evaluation never do.
+    """
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.calculate_per_token_loss = False
 
 
 def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
@@ -133,17 +182,24 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
-    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype; their output
-    layer runs on the positions the forward names (`PreferenceGPTModel`)."""
+    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype: their output
+    layer runs on the positions the forward names (`PreferenceGPTModel`); under a value-head stage (rm)
+    `RewardGPTModel` chunks, whose head runs on every position."""
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
     impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled,
                                     shared_prompt=config.data.shared_prompt)
     tf_config = transformer_config(config, platform, impl)
     vpp = config.virtual_pipeline_size
+    # A reward model (--stage rm) ends in a scalar value head instead of the tied or untied vocab projection.
+    if config.preference.traits.value_head:
+        build, extra = RewardGPTModel, {"head_seed": config.training.seed}
+    else:
+        tied = not config.model.untie_embeddings_and_output_weights
+        build, extra = PreferenceGPTModel, {"share_embeddings_and_output_weights": tied}
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
-        model = PreferenceGPTModel(
+        model = build(
             config=tf_config,
             transformer_layer_spec=decoder_block_spec(tf_config, impl, config.model.attention_backend, vp_stage,
                                                       adapters, tuple(lora.lora_target_modules)),
@@ -152,13 +208,14 @@ def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTMode
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True,
-            share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
             position_embedding_type=config.model.position_embedding_type,
             rotary_base=config.model.rotary_base,
             vp_stage=vp_stage,
+            **extra,
         )
         if config.model.rope_scaling_type == "llama3":
             _apply_llama3_rope_scaling(model, config)
+        count_router_losses_per_micro_batch(model)
         chunks.append(model.to(current_device()))
     return chunks
 

@@ -23,6 +23,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -67,9 +70,29 @@ def _linear(base: type, name: str, lora: LoraSettings | None, targets: tuple[str
                       params={"lora": lora})
 
 
+def _mlp_submodules(lora: LoraSettings | None, targets: tuple[str, ...]) -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=_linear(ColumnParallelLinear, "linear_fc1", lora, targets),
+                         linear_fc2=_linear(RowParallelLinear, "linear_fc2", lora, targets))
+
+
+def moe_spec(lora: LoraSettings | None = None, lora_targets: tuple[str, ...] = ()) -> ModuleSpec:
+    """megatron-core's MoE layer on local linears: its router, its token dispatcher, the routed experts as
+    one MLP each (SequentialMLP: each expert keeps its own linear_fc1/linear_fc2, so LoRA gives each its
+    own adapters) and the shared expert (built only with --moe-shared-expert-intermediate-size)."""
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(lora, lora_targets)),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules(lora, lora_targets)),
+        ),
+    )
+
+
 def local_layer_spec(qk_layernorm: bool, attention_backend: str, lora: LoraSettings | None = None,
-                     lora_targets: tuple[str, ...] = ()) -> ModuleSpec:
+                     lora_targets: tuple[str, ...] = (), moe: bool = False) -> ModuleSpec:
     core_attention = DotProductAttention if attention_backend == "unfused" else SDPAttention
+    mlp = moe_spec(lora, lora_targets) if moe else ModuleSpec(module=MLP,
+                                                              submodules=_mlp_submodules(lora, lora_targets))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -87,13 +110,7 @@ def local_layer_spec(qk_layernorm: bool, attention_backend: str, lora: LoraSetti
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=_linear(ColumnParallelLinear, "linear_fc1", lora, lora_targets),
-                    linear_fc2=_linear(RowParallelLinear, "linear_fc2", lora, lora_targets),
-                ),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -108,7 +125,12 @@ def decoder_block_spec(
         if lora is not None:
             raise ValueError("LoRA adapts megatron-core's local linears: use --transformer-impl local")
         return compat.te_decoder_block_spec(config, vp_stage)
-    layer = local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets)
+    if config.moe_grouped_gemm:
+        raise ValueError("--moe-grouped-gemm runs the experts through transformer-engine's grouped GEMM: use "
+                         "--transformer-impl transformer_engine on CUDA, or drop the flag (the local spec runs "
+                         "each expert as its own MLP)")
+    layer = local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets,
+                             moe=config.num_moe_experts is not None)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

@@ -31,16 +31,34 @@ class SentencePieceTokenizer(Tokenizer):
         self._splitter = special_token_splitter(self._special)
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_pair(text, "")[0]
+
+    def encode_pair(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Counts the prompt's tokens exactly: chunks between control pieces lie on one side of the
+        boundary or, for the one chunk that straddles it, SentencePiece's byte offsets of each piece tell."""
         ids: list[int] = []
-        for chunk in self._splitter.split(text):
-            if not chunk:
-                continue
+        n, start, limit = None, 0, len(prompt)
+        for chunk in self._splitter.split(prompt + answer):
+            end = start + len(chunk)
+            if n is None and start >= limit:
+                n = len(ids)
             special = self._special.get(chunk)
             if special is not None:
+                if n is None and end > limit:  # a control piece's text cut by the boundary: an answer token
+                    n = len(ids)
                 ids.append(special)
-            else:
-                ids.extend(self.sp.encode(chunk[1:] if chunk.startswith(" ") else chunk))
-        return ids
+            elif chunk:
+                stripped = chunk.startswith(" ")
+                text = chunk[1:] if stripped else chunk
+                if n is None and end > limit:  # the boundary falls inside this chunk
+                    pieces = _pieces(self.sp, text)
+                    inside = len(prompt[start + stripped:].encode("utf-8"))
+                    n = len(ids) + sum(1 for p in pieces if p.end <= inside)
+                    ids.extend(p.id for p in pieces)
+                else:
+                    ids.extend(self.sp.encode(text))
+            start = end
+        return ids, len(ids) if n is None else n
 
     def decode(self, ids: Iterable[int]) -> str:
         out, run = [], []
@@ -73,3 +91,12 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+
+def _pieces(sp, text: str):
+    """The pieces of ``text`` with their byte offsets in it (sentencepiece >= 0.2.1 calls that output
+    ``proto``; 0.2.0 only had ``immutable_proto``)."""
+    try:
+        return sp.encode(text, out_type="proto").pieces
+    except ValueError:
+        return sp.encode(text, out_type="immutable_proto").pieces

@@ -88,6 +88,17 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special="all")
 
+    def encode_pair(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Counts the prompt's tokens from their bytes (a token is a byte string): exact."""
+        ids = self.encode(prompt + answer)
+        limit, end, n = len(prompt.encode("utf-8")), 0, 0
+        for token in ids:
+            end += len(self.enc.decode_single_token_bytes(token))
+            if end > limit:
+                break
+            n += 1
+        return ids, n
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 

@@ -17,7 +17,6 @@ from engine.arguments import TokenizerConfig
 from engine.options import add_options
 
 
-
 class Tokenizer(abc.ABC):
     """What preprocessing and training need from a tokenizer."""
 
@@ -60,6 +59,36 @@ class Tokenizer(abc.ABC):
     def pad_id(self) -> int:
         """Padding id; EOS when the tokenizer defines none (padding is masked anyway)."""
         return self.eos_id
+
+    def encode_pair(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Ids of ``prompt + answer`` tokenized as one text, and how many of them lie wholly inside ``prompt``.
+
+        One text, because that is how a chat template's output is tokenized: a token may straddle
+        the boundary (Qwen's ``"\n\n"`` when an answer starts with a newline), and it is then an
+        answer token. This generic version needs no offsets: the tokens shared with ``encode(prompt)``
+        lie inside the prompt, and so do the following ones while their decoded text stays a prefix of
+        it (a pre-tokenizer may split trailing whitespace differently at the end of a text). That is
+        exact when decoding a run of tokens gives back their text; a token that does not (part of a
+        UTF-8 character) ends the prompt early, training a prompt token. Backends with offsets
+        override it with an exact count.
+        """
+        ids = self.encode(prompt + answer)
+        alone = self.encode(prompt)
+        n = 0
+        while n < min(len(ids), len(alone)) and ids[n] == alone[n]:
+            n += 1
+        while n < len(ids) and prompt.startswith(self.decode(ids[:n + 1])):
+            n += 1
+        return ids, n
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own Jinja chat template (``--prompt-type auto``), if it carries one."""
+        return None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """``messages`` rendered by the chat template as text (what ``apply_chat_template`` tokenizes)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
 
 
 def special_token_splitter(tokens: Iterable[str]) -> re.Pattern | None:

@@ -45,8 +45,9 @@ from engine.checkpoint.layout import (
     write_rank_state,
 )
 from engine.checkpoint.manifest import record_digest
-from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
-from engine.model.lora import is_adapter_key
+from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, select_experts, shard_state_dict
+from engine.formats import VALUE_HEAD_KEY
+from engine.model.lora import is_adapter_key, trained_with_adapters
 from engine.model.provider import unwrap_model
 from engine.model.spelling import match_spelling
 from engine.platform import accelerator_rng_state, set_accelerator_rng_state
@@ -63,6 +64,9 @@ CHECKED_MODEL_FIELDS = (
     "untie_embeddings_and_output_weights", "vocab_size", "position_embedding_type", "rotary_base",
     "rope_scaling_type",
 )
+CHECKED_MOE_FIELDS = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+                      "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+"""The MoE architecture a checkpoint must share with the flags (a dense checkpoint records none of them)."""
 ROPE_SCALING_FIELDS = ("rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 """Compared when the run scales RoPE (--rope-scaling-type llama3); unread otherwise."""
 
@@ -84,6 +88,18 @@ def _rank_coordinates() -> tuple[int, int, int]:
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_pipeline_model_parallel_world_size(),
     )
+
+
+def _expert_coordinates(config: EngineConfig) -> tuple[int, int]:
+    """(EP rank, EP size): the expert part of this rank's file name (Megatron-LM's mp_rank_TT[_PPP]_EEE)."""
+    ep = config.parallel.expert_model_parallel_size
+    return (parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0), ep
+
+
+def _writes_files() -> bool:
+    """Whether this rank writes its (TP, PP, EP) file: data-parallel rank 0 of the experts' data-parallel
+    group (of the dense one without experts: the same group then), as Megatron-LM."""
+    return parallel_state.get_expert_data_parallel_rank() == 0
 
 
 def _model_keys(num_chunks: int) -> list[str]:
@@ -141,6 +157,10 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
             f"{root} is an adapter-only LoRA checkpoint (saved with --lora-ckpt-filter) and holds no base weights: "
             f"pass --load {args.get('lora_base') or 'BASE'} --lora-load {root} with the run's --lora-r"
         )
+    # A reward model starts from a language model's weights (its vocab projection dropped, the value head
+    # keeping its seeded init) unless the checkpoint records where its head came from.
+    value_head = config.preference.traits.value_head
+    fresh_head = value_head and not args.get("value_head_init")
     keys = _model_keys(len(chunks))
     if all(key in state for key in keys):
         chunk_states = [state[key] for key in keys]
@@ -155,15 +175,20 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
         model = unwrap_model(chunk)
         # A checkpoint written for the other layer spec (local norms or TE's fused ones) loads as well.
         chunk_state = match_spelling(chunk_state, model.state_dict().keys())
+        if value_head:
+            chunk_state = {k: v for k, v in chunk_state.items() if k != "output_layer.weight"}
         try:
             result = model.load_state_dict(chunk_state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit the model built from the flags: {err}") from None
         # Adapters absent from a base checkpoint keep their fresh init (LoRA's --load).
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not is_adapter_key(k)]
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not is_adapter_key(k)
+                   and not (fresh_head and k == VALUE_HEAD_KEY)]
         if missing or result.unexpected_keys:
+            hint = (" (a reward model checkpoint: train it with --stage rm)"
+                    if VALUE_HEAD_KEY in result.unexpected_keys else "")
             raise CheckpointError(
-                f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}"
+                f"{path}: missing weights {missing[:5]}, unexpected weights {result.unexpected_keys[:5]}{hint}"
             )
     return state
 
@@ -171,13 +196,17 @@ def _load_model_weights(chunks: list[torch.nn.Module], root: str, iteration: int
 def _checked_rank_state(root: str, iteration: int, config: EngineConfig) -> tuple[dict, Path]:
     """This rank's file of `iteration` under `root` (checked against its checksum) and its path, once the
     checkpoint's TP/PP layout, recorded architecture and stage split are known to match the run's flags."""
-    check_parallel_layout(root, iteration, config)
+    saved_ep = check_parallel_layout(root, iteration, config)
     tp_rank, pp_rank, pp_size = _rank_coordinates()
+    ep_rank, run_ep = _expert_coordinates(config)
+    ep_rank = ep_rank if saved_ep > 1 else 0
     state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size,
-                            verify=not config.checkpoint.no_verify_checkpoint)
-    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size)
+                            verify=not config.checkpoint.no_verify_checkpoint, ep_rank=ep_rank, ep_size=saved_ep)
+    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size, ep_rank, saved_ep)
     check_model_args(state.get("args"), config, path)
     check_stage_split(state.get("args"), config, path)
+    if saved_ep != run_ep:
+        _select_run_experts(state, config, path)
     return state, path
 
 
@@ -196,6 +225,22 @@ def latest_iteration(root: str, flag: str) -> int:
     )
 
 
+def _select_run_experts(state: dict, config: EngineConfig, path: Path) -> None:
+    """A file saved without expert parallelism (all experts), loaded by an EP run: each EP rank keeps its
+    experts. Weights only: a resume needs the optimizer state of the run's own layout."""
+    resuming = "opt_param_scheduler" in state and not (config.checkpoint.finetune or config.checkpoint.no_load_optim)
+    run_ep = config.parallel.expert_model_parallel_size
+    if resuming:
+        raise CheckpointError(
+            f"{path} was saved without expert parallelism, the run uses --expert-model-parallel-size {run_ep}: a "
+            "resume needs its own layout's optimizer state; pass --finetune (weights only) or reshard it with "
+            f"tools/checkpoint/convert_ckpt.py --target-expert-parallel-size {run_ep}"
+        )
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    for key in [k for k in state if k == "model" or (k.startswith("model") and k[5:].isdigit())]:
+        state[key] = select_experts(state[key], config.moe.num_experts, run_ep, ep_rank)
+
+
 def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[dict]:
     """This rank's virtual-stage chunks, cut from a checkpoint saved without virtual stages.
 
@@ -203,11 +248,14 @@ def _interleave_stages(root: str, iteration: int, config: EngineConfig) -> list[
     stage file of this TP rank once (a start-up cost, paid only in this case).
     """
     tp_rank, pp_rank, pp_size = _rank_coordinates()
-    # TP size 1 in these layouts: each tensor is already this TP rank's slice and stays whole.
-    target = replace(run_layout(config), tensor_model_parallel_size=1, padded_vocab_size=None)
+    ep_rank, ep = _expert_coordinates(config)
+    # TP and EP size 1 in these layouts: each tensor is already this rank's slice (its experts) and stays whole.
+    target = replace(run_layout(config), tensor_model_parallel_size=1, padded_vocab_size=None,
+                     expert_model_parallel_size=1)
     saved = replace(target, virtual_pipeline_size=None)
     verify = not config.checkpoint.no_verify_checkpoint
-    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size, verify)["model"]
+    per_stage = {(0, stage, None): load_rank_state(root, iteration, tp_rank, stage, pp_size, verify, ep_rank,
+                                                   ep)["model"]
                  for stage in range(pp_size)}
     full = merge_state_dicts(per_stage, saved)
     return [shard_state_dict(full, target, 0, pp_rank, v) for v in range(config.virtual_pipeline_size)]
@@ -224,15 +272,25 @@ def run_layout(config: EngineConfig) -> ShardLayout:
         swiglu=config.model.swiglu,
         tied_embeddings=not config.model.untie_embeddings_and_output_weights,
         padded_vocab_size=config.padded_vocab_size,
+        expert_model_parallel_size=config.parallel.expert_model_parallel_size,
+        num_experts=config.moe.num_experts,
     )
 
 
-def check_parallel_layout(root: str, iteration: int, config: EngineConfig) -> None:
+def check_parallel_layout(root: str, iteration: int, config: EngineConfig) -> int:
     """Weights are not resharded on load: the checkpoint's TP and PP (its mp_rank_* folders) must be the run's.
-    (A TP1 run finds TP2's mp_rank_00 and would fail on every tensor's size.)"""
-    tp, pp = discover_parallel_layout(root, iteration)
+    (A TP1 run finds TP2's mp_rank_00 and would fail on every tensor's size.) Its EP is the run's, or 1 (each
+    EP rank then takes its experts from the files); returns it."""
     run_tp = config.parallel.tensor_model_parallel_size
     run_pp = config.parallel.pipeline_model_parallel_size
+    run_ep = config.parallel.expert_model_parallel_size
+    tp, pp, ep = discover_parallel_layout(root, iteration, expert_parallel=run_ep > 1 and run_pp == 1)
+    if ep not in (1, run_ep):
+        raise CheckpointError(
+            f"{Path(root) / iteration_dir_name(iteration)} was saved with EP{ep}, the run uses EP{run_ep}: run with "
+            f"--expert-model-parallel-size {ep}, or reshard it with tools/checkpoint/convert_ckpt.py --load-model-type "
+            f"mg --save-model-type mg --load-dir {root} --save-dir NEW_DIR --target-expert-parallel-size {run_ep}"
+        )
     if (tp, pp) != (run_tp, run_pp):
         raise CheckpointError(
             f"{Path(root) / iteration_dir_name(iteration)} was saved with TP{tp} PP{pp}, the run uses TP{run_tp} "
@@ -240,6 +298,7 @@ def check_parallel_layout(root: str, iteration: int, config: EngineConfig) -> No
             f"it with tools/checkpoint/convert_ckpt.py --load-model-type mg --save-model-type mg --load-dir {root} "
             f"--save-dir NEW_DIR --target-tensor-parallel-size {run_tp} --target-pipeline-parallel-size {run_pp}"
         )
+    return ep
 
 
 def check_model_args(saved: dict | None, config: EngineConfig, path: Path) -> None:
@@ -252,10 +311,15 @@ def check_model_args(saved: dict | None, config: EngineConfig, path: Path) -> No
         names += ROPE_SCALING_FIELDS
     if model.position_embedding_type == "learned_absolute":
         names.append("max_position_embeddings")  # the position table's rows; rope has no table
+    flags = {**{name: getattr(model, name) for name in names},
+             **{name: getattr(config.moe, name) for name in CHECKED_MOE_FIELDS}}
+    if config.moe.enabled:
+        flags["moe_ffn_hidden_size"] = config.moe.expert_ffn(model)
     mismatches = [
-        f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, flags {getattr(model, name)!r}"
-        for name in names
-        if name in saved and saved[name] != getattr(model, name)  # recorded (None included), and different
+        f"--{name.replace('_', '-')}: checkpoint {saved.get(name)!r}, flags {value!r}"
+        for name, value in flags.items()
+        # recorded (None included) and different; a dense checkpoint records no MoE field, an MoE run needs them
+        if (name in saved and saved[name] != value) or (name == "num_experts" and name not in saved and value)
     ]
     padded = _saved_padded_vocab(saved)
     if padded is not None and padded != config.padded_vocab_size:
@@ -280,7 +344,11 @@ def _saved_padded_vocab(saved: dict) -> int | None:
 def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> None:
     """Same pipeline size, different layers per stage (--num-layer-list): say so before loading fails."""
     pp = config.parallel.pipeline_model_parallel_size
-    if not saved or saved.get("pipeline_model_parallel_size") != pp:
+    if saved and saved.get("pipeline_model_parallel_size", pp) != pp:
+        # Megatron-LM's mp_rank_TT_NNN names a pipeline rank or an expert rank: the recorded layout decides.
+        raise CheckpointError(f"{path} was saved with --pipeline-model-parallel-size "
+                              f"{saved['pipeline_model_parallel_size']}, the run uses {pp}")
+    if not saved:
         return
     num_layers = config.model.num_layers
     even = [num_layers // pp] * pp
@@ -298,7 +366,7 @@ def _save_optimizer_shards(optimizer, file: Path) -> None:
     checksum is then read back once."""
     try:
         optimizer.save_parameter_state(str(file))
-        if parallel_state.get_data_parallel_rank() == 0:
+        if _writes_files():
             record_digest(file)
     except (OSError, RuntimeError) as err:
         file.unlink(missing_ok=True)
@@ -329,6 +397,8 @@ class Checkpointer:
             **asdict(self.config.model),
             "tensor_model_parallel_size": self.config.parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
+            "expert_model_parallel_size": self.config.parallel.expert_model_parallel_size,
+            **self._moe_args(),
             "num_layer_list": list(self.config.parallel.num_layer_list) if self.config.parallel.num_layer_list else None,
             "padded_vocab_size": self.config.padded_vocab_size,
             "params_dtype": "bf16" if prec.bf16 else "fp16" if prec.fp16 else "fp32",
@@ -363,12 +433,12 @@ class Checkpointer:
         for key, chunk in zip(_model_keys(len(model)), model):
             weights = unwrap_model(chunk).state_dict()
             if self.config.lora.lora_ckpt_filter:
-                weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
+                weights = {k: v for k, v in weights.items() if trained_with_adapters(k)}
             rank_state[key] = weights
-        path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size)
-        writes = parallel_state.get_data_parallel_rank() == 0
-        _on_every_rank(partial(write_rank_state, root, iteration, tp_rank, pp_rank, pp_size, rank_state)
-                       if writes else None)
+        ep_rank, ep = _expert_coordinates(self.config)
+        path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size, ep_rank, ep)
+        _on_every_rank(partial(write_rank_state, root, iteration, tp_rank, pp_rank, pp_size, rank_state, ep_rank, ep)
+                       if _writes_files() else None)
         if self.config.parallel.use_distributed_optimizer:
             _on_every_rank(partial(_save_optimizer_shards, optimizer, path.parent / DISTRIBUTED_OPTIMIZER_FILE))
         _on_every_rank(partial(publish, root, iteration) if dist.get_rank() == 0 else None)
@@ -388,10 +458,25 @@ class Checkpointer:
         latest = latest_iteration(root, "--load")
         state = load_model_weights(model, root, latest, self.config)
         args = state.get("args") or {}
-        self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config") if k in args}
+        self.inherited_args = {k: args[k] for k in ("family", "tokenizer", "hf_config", "value_head_init")
+                               if k in args}
+        if self.config.preference.traits.value_head and "value_head_init" not in args:
+            training = self.config.training
+            self.inherited_args["value_head_init"] = {"seed": training.seed, "std": self.config.model.init_method_std}
+            if dist.get_rank() == 0:
+                logger.info("value head initialised: N(0, %g) from --seed %d (recorded in the checkpoints as "
+                            "value_head_init)", self.config.model.init_method_std, training.seed)
         if self.config.lora.lora_load is not None:
             return _on_every_rank(partial(self._load_adapters, model))
         return latest, state
+
+    def _moe_args(self) -> dict:
+        """The MoE architecture (none for a dense model), as the converters and `check_model_args` read it."""
+        moe = self.config.moe
+        if not moe.enabled:
+            return {}
+        return {**{k: v for k, v in asdict(moe).items() if k in CHECKED_MOE_FIELDS},
+                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model)}
 
     def _lora_args(self) -> dict:
         """What a LoRA checkpoint needs to be read back: adapter-only or not, and its base."""
@@ -409,7 +494,7 @@ class Checkpointer:
         state, path = _checked_rank_state(root, latest, self.config)
         for key, chunk in zip(_model_keys(len(model)), model):
             module = unwrap_model(chunk)
-            wanted = [k for k in module.state_dict() if is_adapter_key(k)]
+            wanted = [k for k in module.state_dict() if trained_with_adapters(k)]
             saved = state.get(key, {})
             missing = [k for k in wanted if k not in saved]
             if missing:
@@ -425,12 +510,13 @@ class Checkpointer:
             optimizer.load_state_dict(rank_state["optimizer"])
             if self.config.parallel.use_distributed_optimizer:
                 tp_rank, pp_rank, pp_size = _rank_coordinates()
+                ep_rank, ep = _expert_coordinates(self.config)
                 directory = Path(self.state_root) / iteration_dir_name(iteration)
-                file = rank_file(directory, tp_rank, pp_rank, pp_size).parent / DISTRIBUTED_OPTIMIZER_FILE
+                file = rank_file(directory, tp_rank, pp_rank, pp_size, ep_rank, ep).parent / DISTRIBUTED_OPTIMIZER_FILE
                 # DP rank 0 reads it; its checksum is agreed on before the collective load.
-                verify = not self.checkpoint.no_verify_checkpoint and parallel_state.get_data_parallel_rank() == 0
+                verify = not self.checkpoint.no_verify_checkpoint and _writes_files()
                 _on_every_rank(partial(verify_files, directory, [file], "--no-verify-checkpoint") if verify else None)
-                optimizer.load_parameter_state(str(file))
+                _load_distributed_optimizer_state(optimizer, file)
             if rank_state["train_state"]["iteration"] < self.config.training.train_iters:
                 # Else no step is left to train (the trainer says so): the schedule flags do not matter.
                 restore_scheduler(scheduler, rank_state["opt_param_scheduler"], self.config.training)
@@ -445,3 +531,26 @@ class Checkpointer:
             _set_rng_state(states[dp_rank])
         return TrainState(**rank_state["train_state"])
 
+
+
+@torch.no_grad()
+def _load_distributed_optimizer_state(optimizer, file: Path) -> None:
+    """`distrib_optim.pt` into the distributed optimizer's shards.
+
+    megatron-core 0.16.1's loader copies every key of each parameter's optimizer state from the file,
+    which holds `param`, `exp_avg` and `exp_avg_sq`; torch's Adam (megatron's optimizer when neither
+    transformer-engine nor apex is installed, as on CPU) also keeps a per-parameter `step` there
+    (KeyError 'step'). That step was already restored from the param groups by `load_state_dict`, so
+    it is set aside during the copy and put back, one tensor per parameter: `load_state_dict` gives every
+    parameter the same step tensor, which torch's Adam then increments once per parameter per update
+    (a wrong bias correction from the first step after a resume). The copy writes into leaf parameters:
+    no autograd.
+    """
+    inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [{param: state.pop("step") for param, state in opt.state.items() if "step" in state} for opt in inner]
+    try:
+        optimizer.load_parameter_state(str(file))
+    finally:
+        for opt, saved in zip(inner, steps):
+            for param, step in saved.items():
+                opt.state[param]["step"] = step.clone()

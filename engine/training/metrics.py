@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 
-from engine.arguments import ModelConfig
+from engine.arguments import ModelConfig, MoEConfig
 from engine.platform import accelerator_name
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,26 @@ def detect_peak_tflops(override: float | None) -> float | None:
     return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
 
 
-def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int,
-                  output_positions: int | None = None) -> float:
-    """Matrix-multiply FLOPs of one forward pass over one sequence whose output layer runs on `output_positions`
-    of its positions (all by default; formula in the module docstring)."""
+def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, output_positions: int | None = None,
+                  moe: MoEConfig | None = None) -> float:
+    """Matrix-multiply FLOPs of one forward pass over one sequence whose last projection runs on
+    `output_positions` of its positions (all by default; formula in the module docstring);
+    `padded_vocab_size` is the width of that projection (1 for a reward model's value head). With
+    experts, a token's MLP work is its top-k experts', the shared expert's and the router's (the active
+    parameters), not a dense MLP of --ffn-hidden-size."""
     s, h = seq_length, model.hidden_size
     d_q = model.num_attention_heads * model.kv_channels
     d_kv = model.num_query_groups * model.kv_channels
     mlp_matrices = 3 if model.swiglu else 2
+    mlp_width = model.ffn_hidden_size * mlp_matrices
+    if moe is not None and moe.enabled:
+        mlp_width = (moe.moe_router_topk * moe.expert_ffn(model) + (moe.moe_shared_expert_intermediate_size or 0)) \
+            * mlp_matrices + moe.num_experts
     per_layer = (
         2 * s * h * (d_q + 2 * d_kv)
         + 2 * s * s * d_q
         + 2 * s * d_q * h
-        + 2 * s * h * model.ffn_hidden_size * mlp_matrices
+        + 2 * s * h * mlp_width
     )
     outputs = s if output_positions is None else output_positions
     return model.num_layers * per_layer + 2 * outputs * h * padded_vocab_size

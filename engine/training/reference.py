@@ -50,6 +50,16 @@ class ReferenceSource:
         return {"root": str(Path(self.root).resolve()), "iteration": self.iteration}
 
 
+class NoReference:
+    """The reference of a reference-free objective (simpo, orpo, cpo, rm, --reference-free): no model, no pass;
+    the objective gets None for every micro-batch."""
+
+    forward_passes = 0
+
+    def logps(self, micro_batches: list, split: str | None = None) -> list[None]:
+        return [None] * len(micro_batches)
+
+
 class ReferencePolicy:
     forward_passes = 1
 
@@ -92,9 +102,11 @@ class AdapterOffReference(ReferencePolicy):
 def reference_source(config: EngineConfig, loaded_iteration: int, saved_record: dict | None,
                      resuming: bool) -> ReferenceSource | None:
     """Where the reference comes from; None for reference-free objectives (SimPO, ORPO, CPO,
-    --reference-free). Under LoRA the base (--load); else the initial policy on a fresh start, or on
-    resume iteration --refer-model-iter of --ref-model or of --load, or else the reference the
-    checkpoint records (`saved_record`): never the trained weights."""
+    --reference-free). Under LoRA the base (--load); else the initial policy on a fresh start. On resume
+    the reference the checkpoint records (`saved_record`): never the trained weights, even when the run
+    saved its own iteration 1 beside them; with --ref-model or --refer-model-iter given, iteration
+    --refer-model-iter (default 1) of --ref-model or --load (MindSpeed-LLM's flow, and checkpoints
+    without a record)."""
     pref, load = config.preference, config.checkpoint.load
     if not pref.uses_reference:
         return None
@@ -102,28 +114,28 @@ def reference_source(config: EngineConfig, loaded_iteration: int, saved_record: 
         return ReferenceSource(load, read_tracker(load))
     if not resuming:
         if pref.ref_model is not None:
-            return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter)
+            return ReferenceSource(pref.ref_model, read_tracker(pref.ref_model) or pref.refer_model_iter or 1)
         return ReferenceSource(load, loaded_iteration)
-    root = pref.ref_model or load
-    if (Path(root) / iteration_dir_name(pref.refer_model_iter)).is_dir():
-        return ReferenceSource(root, pref.refer_model_iter)
-    if pref.ref_model is None and saved_record is not None:
+    if pref.ref_model is None and pref.refer_model_iter is None and saved_record is not None:
         return ReferenceSource(saved_record["root"], saved_record["iteration"])
+    root, iteration = pref.ref_model or load, pref.refer_model_iter or 1
+    if (Path(root) / iteration_dir_name(iteration)).is_dir():
+        return ReferenceSource(root, iteration)
     raise CheckpointError(
-        f"the reference checkpoint {Path(root) / iteration_dir_name(pref.refer_model_iter)} does not exist; "
+        f"the reference checkpoint {Path(root) / iteration_dir_name(iteration)} does not exist; "
         "set --ref-model to the initial checkpoint or --refer-model-iter to a saved iteration"
     )
 
 
 def build_reference(config: EngineConfig, source: ReferenceSource | None, policy: list[torch.nn.Module],
                     objective: PairwiseObjective, platform: Platform, splits: dict,
-                    make_batch: Callable) -> Reference | None:
-    """The reference of the run: none without a source; adapters off under LoRA (no copy of the frozen
+                    make_batch: Callable) -> Reference:
+    """The reference of the run: `NoReference` without a source; adapters off under LoRA (no copy of the frozen
     base); else a frozen copy loaded from `source`; with --precompute-ref-logps, a table that one of
     those fills once (`splits` are the train and valid data sets, `make_batch(split, pair_indices)`
     collates a micro-batch as training does)."""
     if source is None:
-        return None
+        return NoReference()
     if config.lora.enabled:
         live = partial(AdapterOffReference, policy, objective)
     else:
@@ -139,6 +151,8 @@ def build_reference(config: EngineConfig, source: ReferenceSource | None, policy
         data_files, config.data.split, config.model.seq_length, source.root, source.iteration,
         rows=3 if config.preference.ld_alpha is not None else 2, adapters_off=config.lora.enabled,
     )
+    if config.preference.traits.data == "unpaired":  # each sample's KL completion depends on the KL blocks
+        stamp["kl_pairing"] = [config.training.micro_batch_size, config.training.seed]
     directory = config.checkpoint.save or Path(prefixes[0]).parent
     return reference_cache.load_or_compute(reference_cache.cache_path(directory, stamp), stamp, splits, live,
                                            config.training.micro_batch_size, make_batch)

@@ -58,7 +58,9 @@ def prepare_model_config(model: list[torch.nn.Module], optimizer: MegatronOptimi
 
 def reduce_metrics(collected: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, float]:
     """Sum each metric's (numerator, denominator) pairs over micro-batches, then over DP and
-    pipeline ranks (only the last stage has them), and return numerator / denominator.
+    pipeline ranks (only the last stage has them), and return numerator / denominator; a metric
+    whose denominator is 0 (KTO's rewards/rejected of a batch without undesirable samples) is left
+    out, as TRL does, rather than logged as 0.
 
     `names` are the metrics the loss function returns (`PairwiseObjective.metric_names`), known on every
     rank, so nothing but the sums crosses ranks; the ratios come back to the host in one read.
@@ -72,7 +74,7 @@ def reduce_metrics(collected: list[dict[str, torch.Tensor]], names: Sequence[str
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=current_device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return dict(zip(names, (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()))
+    return {name: total / count for name, (total, count) in zip(names, totals.tolist()) if count > 0}
 
 
 def chunk_iterators(items: list, model: list[torch.nn.Module]) -> list[Iterator]:
@@ -119,6 +121,39 @@ def guarded_optimizer_step(optimizer: MegatronOptimizer, loss_is_finite: bool) -
     return optimizer.step_with_ready_grads(), grad_norm
 
 
+ROUTER_LOSSES = {"load_balancing_loss": "moe/load_balancing_loss", "seq_load_balancing_loss": "moe/load_balancing_loss",
+                 "z_loss": "moe/z_loss"}
+"""megatron-core's aux-loss tracker names -> the logged metric names."""
+
+
+def router_loss_metrics(num_microbatches: int, num_layers: int) -> dict[str, float]:
+    """The router losses of the step that just ran (its policy forwards only: megatron's routers add them
+    only in training mode with gradients), each the mean over layers and over the global batch's
+    micro-batches, then megatron's tracker is cleared for the next step.
+
+    megatron's tracker holds, per layer, the sum over this rank's micro-batches; its own reduction averages
+    with ReduceOp.AVG, which gloo lacks, so the same reduction is done here with sums: over the pipeline
+    stages (each holds its layers), over the tracker's reduce group (TP ranks hold partial sums of the
+    load-balancing loss), then the mean over TP (the z-loss is a per-rank token mean) and DP ranks.
+    """
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    metrics: dict[str, float] = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        if name not in ROUTER_LOSSES:
+            continue
+        values = entry["values"].detach().float().clone()
+        torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        if entry.get("reduce_group") is not None:
+            torch.distributed.all_reduce(values, group=entry["reduce_group"])
+        for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
+            torch.distributed.all_reduce(values, group=group)
+            values /= torch.distributed.get_world_size(group)
+        metrics[ROUTER_LOSSES[name]] = values.sum().item() / num_layers / num_microbatches
+    clear_aux_losses_tracker()
+    return metrics
+
+
 def train_step(
     forward_step: Callable,
     data_iterator: Iterator | list[Iterator],
@@ -144,6 +179,9 @@ def train_step(
         forward_only=False,
     )
     metrics = reduce_metrics(collected, metric_names)
+    config = model[0].config
+    if config.num_moe_experts is not None:
+        metrics.update(router_loss_metrics(num_microbatches, config.num_layers))
     learning_rate = optimizer.param_groups[0]["lr"]
     loss_is_finite = all(math.isfinite(value) for value in metrics.values())
     update_successful, grad_norm = guarded_optimizer_step(optimizer, loss_is_finite)

@@ -8,7 +8,6 @@ save) -> close.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -23,15 +22,12 @@ from torch.utils.data import Dataset
 
 from engine.arguments import EngineConfig, TrainingConfig, check_inputs
 from engine.checkpoint.layout import iteration_dir_name
-from engine.data.collate import collate_pairs, pack_pairs, shared_prefix_length
-from engine.data.dataset import build_pairwise_datasets
-from engine.data.sampler import PairwiseBatchSampler, token_budget_micro_batches
+from engine.data.kinds import PairwiseData, build_stage_data
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
-from engine.formats import IGNORE_INDEX
 from engine.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 from engine.model.lora import parameter_counts
-from engine.model.provider import build_trainable_model
+from engine.model.provider import build_trainable_model, fixed_seq_length
 from engine.platform import Platform, current_device
 from engine.training.checkpointing import Checkpointer, TrainState
 from engine.training.exit_conditions import ExitConditions
@@ -70,6 +66,8 @@ class DPOTrainer:
     config: EngineConfig
     platform: Platform
     save_lock: SaveDirLock | None
+    data: PairwiseData
+    """The stage's kind of data (pairwise, or unpaired for KTO): data sets, sampler, collate."""
     datasets: dict[str, Dataset | None]
     num_microbatches: int
     """Micro-batches per global batch on each data-parallel rank (without --max-tokens-per-micro-batch)."""
@@ -77,7 +75,7 @@ class DPOTrainer:
     checkpointer: Checkpointer
     model: list[torch.nn.Module]
     reference_source: ReferenceSource | None
-    reference: Reference | None
+    reference: Reference
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     state: TrainState
@@ -98,8 +96,8 @@ class DPOTrainer:
         set_random_seeds(config.training.seed)
         train = config.training
         self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self._dp_size)
-        self.datasets = build_pairwise_datasets(config.data, config.model.seq_length, config.model.vocab_size,
-                                                train.seed)
+        self.data = build_stage_data(config)
+        self.datasets = self.data.build_datasets()
         if self.datasets["train"] is None:
             raise ValueError(f"--split {config.data.split} leaves no training pairs")
         warning = check_data_fits(len(self.datasets["train"]), len(self.datasets["valid"] or []), train,
@@ -176,66 +174,38 @@ class DPOTrainer:
         )
 
     # -- data ---------------------------------------------------------------------------------------------
-    def _sampler(self, split: str, consumed: int) -> PairwiseBatchSampler:
-        train = self.config.training
-        return PairwiseBatchSampler(
-            len(self.datasets[split]), train.global_batch_size, train.micro_batch_size, self._dp_rank, self._dp_size,
-            train.seed, consumed_samples=consumed, shuffle=split == "train",
-        )
+    def _sampler(self, split: str, consumed: int):
+        return self.data.sampler(len(self.datasets[split]), consumed, self._dp_rank, self._dp_size,
+                                 shuffle=split == "train")
 
     def _pad_multiple(self) -> int:
+        """Rows are padded to a multiple of this: 8 (and TP under sequence parallel); under the allgather MoE
+        dispatcher a multiple of --seq-length too, so every micro-batch has one length (sequences are
+        truncated to --seq-length)."""
         tp = self.config.parallel.tensor_model_parallel_size
-        return math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        multiple = math.lcm(8, tp) if self.config.parallel.sequence_parallel else 8
+        return math.lcm(multiple, self.config.model.seq_length) if fixed_seq_length(self.config) else multiple
 
     def _collate(self, split: str, pair_indices: list[int]):
         return self._batch([self.datasets[split][i] for i in pair_indices], pair_indices)
 
     def _batch(self, samples: list[dict], pair_indices: list[int]):
-        par = self.config.parallel
-        shards = par.tensor_model_parallel_size if par.sequence_parallel else 1
-        collate = pack_pairs if self.config.data.pack_sequences else collate_pairs
-        batch = collate(samples, self._pad_multiple(), shards=shards, prompt_targets=self.objective.nll_over_prompt,
-                        shared_prompt=self.config.data.shared_prompt)
+        batch = self.data.collate(samples, self._pad_multiple())
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch.to(current_device())
 
-    def _rows(self, sample: dict) -> tuple[int, ...]:
-        """The lengths of the rows a pair collates into: chosen and rejected, or one shared-prompt row."""
-        chosen, rejected = sample["chosen_input_ids"], sample["rejected_input_ids"]
-        if self.config.data.shared_prompt:
-            return (chosen.size + rejected.size - shared_prefix_length(chosen, rejected),)
-        return chosen.size, rejected.size
-
     def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[tuple[int, int]]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and for every sequence in them its unpadded length (under --shared-prompt the rejected one's without the
-        shared prefix) and the positions the output layer runs on."""
+        and for every sequence in them its unpadded length and the positions its last projection runs on."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
-        budget = self.config.training.max_tokens_per_micro_batch
-        if budget is not None:  # the same pairs, in the same order, regrouped by their tokens
-            flat, pairs = [i for micro in indices for i in micro], [s for micro in samples for s in micro]
-            sizes = token_budget_micro_batches([self._rows(s) for s in pairs], budget, self._pad_multiple(),
-                                               self.config.data.pack_sequences)
-            bounds = list(itertools.accumulate(sizes, initial=0))
-            indices = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            samples = [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        every = self.objective.nll_over_prompt  # every position but the last predicts a target
-        lengths = [(len(s[f"{side}_input_ids"]), len(s[f"{side}_labels"]) - 1 if every
-                    else int((s[f"{side}_labels"][1:] != IGNORE_INDEX).sum()))
-                   for micro in samples for s in micro for side in ("chosen", "rejected")]
-        if self.config.data.shared_prompt:  # the rejected answers' tokens past the shared prefix run (FLOPs: as
-            # a sequence of their own, leaving out their attention to the prefix)
-            rows = [self._rows(s)[0] for micro in samples for s in micro]
-            lengths[1::2] = [(row - chosen, outputs) for row, (chosen, _), (_, outputs)
-                             in zip(rows, lengths[0::2], lengths[1::2])]
+        indices, samples = self.data.regroup(indices, samples, self._pad_multiple())
+        lengths = [n for micro in samples for s in micro for n in self.data.sequence_lengths(s)]
         micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
         self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
         return micro_batches, lengths
 
     def _with_reference(self, micro_batches: list, split: str) -> list:
-        if self.reference is None:
-            return [(batch, None) for batch in micro_batches]
         return list(zip(micro_batches, self.reference.logps(micro_batches, split)))
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -341,9 +311,11 @@ class DPOTrainer:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
-        passes = 3 + (self.reference.forward_passes if self.reference is not None else 0)
+        passes = 3 + self.reference.forward_passes
         passes += 1 if self.objective.needs_current_logps else 0
-        flops = sum(passes * forward_flops(self.config.model, self.config.padded_vocab_size, n, outputs)
+        # The last projection: the vocab, or a reward model's single value per position.
+        width = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
+        flops = sum(passes * forward_flops(self.config.model, width, n, outputs, self.config.moe)
                     for n, outputs in lengths)
         totals = torch.tensor([float(sum(n for n, _ in lengths)), flops], dtype=torch.float64,
                               device=current_device())
@@ -360,7 +332,10 @@ class DPOTrainer:
             chunk.eval()
         collected = []
         for _ in range(train.eval_iters):
-            items = self._with_reference(self._micro_batches("valid", next(batches))[0], "valid")
+            micro_batches = self._micro_batches("valid", next(batches))[0]
+            items = self._with_reference(micro_batches, "valid")
+            if self.objective.current_logps_in_eval:
+                self._before_step(micro_batches, items)
             collected += forward_only(self.objective.policy_forward_step, items, self.model)
         for chunk in self.model:
             chunk.train()

@@ -22,9 +22,10 @@ def load_full_state(chunks: list[torch.nn.Module], full: dict, config: EngineCon
     layout = run_layout(config)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     for index, chunk in enumerate(chunks):
         vp_stage = index if config.virtual_pipeline_size else None
-        shard = shard_state_dict(full, layout, tp_rank, pp_rank, vp_stage)
+        shard = shard_state_dict(full, layout, tp_rank, pp_rank, vp_stage, ep_rank)
         result = unwrap_model(chunk).load_state_dict(shard, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
@@ -116,3 +117,4 @@ def lm_train_steps(argv: list[str], state_path: str, samples: torch.Tensor, step
         losses.append(result.metrics["lm loss"])
         norms.append(result.grad_norm)
     return (losses, norms) if _is_reporting_rank() else None
+

@@ -46,6 +46,34 @@ def build_tiny_hf_model(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+MOE_BASE = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+MOE_CONFIGS = {  # each family's routing corner: normalized top-k, softmax-then-top-k with a shared expert
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=32, norm_topk_prob=False,
+                                         tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+}
+
+
+def build_tiny_moe(family: str, path: Path, seed: int, **overrides) -> Path:
+    """save_pretrained of a random tiny MoE model of `family` (transformers writes one tensor per expert
+    projection); `overrides` change its config (e.g. the vocabulary of a tokenizer)."""
+    import transformers
+
+    config_class, family_overrides = MOE_CONFIGS[family]
+    config = getattr(transformers, config_class)(**{**MOE_BASE, **family_overrides, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return path
+
+
 def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -74,7 +102,8 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     from engine.arguments import parse_args
     from engine.initialize import initialize_distributed, set_random_seeds
     from engine.model.provider import build_frozen_model, unwrap_model
-    from engine.checkpoint.layout import load_rank_state
+    from engine.checkpoint.layout import discover_parallel_layout, load_rank_state
+    from engine.checkpoint.sharding import select_experts
     from engine.model.spelling import match_spelling
 
     if te_standins:
@@ -91,7 +120,12 @@ def converted_logits(runs: list[tuple[list[str], str]], tokens: torch.Tensor, te
     results = []
     for config, (_, root) in zip(configs, runs):
         (chunk,) = build_frozen_model(config, platform)
-        state = load_rank_state(root, 1, tp_rank, pp_rank, config.parallel.pipeline_model_parallel_size)
+        pp, ep = config.parallel.pipeline_model_parallel_size, config.parallel.expert_model_parallel_size
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        saved_ep = discover_parallel_layout(root, 1, expert_parallel=ep > 1 and pp == 1)[2]
+        state = load_rank_state(root, 1, tp_rank, pp_rank, pp, ep_rank=ep_rank if saved_ep > 1 else 0, ep_size=saved_ep)
+        if saved_ep != ep:  # converted without expert parallelism: this EP rank's experts
+            state["model"] = select_experts(state["model"], config.moe.num_experts, ep, ep_rank)
         model = unwrap_model(chunk)
         model.load_state_dict(match_spelling(state["model"], model.state_dict()), strict=True)
 

@@ -50,6 +50,11 @@ def test_padded_vocab_rounds_to_multiple_times_tp():
          2, r"--max-tokens-per-micro-batch cannot be combined with --num-layers-per-virtual-pipeline-stage"),
         ("--max-tokens-per-micro-batch 64 --dpo-loss-type aot", 1, r"--dpo-loss-type aot sorts over the pairs of a "
                                                                    r"micro-batch, which a token budget would change"),
+        ("--stage kto --micro-batch-size 2 --shared-prompt", 1, r"--shared-prompt cannot be combined with --stage kto"),
+        ("--stage rm --max-tokens-per-micro-batch 128", 1,
+         r"--max-tokens-per-micro-batch cannot be combined with --stage rm"),
+        ("--shared-prompt --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear", 1,
+         r"--shared-prompt cannot be combined with --num-experts"),
     ],
 )
 def test_validate_names_the_flags_and_the_rule(extra, world, message):
@@ -109,7 +114,12 @@ def test_megatron_lm_rope_scaling_spelling():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("--stage kto", r"invalid choice: 'kto'"),
+        ("--stage rrhf", r"invalid choice: 'rrhf'"),
+        ("--kto-desirable-weight 2", r"--kto-desirable-weight does not apply to --stage dpo"),
+        ("--stage kto --kto-undesirable-weight 0", r"--kto-undesirable-weight must be > 0"),
+        ("--stage kto --reference-free", r"--reference-free does not apply to --stage kto: its KL reference point"),
+        ("--stage kto --micro-batch-size 1", r"--stage kto pairs each prompt with another completion .* "
+                                             r"--micro-batch-size >= 2"),
         ("--discopop-tau 0.1", r"--discopop-tau needs --dpo-loss-type discopop"),
         ("--simpo-gamma 0.5", r"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
                               r"not to --stage dpo"),
@@ -173,7 +183,6 @@ def test_preference_defaults_and_the_objective_description(extra, described, ref
     pref = config(extra).preference
     assert pref.describe().startswith(described)
     assert pref.uses_reference is reference
-    assert (pref.refer_model_iter == 1) is reference
 
 
 def test_stage_defaults():
@@ -276,5 +285,59 @@ def test_every_stage_has_traits_and_an_objective():
 
     assert set(OBJECTIVES) == set(STAGE_TRAITS) == set(STAGES)
     for name, traits in STAGE_TRAITS.items():
-        assert traits.beta in traits.options or name == "dpo", name
+        assert traits.beta in traits.options or name == "dpo" or (traits.beta is None and traits.value_head), name
         assert set(traits.defaults) <= set(traits.options), name
+
+
+MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
+
+
+@pytest.mark.parametrize(
+    "extra, world, message",
+    [
+        (MOE + " --expert-model-parallel-size 3", 3, r"--num-experts \(4\) must be divisible by "
+                                                      r"--expert-model-parallel-size \(3\)"),
+        (MOE + " --expert-model-parallel-size 4 --pipeline-model-parallel-size 2", 4,
+         r"world size 4 is not divisible by --expert-tensor-parallel-size \(1\) x --expert-model-parallel-size \(4\) "
+         r"x --pipeline-model-parallel-size \(2\)"),
+        (MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2", 4,
+         r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
+        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2,
+         r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2"),
+        (MOE + " --moe-ffn-hidden-size 50 --tensor-model-parallel-size 4 --sequence-parallel", 4,
+         r"--moe-ffn-hidden-size \(50\) must be divisible by --expert-tensor-parallel-size \(4\)"),
+        (MOE + " --moe-token-dispatcher-type allgather --pack-sequences", 1,
+         r"--pack-sequences needs --moe-token-dispatcher-type alltoall"),
+        (" --expert-model-parallel-size 2", 2, r"--expert-model-parallel-size and --expert-tensor-parallel-size need "
+                                                r"--num-experts"),
+    ],
+)
+def test_moe_layouts_name_the_flags(extra, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config(extra), world_size=world)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (" --moe-router-topk 3 --moe-aux-loss-coeff 0.1",
+         r"--moe-aux-loss-coeff, --moe-router-topk need\(s\) --num-experts"),
+        (MOE + " --moe-router-topk 5", r"--moe-router-topk \(5\) must be between 1 and --num-experts \(4\)"),
+        (MOE + " --moe-router-topk 1", r"--moe-router-topk 1 needs --moe-router-pre-softmax"),
+        (MOE + " --moe-shared-expert-gate", r"--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"),
+        (MOE + " --moe-shared-expert-intermediate-size 32 --moe-shared-expert-overlap --moe-token-dispatcher-type "
+               "allgather", r"--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall"),
+        (MOE + " --moe-router-load-balancing-type none --moe-aux-loss-coeff 0.01",
+         r"--moe-aux-loss-coeff needs a --moe-router-load-balancing-type other than none"),
+    ],
+)
+def test_moe_section_checks_name_the_flag(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        config(extra)
+
+
+def test_moe_layout_that_fits():
+    cfg = config(MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel")
+    validate(cfg, world_size=4)
+    assert (cfg.parallel.expert_model_parallel_size, cfg.parallel.expert_tensor_size) == (2, 2)
+    assert cfg.moe.expert_ffn(cfg.model) == 48 and cfg.moe.moe_token_dispatcher_type == "alltoall"

@@ -28,7 +28,7 @@ from engine.arguments import DataConfig, ModelConfig, TokenizerConfig, build_par
 from engine.data.handlers import build_handler
 from engine.data.preprocess import PreprocessConfig, add_preprocess_args
 from engine.data.templates import get_template
-from engine.formats import OUTPUT_KEYS, output_path_prefix
+from engine.formats import OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
 from engine.options import declared_fields
 from engine.model.families import get_family, model_args, pretrain_flags
 
@@ -37,6 +37,8 @@ MCORE = REPO / "examples" / "mcore"
 SCRIPTS = sorted(MCORE.glob("*/*.sh"))
 KINDS = ("data_convert_{}_pairwise.sh", "ckpt_convert_{}_hf2mcore.sh", "ckpt_convert_{}_mcore2hf.sh",
          "dpo_{}_full_ptd.sh", "dpo_{}_lora_ptd.sh")
+KTO_KINDS = ("data_convert_{}_unpaired.sh", "kto_{}_full_ptd.sh")
+"""KTO's scripts, for one model of each dense family (`KTO_MODELS`), beside the DPO ones."""
 PROGRAMS = {"pretrain_dpo.py": "pretrain_dpo.py", "preprocess_data.py": "preprocess_data.py",
             "convert_ckpt.py": "tools/checkpoint/convert_ckpt.py"}
 
@@ -73,9 +75,31 @@ HF_CONFIGS = {
         model_type="qwen3", num_hidden_layers=36, hidden_size=4096, intermediate_size=12288,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
         rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936, tie_word_embeddings=False),
+    ("qwen3_moe", "qwen3_30b_a3b"): dict(  # Qwen/Qwen3-30B-A3B
+        model_type="qwen3_moe", num_hidden_layers=48, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936,
+        tie_word_embeddings=False),
+    ("qwen3_moe", "qwen3_235b_a22b"): dict(  # Qwen/Qwen3-235B-A22B
+        model_type="qwen3_moe", num_hidden_layers=94, hidden_size=4096, intermediate_size=12288,
+        moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936,
+        tie_word_embeddings=False),
+    ("mixtral", "mixtral_8x7b"): dict(  # mistralai/Mixtral-8x7B-Instruct-v0.1
+        model_type="mixtral", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+        num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, vocab_size=32000,
+        tie_word_embeddings=False, sliding_window=None),
 }
 MODELS = {key: family for family, key in HF_CONFIGS}
-FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3"}
+KTO_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
+FAMILY_DIRS = {"llama3": "llama3", "llama2": "llama2", "mistral": "mistral", "qwen2": "qwen25", "qwen3": "qwen3",
+               "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+RM_KIND = "rm_{}_full_ptd.sh"
+RM_MODELS = ("llama3_8b", "llama2_7b", "mistral_7b", "qwen25_7b", "qwen3_8b")
+"""One reward-model (--stage rm) script per dense family, beside that model's DPO scripts."""
 
 
 def _script(key: str, kind: str) -> Path:
@@ -130,6 +154,11 @@ def _dpo(key: str, kind: str, **env: str) -> tuple[list[str], list[str]]:
 
 def test_every_model_has_its_five_scripts_and_nothing_else():
     expected = {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in MODELS for kind in KINDS}
+    expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{kind.format(key)}" for key in KTO_MODELS for kind in KTO_KINDS}
+    dense = {family for family in FAMILY_DIRS if not get_family(family).moe}
+    assert {MODELS[key] for key in KTO_MODELS} == dense, "one KTO script per dense family"
+    expected |= {f"{FAMILY_DIRS[MODELS[key]]}/{RM_KIND.format(key)}" for key in RM_MODELS}
+    assert {MODELS[key] for key in RM_MODELS} == dense  # every dense family
     found = {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
     assert found == expected
 
@@ -146,7 +175,8 @@ def test_script_is_strict_and_runs_commands_through_run(script):
 
 # -- training scripts: pretrain_dpo.py --validate-only for the script's world size ---------------------
 
-DPO_SCRIPTS = [p for p in SCRIPTS if p.name.startswith("dpo_")]
+DPO_SCRIPTS = [p for p in SCRIPTS if p.name.startswith(("dpo_", "kto_"))]
+"""The training scripts (DPO and KTO: the stage is the name's first word)."""
 
 
 def _make_inputs(flags: list[str], root: Path) -> None:
@@ -156,8 +186,9 @@ def _make_inputs(flags: list[str], root: Path) -> None:
     for directory in (args.load, getattr(args, "ref_model", None), getattr(args, "lora_load", None)):
         if directory:
             (root / directory).mkdir(parents=True, exist_ok=True)
+    keys = UNPAIRED_KEYS if getattr(args, "stage", None) == "kto" else OUTPUT_KEYS
     for prefix in DataConfig(args.data_path).prefixes_and_weights[0]:
-        for key in OUTPUT_KEYS:
+        for key in keys:
             for ext in (".bin", ".idx"):
                 path = root / (output_path_prefix(prefix, key) + ext)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +217,7 @@ def test_dpo_script_validates_for_its_world_size(script, monkeypatch, capsys, tm
     config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
     # what the trainer needs beyond validate() (DPOTrainer refuses to start without them)
     assert config["data"]["data_path"] and config["checkpoint"]["load"] and config["training"]["train_iters"]
-    assert config["checkpoint"]["save"] and config["preference"]["stage"] == "dpo"
+    assert config["checkpoint"]["save"] and config["preference"]["stage"] == script.name.split("_")[0]
     assert config["precision"]["bf16"] and config["parallel"]["use_distributed_optimizer"]
     tp, pp = config["parallel"]["tensor_model_parallel_size"], config["parallel"]["pipeline_model_parallel_size"]
     assert config["parallel"]["sequence_parallel"] == (tp > 1)
@@ -206,6 +237,22 @@ def test_dpo_script_takes_the_cluster_from_the_environment(script, monkeypatch, 
     world, torchrun = _world_size(launcher)
     assert (world, torchrun.node_rank, torchrun.master_addr, torchrun.master_port) == (8 * nodes, 1, "10.1.2.3", 29600)
     _validate_only(flags, world, monkeypatch, capsys, tmp_path)  # twice the data-parallel size still divides the batch
+
+
+@pytest.mark.parametrize("key", RM_MODELS)
+def test_rm_script_validates_and_fits_the_models_other_scripts(key, monkeypatch, capsys, tmp_path):
+    """The reward-model script: --stage rm for its world size, on the data, checkpoint and model flags of the
+    model's data/convert scripts and its DPO full run (only the stage, its options and the output differ)."""
+    launcher, flags = _dpo(key, RM_KIND)
+    world, _ = _world_size(launcher)
+    config = _validate_only(flags, world, monkeypatch, capsys, tmp_path)
+    assert config["preference"]["stage"] == "rm" and config["preference"]["center_rewards_coefficient"] == 0.01
+    dpo = _training_flags(_dpo(key, KINDS[3])[1])
+    train = _training_flags(flags)
+    same = ("load", "data_path", "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "global_batch_size", "micro_batch_size")
+    assert {k: getattr(train, k) for k in same} == {k: getattr(dpo, k) for k in same}
+    assert asdict(_model(train)) == asdict(_model(dpo)) and train.save != dpo.save
 
 
 # -- converter and preprocessing scripts: their own parsers, nothing converted ------------------------
@@ -231,6 +278,7 @@ def test_data_script_parses(script):
     build_handler(args.handler_name, args.map_keys or None)
     assert args.tokenizer_type == "PretrainedFromHF" and args.tokenizer_name_or_path
     assert args.overwrite, "re-running the script must replace its own data set, not stop at it"
+    assert args.unpair == script.name.endswith("_unpaired.sh")
 
 
 # -- the scripts of one model fit together -------------------------------------------------------------
@@ -244,9 +292,11 @@ def test_model_scripts_fit_together(key):
     for kind in KINDS[3:]:
         train = _training_flags(_dpo(key, kind)[1])
         tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
+        ep = getattr(train, "expert_model_parallel_size", 1)
         to_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1]), TP=str(tp), PP=str(pp)),
                                                "convert_ckpt.py")[1])
         assert (to_mg.target_tensor_parallel_size, to_mg.target_pipeline_parallel_size) == (tp, pp)
+        assert to_mg.target_expert_parallel_size == ep, f"{kind.format(key)} EP is not the hf2mcore EP"
         assert train.load == to_mg.save_dir, f"{kind.format(key)} --load is not the hf2mcore --save-dir"
         assert train.data_path == [data.output_prefix]
         assert train.seq_length == data.seq_length
@@ -254,6 +304,18 @@ def test_model_scripts_fit_together(key):
             assert to_hf.load_dir == train.save
             default_mg = _convert_config(convert, entry(dry_run(_script(key, KINDS[1])), "convert_ckpt.py")[1])
             assert default_mg.save_dir == train.load, "hf2mcore's default layout is the full run's"
+
+
+@pytest.mark.parametrize("key", KTO_MODELS)
+def test_kto_scripts_fit_the_model_scripts(key):
+    """The KTO run trains on its unpaired data script's output, from the full DPO run's converted checkpoint."""
+    data = _preprocess_flags(entry(dry_run(_script(key, KTO_KINDS[0])), "preprocess_data.py")[1])
+    train = _training_flags(_dpo(key, KTO_KINDS[1])[1])
+    dpo = _training_flags(_dpo(key, KINDS[3])[1])
+    assert train.data_path == [data.output_prefix] and train.seq_length == data.seq_length
+    assert (train.load, train.tensor_model_parallel_size, train.pipeline_model_parallel_size) == \
+        (dpo.load, dpo.tensor_model_parallel_size, dpo.pipeline_model_parallel_size)
+    assert asdict(_model(train)) == asdict(_model(dpo)) and train.save != dpo.save
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
@@ -264,6 +326,10 @@ def test_model_flags_equal_what_the_converter_prints(key):
         train = _training_flags(_dpo(key, kind)[1])
         expected = config_from_args(build_parser().parse_args(printed + ["--seq-length", str(train.seq_length)]))
         assert asdict(_model(train)) == asdict(expected.model), kind.format(key)
+        architecture = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+                        "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+        moe = config_from_args(train).moe
+        assert [getattr(moe, f) for f in architecture] == [getattr(expected.moe, f) for f in architecture], key
 
 
 def _preprocess_flags(flags: list[str]) -> argparse.Namespace:

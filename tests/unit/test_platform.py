@@ -110,6 +110,9 @@ def test_install_is_idempotent_and_uninstall_restores():
     assert CPU_ADAPTOR.installed and torch.cuda.current_device is not original
     CPU_ADAPTOR.uninstall()
     assert not CPU_ADAPTOR.installed and torch.cuda.current_device is original
+    from megatron.core.transformer.moe import moe_utils
+
+    assert not hasattr(moe_utils, "te_general_gemm")  # the name it lacked is removed again
     assert torch.ones(1).type() == "torch.FloatTensor"
 
 
@@ -241,3 +244,66 @@ def test_allocation_with_current_device_inside_autograd_backward(adaptor):
     x = torch.ones(3, requires_grad=True)
     Double.apply(x).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
+def test_cuda_streams_and_events_are_in_order_stand_ins(adaptor):
+    # MoEAlltoAllTokenDispatcher: a device-to-host stream, a wait, a recorded event synchronized later.
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None
+    stream = torch.cuda.Stream()
+    assert torch.cuda.current_stream() != stream
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        value = torch.ones(2) * 3
+    event = stream.record_event()
+    assert event.synchronize() is None and event.query()
+    assert value.tolist() == [3.0, 3.0]
+
+
+def test_router_gating_linear_runs_without_transformer_engine(adaptor):
+    # megatron-core 0.16.1 reads moe_utils.te_general_gemm, which it defines only when TE imports.
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    inp = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    out = router_gating_linear(inp, weight, None, torch.float32)
+    torch.testing.assert_close(out, inp @ weight.t())
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones(5, 4).t() @ inp.detach())
+
+
+def test_dispatcher_split_sizes_reach_all_to_all_as_host_integers(adaptor):
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert not torch.is_tensor(splits) and splits.tolist() == [3, 1]
+    counts = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([2, 2]))
+    assert torch.is_tensor(counts)
+
+
+def _uneven_gather_and_scatter(sizes):
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    from engine.platform import CPU_ADAPTOR
+
+    CPU_ADAPTOR.install()
+    dist.init_process_group("gloo")
+    rank, group = dist.get_rank(), dist.group.WORLD
+    mine = torch.full((sizes[rank], 2), float(rank + 1))
+    gathered = mappings._gather_along_first_dim(mine, group, output_split_sizes=sizes)
+    scattered = mappings._reduce_scatter_along_first_dim(gathered * (rank + 1), group, input_split_sizes=sizes)
+    return gathered, scattered
+
+
+def test_uneven_gather_and_reduce_scatter_over_gloo():
+    # The alltoall dispatcher's TP all-gather of a variable number of tokens per rank, and its backward.
+    from tests.distributed.harness import run_ranks
+
+    sizes = [3, 1]
+    (g0, s0), (g1, s1) = run_ranks(_uneven_gather_and_scatter, 2, sizes)
+    expected = torch.cat([torch.full((3, 2), 1.0), torch.full((1, 2), 2.0)])
+    assert torch.equal(g0, expected) and torch.equal(g1, expected)
+    # Rank r keeps its own rows of the sum over ranks of (gathered x (rank + 1)): 3 x its rows.
+    assert torch.equal(s0, 3 * expected[:3]) and torch.equal(s1, 3 * expected[3:])

@@ -90,3 +90,39 @@ def test_bad_layer_lists_are_rejected():
         ShardLayout(4, 1, 2, layers_per_stage=(1, 2))
     with pytest.raises(ValueError, match="cannot be split evenly"):
         ShardLayout(5, 1, 2)
+
+
+def moe_state(num_layers=2, hidden=8, ffn=6, experts=4):
+    """A dense state whose MLPs are MoE layers: router, routed experts, a shared expert with its gate."""
+    g = torch.Generator().manual_seed(1)
+    state = {k: v for k, v in full_state(num_layers, hidden).items() if ".mlp." not in k}
+    for i in range(num_layers):
+        p = f"decoder.layers.{i}.mlp."
+        state[p + "router.weight"] = torch.randn(experts, hidden, generator=g)
+        state[p + "shared_experts.linear_fc1.weight"] = torch.randn(2 * ffn, hidden, generator=g)
+        state[p + "shared_experts.linear_fc2.weight"] = torch.randn(hidden, ffn, generator=g)
+        state[p + "shared_experts.gate_weight"] = torch.randn(1, hidden, generator=g)
+        for e in range(experts):
+            state[p + f"experts.local_experts.{e}.linear_fc1.weight"] = torch.randn(2 * ffn, hidden, generator=g)
+            state[p + f"experts.local_experts.{e}.linear_fc2.weight"] = torch.randn(hidden, ffn, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("tp, pp, ep", [(1, 1, 2), (2, 1, 2), (1, 2, 4), (2, 2, 2)])
+def test_expert_parallel_shards_hold_their_experts_and_round_trip(tp, pp, ep):
+    full = moe_state()
+    layout = ShardLayout(2, tp, pp, expert_model_parallel_size=ep, num_experts=4)
+    shards = {(t, p, None, e): shard_state_dict(full, layout, t, p, None, e)
+              for t in range(tp) for p in range(pp) for e in range(ep)}
+    local = 4 // ep
+    # EP rank 1 holds experts local..2*local-1, renumbered from 0, each split over TP like a dense MLP.
+    key = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    expected = full[f"decoder.layers.0.mlp.experts.local_experts.{local}.linear_fc2.weight"].chunk(tp, dim=1)[tp - 1]
+    assert torch.equal(shards[(tp - 1, 0, None, 1)][key], expected)
+    assert f"decoder.layers.0.mlp.experts.local_experts.{local}.linear_fc1.weight" not in shards[(0, 0, None, 1)]
+    # The router and the shared expert's gate are on every EP rank.
+    assert torch.equal(shards[(0, 0, None, ep - 1)]["decoder.layers.0.mlp.router.weight"],
+                       full["decoder.layers.0.mlp.router.weight"])
+    merged = merge_state_dicts(shards, layout)
+    assert merged.keys() == full.keys()
+    assert all(torch.equal(merged[k], full[k]) for k in full)

@@ -45,6 +45,9 @@ def test_pack_qkv_handles_biases_and_multi_head_attention():
     ({"model_type": "mistral"}, "mistral"),
     ({"model_type": "qwen2"}, "qwen2"),
     ({"model_type": "qwen3"}, "qwen3"),
+    ({"model_type": "qwen3_moe"}, "qwen3_moe"),
+    ({"model_type": "qwen2_moe"}, "qwen2_moe"),
+    ({"model_type": "mixtral"}, "mixtral"),
 ])
 def test_family_is_detected_from_config(config, family):
     assert detect_family(config).name == family
@@ -69,11 +72,20 @@ def test_hf_config_and_model_args_round_trip_and_flags_parse(name):
     if name == "llama3":
         args.update(rope_scaling_type="llama3", rope_scaling_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=64)
+    if family.moe:  # Mixtral's experts are its intermediate_size; Qwen2-MoE routes top-k of a full softmax
+        args.update(num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=96 if name == "mixtral" else 48,
+                    moe_router_pre_softmax=name == "qwen2_moe")
+        if family.shared_expert:
+            args.update(moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True)
     hf = getattr(transformers, family.config_class)(**hf_config_kwargs(family, args)).to_dict()
     assert model_args(family, hf) == args
     config = parse_args(pretrain_flags(args) + ["--seq-length", "64"], world_size=1)
     assert config.model.num_query_groups == 2 and config.model.kv_channels == 32
     assert config.model.add_qkv_bias == family.qkv_bias and config.model.qk_layernorm == family.qk_norm
+    assert config.moe.num_experts == args.get("num_experts")
+    if family.moe:
+        assert config.moe.moe_router_pre_softmax == args["moe_router_pre_softmax"]
+        assert config.moe.moe_shared_expert_gate == family.shared_expert
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -66,6 +66,22 @@ def test_truncation_hand_computed(tmp_path):
     assert item["rejected_labels"].tolist() == [IGNORE_INDEX] * 5 + [20, 21, 22]
 
 
+def test_pair_whose_prompts_differ_keeps_each_side_own_prompt_end(tmp_path):
+    # a straddling token left the rejected side one more prompt token (7); prompts 6 and 7, longest response 5,
+    # seq 8: truncate_lengths(7, 5, 8) keeps 5 prompt tokens and 8*5//12 = 3 answer tokens on each side
+    writer = PairShardWriter(str(tmp_path / "d"))
+    writer.add(np.asarray([1, 2, 3, 4, 5, 6, 10, 11, 12], np.int32),
+               np.asarray([1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24], np.int32), 6, 7)
+    writer.commit()
+    item = PairwiseDataset(str(tmp_path / "d"), seq_length=8)[0]
+    assert item["chosen_input_ids"].tolist() == [2, 3, 4, 5, 6, 10, 11, 12]
+    assert item["rejected_input_ids"].tolist() == [3, 4, 5, 6, 7, 20, 21, 22]
+    assert item["rejected_labels"].tolist() == [IGNORE_INDEX] * 5 + [20, 21, 22]
+    whole = PairwiseDataset(str(tmp_path / "d"), seq_length=16)[0]
+    assert whole["chosen_labels"].tolist() == [IGNORE_INDEX] * 6 + [10, 11, 12]
+    assert whole["rejected_labels"].tolist() == [IGNORE_INDEX] * 7 + [20, 21, 22, 23, 24]
+
+
 def test_truncation_follows_preprocessing_rule(tmp_path):
     rng = np.random.default_rng(0)
     pairs = [(rng.integers(1, 50, rng.integers(0, 30)).tolist(), rng.integers(1, 50, rng.integers(1, 30)).tolist(),

@@ -3,7 +3,7 @@
 import pytest
 
 from engine.data.handlers import RecordError, build_handler
-from engine.data.templates import Conversation
+from engine.data.records import Conversation
 
 SYSTEM, HISTORY = "Be brief.", [("hi", "hello")]
 EXPECTED = (Conversation(prompt="What is 2+2?", system=SYSTEM, history=HISTORY), "Four.", "Five.")
@@ -40,6 +40,19 @@ SHAPES = [
      {"prompt": PROMPT_MSGS, "chosen": msgs(("assistant", "Four.")), "rejected": msgs(("assistant", "Five."))}),
     ("TrlStylePairwiseHandler", {},
      {"chosen": PROMPT_MSGS + msgs(("assistant", "Four.")), "rejected": PROMPT_MSGS + msgs(("assistant", "Five."))}),
+    # Alpaca pairwise with output: [chosen, rejected] (LLaMA-Factory / MindSpeed-LLM)
+    ("AlpacaStylePairwiseHandler", {},
+     {"instruction": "What is 2+2?", "input": "", "system": SYSTEM, "history": [["hi", "hello"]],
+      "output": ["Four.", "Five."]}),
+    # an empty instruction: the input is the prompt
+    ("AlpacaStylePairwiseHandler", {},
+     {"instruction": "", "input": "What is 2+2?", "system": SYSTEM, "history": [["hi", "hello"]],
+      "chosen": "Four.", "rejected": "Five."}),
+    # stack-exchange-paired columns (question, response_j better than response_k)
+    ("AlpacaStylePairwiseHandler", {"prompt": "question", "query": "", "chosen": "response_j", "rejected": "response_k",
+                                    "system": "sys"},
+     {"qid": 7, "question": "What is 2+2?", "date": "2023/01/01", "metadata": ["https://x"], "sys": SYSTEM,
+      "history": [["hi", "hello"]], "response_j": "Four.", "response_k": "Five."}),
     ("TrlStylePairwiseHandler", {},
      {"prompt": "What is 2+2?", "system": SYSTEM, "history": [["hi", "hello"]], "chosen": "Four.",
       "rejected": "Five."}),
@@ -73,6 +86,15 @@ BAD = [
      "must be an 'gpt' message"),
     ("TrlStylePairwiseHandler", {"chosen": "c", "rejected": "r"}, "prompt", "missing: chosen and rejected"),
     ("TrlStylePairwiseHandler", {"prompt": "p", "chosen": "c", "rejected": ""}, "rejected", "is empty"),
+    ("TrlStylePairwiseHandler", {"chosen": msgs(("user", "q"), ("assistant", "a")),
+                                 "rejected": msgs(("user", "q"), ("assistant", "a"), ("user", "q2"),
+                                                  ("assistant", "b"))},
+     "chosen", "longest common message prefix with the other answer: 2 messages\) followed by one assistant"),
+    ("AlpacaStylePairwiseHandler", {"instruction": "q", "output": ["c"]}, "output", "list of two strings"),
+    ("AlpacaStylePairwiseHandler", {"instruction": "q", "output": ["c", " "]}, "output", "holds an empty answer"),
+    ("AlpacaStylePairwiseHandler", {"instruction": " ", "input": "", "chosen": "c", "rejected": "r"}, "instruction",
+     "is empty, and so is the input"),
+    ("AlpacaStylePairwiseHandler", {"chosen": "c", "rejected": "r"}, "instruction", "missing required key"),
 ]
 
 
@@ -95,3 +117,23 @@ def test_disabled_column_is_ignored():
     handler = build_handler("AlpacaStylePairwiseHandler", {"query": "", "system": ""})
     sample = handler({"instruction": "q", "input": "ignored", "system": "ignored", "chosen": "c", "rejected": "r"})
     assert (sample.conversation.prompt, sample.conversation.system) == ("q", None)
+
+
+def test_trl_implicit_prompt_is_the_longest_common_message_prefix():
+    """As TRL's extract_prompt: the shared messages (system, history, final user turn) are the prompt."""
+    prompt = msgs(("system", SYSTEM), ("user", "hi"), ("assistant", "hello"), ("user", "What is 2+2?"))
+    record = {"chosen": prompt + msgs(("assistant", "Four.")), "rejected": prompt + msgs(("assistant", "Five."))}
+    assert as_tuple(build_handler("TrlStylePairwiseHandler")(record)) == EXPECTED
+    same = {"chosen": prompt + msgs(("assistant", "Four.")), "rejected": prompt + msgs(("assistant", "Four."))}
+    sample = build_handler("TrlStylePairwiseHandler")(same)  # identical: the last message is the answer
+    assert (sample.conversation.prompt, sample.chosen, sample.rejected) == ("What is 2+2?", "Four.", "Four.")
+
+
+def test_reject_reasons_are_named():
+    cases = [({"instruction": "q", "rejected": "r"}, "missing_field"),
+             ({"instruction": "q", "chosen": " ", "rejected": "r"}, "empty_field"),
+             ({"instruction": "q", "chosen": 1, "rejected": "r"}, "invalid_field")]
+    for record, reason in cases:
+        with pytest.raises(RecordError) as info:
+            build_handler("AlpacaStylePairwiseHandler")(record)
+        assert info.value.reason == reason

@@ -13,7 +13,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 import preprocess_data
 from engine.data.preprocess import PreprocessConfig, add_preprocess_args, preprocess
 from engine.data.readers import DataError
-from engine.data.templates import ChatEncoder, Conversation, get_template
+from engine.data.records import REJECT_REASONS, Conversation
+from engine.data.templates import build_chat_encoder
 from engine.data.truncation import truncate_lengths
 from engine.formats import IGNORE_INDEX, OUTPUT_KEYS, output_path_prefix
 from engine.tokenizer import TokenizerConfig, build_tokenizer
@@ -55,18 +56,18 @@ def test_shards_read_back_as_the_original_pairs(tmp_path, llama3_dir, llama3_tok
     records = make_records(40)
     summary, prefix = run(tmp_path, llama3_dir, write_jsonl(tmp_path / "d.jsonl", records))
     data = read_back(prefix)
-    chat = ChatEncoder(get_template("llama3"), llama3_tokenizer)
+    chat = build_chat_encoder("llama3", llama3_tokenizer)
     assert summary.pairs_written == 40 and all(len(d) == 40 for d in data.values())
     for i, r in enumerate(records):
         query = f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]
-        prompt = chat.encode_prompt(Conversation(query, r["system"] or None, [tuple(h) for h in r["history"]]))
-        for side in ("chosen", "rejected"):
+        conv = Conversation(query, r["system"] or None, [tuple(h) for h in r["history"]])
+        for side, (expected, prompt) in zip(("chosen", "rejected"), chat.encode(conv, r["chosen"], r["rejected"])):
             ids, labels = data[f"{side}_input_ids"][i], data[f"{side}_labels"][i]
             assert ids.dtype == np.int32 and labels.dtype == np.int32
-            assert ids.tolist() == prompt + chat.encode_response(r[side])
-            assert (labels[: len(prompt)] == IGNORE_INDEX).all()
-            assert labels[len(prompt):].tolist() == ids[len(prompt):].tolist()
-            assert llama3_tokenizer.decode(ids[len(prompt):].tolist()) == r[side] + "<|eot_id|>"
+            assert ids.tolist() == expected
+            assert (labels[:prompt] == IGNORE_INDEX).all()
+            assert labels[prompt:].tolist() == ids[prompt:].tolist()
+            assert llama3_tokenizer.decode(ids[prompt:].tolist()) == r[side] + "<|eot_id|>"
     assert summary.chosen.total == sum(len(data["chosen_input_ids"][i]) for i in range(40))
     assert summary.prompt.max == max(int((data["chosen_labels"][i] == IGNORE_INDEX).sum()) for i in range(40))
     assert sorted(os.listdir(tmp_path / "shards")) == sorted(
@@ -134,7 +135,10 @@ def test_skip_bad_records_counts_and_lists_them(tmp_path, llama3_dir):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join([good] + [c[0] for c in cases] + [good]) + "\n")
     summary, prefix = run(tmp_path, llama3_dir, path, skip_bad_records=True)
-    assert summary.pairs_written == 2 and summary.dropped == {"bad_record": 5}
+    assert summary.pairs_written == 2 and summary.dropped == {}
+    assert summary.rejected_records == {"malformed_json": 1, "missing_field": 1, "empty_field": 1, "invalid_field": 1,
+                                        "not_an_object": 1}
+    assert set(summary.rejected_records) <= set(REJECT_REASONS)
     assert [loc.split(":")[1] for loc in summary.bad_records] == ["2", "3", "4", "5", "6"]
     assert len(read_back(prefix)["chosen_input_ids"]) == 2
 
@@ -191,12 +195,17 @@ def test_seq_length_truncates_or_drops_and_counts(tmp_path, llama3_dir):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     summary, prefix = run(tmp_path, llama3_dir, path, name="trunc", seq_length=64)
     data = read_back(prefix)
-    assert summary.truncated >= 1 and summary.pairs_written == 20
+    assert summary.pairs_written == 20
     assert max(summary.chosen.max, summary.rejected.max) <= 64
     assert len(data["rejected_input_ids"][5]) == 64
     # the kept prompt still ends with the assistant header right before the answer
-    run(tmp_path, llama3_dir, path, name="full")
+    full_summary, _ = run(tmp_path, llama3_dir, path, name="full")
     full = read_back(str(tmp_path / "shards" / "full"))  # keep the datasets alive: their arrays are mmap views
+    too_long = [i for i in range(20) if max(len(full["chosen_input_ids"][i]), len(full["rejected_input_ids"][i])) > 64]
+    # pair 5: a prompt over half the budget and a long answer lose both; the others only their prompt's start
+    assert summary.truncated == {"prompt_and_answers": 1, "prompt": len(too_long) - 1} and 5 in too_long
+    assert full_summary.truncated == {} and full_summary.lengths["pair"].percentile(100) == max(
+        max(len(full["chosen_input_ids"][i]), len(full["rejected_input_ids"][i])) for i in range(20))
     full_rejected = full["rejected_input_ids"][5]
     n_prompt = int((data["rejected_labels"][5] == IGNORE_INDEX).sum())
     full_prompt = int((full["rejected_labels"][5] == IGNORE_INDEX).sum())
@@ -205,7 +214,7 @@ def test_seq_length_truncates_or_drops_and_counts(tmp_path, llama3_dir):
     assert kept[n_prompt:] == full_rejected[full_prompt:full_prompt + 64 - n_prompt].tolist()  # answer's start
 
     dropped, prefix = run(tmp_path, llama3_dir, path, name="drop", seq_length=64, drop_long=True)
-    assert dropped.dropped == {"too_long": summary.truncated} and dropped.pairs_written == 20 - summary.truncated
+    assert dropped.dropped == {"too_long": len(too_long)} and dropped.pairs_written == 20 - len(too_long)
 
 
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "TiktokenTokenizer"])
@@ -220,12 +229,14 @@ def test_other_tokenizer_types_end_to_end(tmp_path, sp_model, kind):
                               tokenizer=tok_config, prompt_type=prompt_type, workers=2)
     assert preprocess(config).pairs_written == 10
     tok = build_tokenizer(tok_config)
-    chat = ChatEncoder(get_template(prompt_type), tok)
+    chat = build_chat_encoder(prompt_type, tok)
     data = read_back(config.output_prefix)
     for i, r in enumerate(records):
         labels = data["chosen_labels"][i]
         answer = data["chosen_input_ids"][i][labels != IGNORE_INDEX].tolist()
-        assert answer == chat.encode_response(r["chosen"]) and answer[-1] != IGNORE_INDEX
+        [(ids, n)] = chat.encode(Conversation(r["instruction"] + (f"\n{r['input']}" if r["input"] else ""),
+                                              r["system"] or None, [tuple(h) for h in r["history"]]), r["chosen"])
+        assert answer == ids[n:] and data["chosen_input_ids"][i].tolist() == ids
         assert r["chosen"] in tok.decode(answer)
 
 
@@ -272,3 +283,34 @@ def test_feeder_keeps_at_most_limit_records_in_flight():
     assert not reader.is_alive() and got[-1] == (0, 2, b"{}")
     feeder.stop()  # a stopped feeder ends instead of blocking
     assert list(items) == []
+
+
+def test_auto_writes_what_the_registry_template_writes_and_counts_unshared_prompts(tmp_path, family_tokenizer_dir):
+    """qwen: one chosen answer starts with a newline, which merges with the assistant header's newline:
+    that pair's prompts differ (counted); auto and the registry template write the same bytes."""
+    qwen = family_tokenizer_dir("qwen")
+    records = make_records(6)
+    records[2]["chosen"] = "\n" + records[2]["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    registry, _ = run(tmp_path, qwen, path, name="registry", prompt_type="qwen")
+    auto, _ = run(tmp_path, qwen, path, name="auto", prompt_type="auto")
+    assert registry.prompt_not_shared == auto.prompt_not_shared == 1
+    for k in OUTPUT_KEYS:
+        for ext in (".bin", ".idx"):
+            assert Path(output_path_prefix(str(tmp_path / "shards" / "registry"), k) + ext).read_bytes() == \
+                Path(output_path_prefix(str(tmp_path / "shards" / "auto"), k) + ext).read_bytes()
+    data = read_back(str(tmp_path / "shards" / "auto"))
+    masked = {side: int((data[f"{side}_labels"][2] == IGNORE_INDEX).sum()) for side in ("chosen", "rejected")}
+    assert masked["rejected"] == masked["chosen"] + 1  # the rejected side keeps its own "\n" in the prompt
+    assert any("chosen and rejected prompt ids differ" in line and ": 1;" in line for line in auto.lines())
+
+
+def test_length_percentiles_are_nearest_rank():
+    from engine.data.preprocess import LengthDistribution
+
+    lengths = LengthDistribution()
+    for n in [7, 1, 3, 3, 10, 2, 9, 5, 4, 8]:  # sorted: 1 2 3 3 4 5 7 8 9 10
+        lengths.add(n)
+    assert [lengths.percentile(q) for q in (50, 90, 99, 100)] == [4, 9, 10, 10]
+    assert lengths.describe() == "p50 4, p90 9, p99 10, max 10"
+    assert LengthDistribution().describe() == "p50 0, p90 0, p99 0, max 0"

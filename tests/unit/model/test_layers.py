@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from tests.distributed.harness import run_ranks
@@ -120,3 +121,11 @@ def test_thd_packed_row_gives_each_sequence_the_logits_it_has_alone():
     assert (packed - separate).abs().max() < 1e-5
     assert torch.equal(with_host_lengths, packed)  # the lengths the collate carries split the row the same way
     assert (unpacked - separate)[:, 5:].abs().amax(dim=-1).min() > 1e-4  # one causal row would mix sequences
+
+
+def test_grouped_gemm_on_the_local_spec_is_refused_with_the_way_out():
+    from engine.model.spec import decoder_block_spec
+
+    config = types.SimpleNamespace(moe_grouped_gemm=True, num_moe_experts=4)
+    with pytest.raises(ValueError, match="--moe-grouped-gemm runs the experts through transformer-engine"):
+        decoder_block_spec(config, "local", "sdpa", None)

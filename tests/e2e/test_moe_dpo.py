@@ -1,0 +1,121 @@
+"""DPO on a mixture-of-experts model through pretrain_dpo.py: a tiny Qwen2-MoE converted from transformers
+(4 experts, top-2 of a softmax over all experts, a shared expert with its sigmoid gate).
+
+One run on one rank is the ground truth; expert-parallel layouts (both token dispatchers, TP x EP with
+sequence parallel, PP x EP, the distributed optimizer, a cached reference) must give step 1 = ln 2 and the
+same losses and router losses, which are on (load balancing and z-loss) and join the policy's loss only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.harness import Layout, layout_cases, run_cli
+from tests.e2e.convert_assets import build_tiny_moe
+from tests.e2e.dpo_assets import build_preference_data, convert
+from tests.e2e.test_dpo import _model_flags, read_metrics
+
+TRAIN = ("--stage dpo --is-pairwise-dataset --split 100,0,0 --dpo-beta 0.1 --lr 1e-3 --lr-decay-style constant "
+         "--clip-grad 1.0 --log-interval 1 --global-batch-size 8 --micro-batch-size 2 --seq-length 64 "
+         "--moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001").split()
+ROUTER = ("moe/load_balancing_loss", "moe/z_loss")
+
+
+class MoeAssets:
+    def __init__(self, root: Path):
+        from engine.tokenizer import TokenizerConfig, build_tokenizer
+
+        self.root = root
+        self.tokenizer_dir, self.data_prefix = build_preference_data(root, pairs=24)
+        vocab = build_tokenizer(TokenizerConfig("PretrainedFromHF", self.tokenizer_dir)).vocab_size
+        self.hf = build_tiny_moe("qwen2_moe", root / "hf", seed=0, vocab_size=vocab, max_position_embeddings=128)
+        self._converted: dict[tuple[int, int], tuple[Path, list[str]]] = {}
+
+    def checkpoint(self, tp: int, pp: int) -> tuple[Path, list[str]]:
+        """Converted without expert parallelism: an EP run's ranks take their experts from these files."""
+        if (tp, pp) not in self._converted:
+            target = self.root / f"mg_tp{tp}pp{pp}"
+            self._converted[(tp, pp)] = target, _model_flags(convert(self.hf, target, tp, pp))
+        return self._converted[(tp, pp)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> MoeAssets:
+    return MoeAssets(tmp_path_factory.mktemp("moe_dpo"))
+
+
+def run_moe_dpo(assets: MoeAssets, save: Path, layout: Layout, extra: str = "", load: Path | None = None) -> list[dict]:
+    checkpoint, flags = assets.checkpoint(layout.tp, layout.pp)
+    args = [*flags, *TRAIN, "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(layout.tp),
+            "--pipeline-model-parallel-size", str(layout.pp), "--load", str(load or checkpoint), "--save", str(save),
+            *layout.argv, *extra.split()]
+    result = run_cli("pretrain_dpo", args, nproc=layout.ranks)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return read_metrics(save)
+
+
+@pytest.fixture(scope="module")
+def one_rank(assets, tmp_path_factory):
+    rows = run_moe_dpo(assets, tmp_path_factory.mktemp("ep1"), Layout("ep1", 1), "--train-iters 3")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(0.5 < row["moe/load_balancing_loss"] < 4 and row["moe/z_loss"] > 0 for row in rows)
+    return rows
+
+
+LAYOUTS = [
+    Layout("ep2_distributed_optimizer", 2, "--expert-model-parallel-size 2 --use-distributed-optimizer"),
+    Layout("ep2_allgather", 2, "--expert-model-parallel-size 2 --moe-token-dispatcher-type allgather"),
+    Layout("tp2ep2", 4, "--expert-model-parallel-size 2 --sequence-parallel", tp=2),
+    Layout("pp2ep2", 4, "--expert-model-parallel-size 2", pp=2),
+    Layout("ep2_cached_reference", 2, "--expert-model-parallel-size 2 --precompute-ref-logps"),
+]
+
+
+@layout_cases(LAYOUTS)
+def test_moe_dpo_agrees_across_expert_parallel_layouts(layout, assets, one_rank, tmp_path):
+    rows = run_moe_dpo(assets, tmp_path, layout, "--train-iters 3")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("loss", "rewards/margins", *ROUTER):
+        assert [r[name] for r in rows] == pytest.approx([r[name] for r in one_rank], abs=1e-5), name
+
+
+def test_moe_resume_from_an_expert_parallel_checkpoint(assets, one_rank, tmp_path):
+    """Stopped after step 1 and resumed: step 3 also checks the optimizer states (distributed) carried over."""
+    layout = Layout("ep2", 2, "--expert-model-parallel-size 2 --use-distributed-optimizer")
+    run_moe_dpo(assets, tmp_path, layout, "--train-iters 1")
+    saved = sorted(p.name for p in (tmp_path / "iter_0000001").iterdir() if p.is_dir())
+    assert saved == ["mp_rank_00_000", "mp_rank_00_001"]  # Megatron-LM's names: TP rank, then EP rank
+    rows = run_moe_dpo(assets, tmp_path, layout, "--train-iters 3", load=tmp_path)  # metrics.jsonl is appended
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for name in ("loss", *ROUTER):
+        assert [r[name] for r in rows[1:]] == pytest.approx([r[name] for r in one_rank[1:3]], abs=1e-5), name
+
+
+def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
+    """Adapters on attention and on every expert's linears (each expert its own): EP2 trains as one rank does,
+    and the EP2 checkpoint's adapters merge into the HF experts they belong to."""
+    from safetensors.torch import load_file
+
+    from engine.convert.common import ConvertConfig
+    from engine.convert.run import run_conversion
+
+    lora = "--train-iters 2 --lora-r 4 --lora-alpha 8 --lr 1e-2"
+    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), lora)
+    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"), lora)
+    assert one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and one[1]["loss"] != one[0]["loss"]
+    for name in ("loss", *ROUTER):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
+    base, _ = assets.checkpoint(1, 1)
+    merged = tmp_path / "hf_merged"
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(merged), lora_load=str(tmp_path / "ep2"), lora_r=4,
+                                 lora_alpha=8.0))
+    before, after = load_file(assets.hf / "model.safetensors"), load_file(merged / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Every expert's projections and the shared expert's moved; the router and the norms did not.
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(4)} <= changed
+    assert "model.layers.0.mlp.shared_expert.up_proj.weight" in changed
+    assert not any("norm" in k or k.endswith("mlp.gate.weight") for k in changed)
