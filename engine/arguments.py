@@ -303,6 +303,10 @@ class TrainingConfig(Section):
 
     micro_batch_size: int = option(1, "pairs per micro-batch per DP rank")
     global_batch_size: int | None = option(None, "pairs per optimizer step; default --micro-batch-size x DP")
+    max_tokens_per_micro_batch: int | None = option(
+        None, "form micro-batches by a token budget instead of --micro-batch-size pairs: each DP rank's pairs of a "
+              "global batch, in order, fill micro-batches while their collated tokens (chosen and rejected rows with "
+              "their padding, or the packed row) stay within this; the global batch stays --global-batch-size pairs")
     train_iters: int | None = option(None, "optimizer steps of the run (required to train)")
     lr: float = option(1e-5, "peak learning rate")
     min_lr: float = option(0.0, "learning rate at the end of the decay")
@@ -342,6 +346,8 @@ class TrainingConfig(Section):
 
     def check(self) -> None:
         require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+                "--max-tokens-per-micro-batch must be >= 1")
         require(self.eval_interval is None or self.eval_interval >= 1, "--eval-interval must be >= 1")
         require(self.eval_iters >= 1, "--eval-iters must be >= 1")
         require(self.max_skipped_iters >= 1, "--max-skipped-iters must be >= 1")
@@ -407,6 +413,10 @@ class DataConfig(Section):
     is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts; pairwise data is the only kind")
     pack_sequences: bool = option(False, "concatenate each micro-batch's sequences into one row (megatron's THD "
                                          "layout, attention within each sequence) instead of padding every row")
+    shared_prompt: bool = option(False, "each pair as one sequence [prompt | chosen | rejected], the prompt computed "
+                                        "once: the rejected answer attends to the prompt and itself, never to the "
+                                        "chosen one, its positions continuing from the prompt's end (local layer "
+                                        "spec with SDPA attention)")
 
     def check(self) -> None:
         self.split_fractions  # parses, or raises naming --split
@@ -854,6 +864,21 @@ def validate(config: EngineConfig, world_size: int) -> None:
         "linears, TE's fused layers have none; use --transformer-impl auto or local (same model, local layers)",
     )
     require(
+        not (config.data.shared_prompt and (model.transformer_impl == "transformer_engine"
+                                            or model.attention_backend == "unfused")),
+        "--shared-prompt needs the local layer spec with SDPA attention: drop --transformer-impl transformer_engine "
+        "and --attention-backend unfused (--transformer-impl auto takes the local spec under --shared-prompt)",
+    )
+    pref = config.preference
+    for flag, given in (("--shared-prompt", config.data.shared_prompt),
+                        ("--max-tokens-per-micro-batch", train.max_tokens_per_micro_batch is not None)):
+        require(not (given and (pref.traits.value_head or pref.traits.data == "unpaired")),
+                f"{flag} cannot be combined with --stage {pref.stage}: it is built for the pairwise objectives "
+                f"(dpo, simpo, orpo, cpo); drop {flag}")
+    require(not (config.data.shared_prompt and moe.enabled),
+            "--shared-prompt cannot be combined with --num-experts: the router would see a pair's shared prompt once "
+            "instead of once per sequence (other load-balancing loss and expert loads); drop --shared-prompt")
+    require(
         not (config.lora.enabled and config.preference.ref_model),
         "--ref-model cannot be combined with --lora-r: the LoRA reference is the base model with adapters off",
     )
@@ -864,6 +889,18 @@ def validate(config: EngineConfig, world_size: int) -> None:
         f"--global-batch-size ({train.global_batch_size}) must be divisible by --micro-batch-size "
         f"({train.micro_batch_size}) x data-parallel size ({dp} = world {world_size} / (TP {tp} x PP {pp}))",
     )
+    budget = train.max_tokens_per_micro_batch
+    if budget is not None:
+        require(budget >= 2 * model.seq_length,
+                f"--max-tokens-per-micro-batch ({budget}) must hold the longest pair: at least 2 x --seq-length "
+                f"({2 * model.seq_length})")
+        require(par.num_layers_per_virtual_pipeline_stage is None,
+                "--max-tokens-per-micro-batch cannot be combined with --num-layers-per-virtual-pipeline-stage: the "
+                "interleaved schedule needs a micro-batch count that is a multiple of the pipeline size")
+        sorted_losses = [name for name in SORTED_LOSS_TYPES if name in config.preference.loss_types]
+        require(not sorted_losses,
+                f"--dpo-loss-type {' '.join(sorted_losses)} sorts over the pairs of a micro-batch, which a token "
+                "budget would change: use --micro-batch-size without --max-tokens-per-micro-batch")
     if par.num_layers_per_virtual_pipeline_stage is not None:
         microbatches = train.global_batch_size // (train.micro_batch_size * dp)
         require(

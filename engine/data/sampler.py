@@ -78,3 +78,28 @@ class PairwiseBatchSampler:
             mine = batch[self.data_parallel_rank * per_rank:(self.data_parallel_rank + 1) * per_rank]
             self.consumed_samples += self.global_batch_size
             yield [mine[i:i + self.micro_batch_size].tolist() for i in range(0, per_rank, self.micro_batch_size)]
+
+
+def token_budget_micro_batches(rows: list[tuple[int, ...]], budget: int, pad_to_multiple_of: int,
+                               packed: bool) -> list[int]:
+    """Sizes of consecutive micro-batches over pairs, in order, each pair given as the lengths of the rows it
+    collates into ((chosen, rejected), or one [prompt | chosen | rejected] row under --shared-prompt): a
+    micro-batch takes pairs while its collated tokens stay within `budget` (padded: its rows times the longest
+    rounded up to `pad_to_multiple_of`; packed: the sum of the lengths rounded up), so a long pair is not padded
+    with many short ones' rows and many short pairs share one micro-batch. A pair over the budget alone is a
+    micro-batch of its own. The split depends on the lengths alone: every rank of a pipeline and every rerun or
+    resume forms the same micro-batches."""
+    def round_up(n: int) -> int:
+        return -(-n // pad_to_multiple_of) * pad_to_multiple_of
+
+    sizes, count, width, longest, total = [], 0, 0, 0, 0
+    for pair in rows:
+        grown = (width + len(pair), max(longest, *pair), total + sum(pair))
+        tokens = round_up(grown[2]) if packed else grown[0] * round_up(grown[1])
+        if count and tokens > budget:
+            sizes.append(count)
+            count, grown = 0, (len(pair), max(pair), sum(pair))
+        count, (width, longest, total) = count + 1, grown
+    if count:
+        sizes.append(count)
+    return sizes

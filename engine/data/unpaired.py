@@ -288,8 +288,11 @@ class UnpairedBatch(PairBatch):
                          max_seqlen=max(lengths), seq_lengths=lengths)
 
 
-def collate_unpaired(samples: list[dict], pad_to_multiple_of: int = 8, packed: bool = False) -> UnpairedBatch:
-    """`MismatchedPairs` items -> one `UnpairedBatch` (padded rows, or one THD row under packing)."""
-    batch = (pack_pairs if packed else collate_pairs)(samples, pad_to_multiple_of)
+def collate_unpaired(samples: list[dict], pad_to_multiple_of: int = 8, packed: bool = False,
+                     shards: int = 1) -> UnpairedBatch:
+    """`MismatchedPairs` items -> one `UnpairedBatch` (padded rows, or one THD row under packing), with the
+    `OutputRows` of its 2n sequences (split into `shards` sequence-parallel shards) that the reference and
+    pre-step passes run the output layer on; its `completions()` view has none (the loss reads every position)."""
+    batch = (pack_pairs if packed else collate_pairs)(samples, pad_to_multiple_of, shards=shards)
     desirable = torch.tensor([bool(s["desirable"]) for s in samples], dtype=torch.bool)
     return UnpairedBatch(**vars(batch), desirable=desirable, pad_to_multiple_of=pad_to_multiple_of)

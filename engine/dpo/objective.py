@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
@@ -121,42 +122,55 @@ class PairwiseObjective:
     def sequence_logps(self, logits: torch.Tensor, batch) -> SequenceLogps:
         """Per-sequence answer log-probs [2n]: chosen of pair i at i, its rejected at n + i.
 
-        Every per-sequence quantity is a reduction without atomics (`_sequence_sums`, `_count_before`), so
-        the same batch gives the same bits on every run, on CUDA too."""
-        labels = batch.labels
-        mask = labels != IGNORE_INDEX
-        selection = _sequence_selection(batch)
-        prompt = None
+        `logits` [1, K, vocab / TP] are the model's at the batch's `OutputRows` (the positions with a
+        target), which say what each row predicts and where it belongs; their order does not matter.
+        Every per-sequence quantity is a reduction without atomics (`_sequence_sums`), so the same batch
+        gives the same bits on every run, on CUDA too."""
+        rows = batch.outputs
+        if self.nll_over_prompt and not rows.prompt_targets:
+            raise ValueError("ORPO's prompt loss needs the prompt positions' logits: collate the micro-batch "
+                             "with prompt_targets=True")
+        selection = _sequence_selection(rows, batch.num_pairs)
+        answer = rows.answer_ordinal > 0
+        # One log-prob pass over every selected position (the prompt's too under ORPO's prompt loss).
+        token_logps = vocab_parallel_logprobs(logits, rows.targets, self.vocab_size)
+        count = _sequence_sums(answer.long(), selection)
+        logps = SequenceLogps(_sequence_sums(torch.where(answer, token_logps, 0), selection), count)
         if self.nll_over_prompt:
-            # One log-prob pass over every predicted token; the answer's are the labelled ones.
-            targets = _prompt_and_answer_targets(batch)
-            token_logps = vocab_parallel_logprobs(logits, targets, self.vocab_size)
-            prompt = (targets != IGNORE_INDEX) & ~mask
-            prompt_logps, token_logps = token_logps * prompt, token_logps * mask
-        else:
-            token_logps = vocab_parallel_logprobs(logits, labels, self.vocab_size)
-        count = _sequence_sums(mask.long(), selection)
-        logps = SequenceLogps(_sequence_sums(token_logps, selection), count)
-        if prompt is not None:
-            logps.prompt_total = _sequence_sums(prompt_logps, selection)
+            prompt = (rows.targets != IGNORE_INDEX) & ~answer
+            logps.prompt_total = _sequence_sums(torch.where(prompt, token_logps, 0), selection)
             logps.prompt_count = _sequence_sums(prompt.long(), selection)
         if self.ld_alpha is not None:
-            # 1-based index of each answer token within its own sequence.
-            position = _count_before(mask, batch) + mask.long()
-            # Sequence i and i + n form a pair; tokens past the shorter answer's length are the excess.
+            # Sequence i and i + n form a pair; answer tokens past the shorter answer's length are the excess.
             n = batch.num_pairs
             public = torch.minimum(count[:n], count[n:]).repeat(2)
-            logps.shared = _sequence_sums(token_logps * (position <= public[_sequence_index(batch)]), selection)
+            within = answer & (rows.answer_ordinal <= public[rows.sequence_ids.clamp(min=0)])
+            logps.shared = _sequence_sums(torch.where(within, token_logps, 0), selection)
         return logps
 
     def _forward(self, model, batch):
-        """Padded rows go in as they are (causal attention); a packed row goes in the THD layout."""
-        if batch.cu_seqlens is None:
-            return model(batch.tokens, batch.position_ids, None, **self.model_kwargs)
-        packed = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                                     max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
-                                     seq_lengths=tuple(batch.seq_lengths))
-        return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed, **self.model_kwargs)
+        """Padded rows go in as they are (causal attention); a packed row goes in the THD layout; --shared-prompt
+        rows carry their pairs' layouts to the attention and rotate each token by its position id. The output
+        layer runs on the batch's `OutputRows` only, when it has them: this TP rank's share of them under sequence
+        parallelism."""
+        kwargs = dict(self.model_kwargs)
+        if self.output_rows and batch.outputs is not None:  # else (RM; KTO's loss view) at every position
+            shards = batch.outputs.index.shape[0]
+            kwargs["output_rows"] = batch.outputs.index[
+                parallel_state.get_tensor_model_parallel_rank() if shards > 1 else 0]
+        layouts = tuple(batch.pair_layouts) if batch.pair_layouts is not None else None
+        if batch.cu_seqlens is not None:
+            kwargs["packed_seq_params"] = HostPackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen, seq_lengths=tuple(batch.seq_lengths),
+                pair_layouts=layouts)
+        elif layouts is not None:
+            length = batch.tokens.shape[1]
+            kwargs["packed_seq_params"] = HostPackedSeqParams(qkv_format="sbhd", max_seqlen_q=length,
+                                                              max_seqlen_kv=length, pair_layouts=layouts)
+        if layouts is not None:
+            kwargs["rope_from_position_ids"] = True
+        return model(batch.tokens, batch.position_ids, None, **kwargs)
 
     # Reference: forward only, results collected as non-loss data on the last stage.
     def reference_forward_step(self, data_iterator, model):
@@ -190,11 +204,11 @@ class PairwiseObjective:
 
     # Token means over the global batch: its pair and token counts, shared before the step.
     def _nll_tokens(self, batch) -> torch.Tensor:
-        """[rows, L] mask of the tokens a batch-token NLL averages over: the chosen answers' (TRL's
+        """Mask of the selected positions a batch-token NLL averages over: the chosen answers' (TRL's
         sft, CPO), with their prompts' under ORPO's prompt loss."""
-        ids = _sequence_index(batch)
-        tokens = _prompt_and_answer_targets(batch) if self.nll_over_prompt else batch.labels
-        return (tokens != IGNORE_INDEX) & (ids < batch.num_pairs)
+        rows = batch.outputs
+        tokens = rows.targets != IGNORE_INDEX if self.nll_over_prompt else rows.answer_ordinal > 0
+        return tokens & (rows.sequence_ids >= 0) & (rows.sequence_ids < batch.num_pairs)
 
     def share_global_counts(self, micro_batches: list, group=None) -> None:
         """Sets `global_pairs` and `global_nll_tokens` on this rank's micro-batches of one global batch:
@@ -202,7 +216,7 @@ class PairwiseObjective:
         to the host. Does nothing when no term averages over the batch's tokens."""
         if not self.nll_over_batch:
             return
-        device = micro_batches[0].labels.device
+        device = micro_batches[0].outputs.targets.device
         pairs = torch.full((), sum(b.num_pairs for b in micro_batches), device=device)  # a fill, not a copy
         counts = torch.stack([pairs, sum(self._nll_tokens(b).sum() for b in micro_batches)])
         if group is not None and dist.get_world_size(group) > 1:
@@ -247,9 +261,10 @@ class PairwiseObjective:
         n = batch.num_pairs
         chosen_rewards, rejected_rewards = rewards(pair_logps, self.beta)
         logged = pair_logps.averaged() if self.logged_logps_averaged else pair_logps
-        mask = batch.labels != IGNORE_INDEX
+        rows = batch.outputs
+        mask = rows.answer_ordinal > 0
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
-        chosen = _sequence_index(batch) < n
+        chosen = rows.sequence_ids < n
         chosen_tokens, rejected_tokens = mask & chosen, mask & ~chosen
         metrics = {
             "rewards/chosen": mean_pair(chosen_rewards, n),
@@ -283,6 +298,9 @@ class PairwiseObjective:
         return tuple(sorted(names))
 
     # Stage state: carried across steps (and checkpoints).
+    output_rows = True
+    """The model's output layer runs on the batch's `OutputRows` (a reward model's value head runs on every
+    position, `RewardGPTModel`)."""
     needs_current_logps = False
     """The loss reads the current batch's policy log-probs before its step (BCO's reward shift): the
     trainer then runs a forward-only pass over the batch and hands the result to `before_step`."""
@@ -301,69 +319,54 @@ class PairwiseObjective:
         """Restores `state_dict()`."""
 
 
-def _sequence_index(batch) -> torch.Tensor:
-    """Which of the 2n sequences each position belongs to, [rows, L]: row r for padded rows; for a
-    packed row its `sequence_ids`, with the padding tail (no labels) counted under sequence 0."""
+def _sequence_selection(rows, num_pairs: int) -> torch.Tensor:
+    """[2n, K] one-hot of the selected positions' sequences (sequence k's positions in row k; padding in none)."""
+    sequences = torch.arange(2 * num_pairs, device=rows.sequence_ids.device)
+    return rows.sequence_ids == sequences.unsqueeze(-1)
+
+
+def _sequence_sums(values: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    """The sum of `values` ([1, K], one per selected position) over each of the 2n sequences' positions, [2n],
+    without atomics.
+
+    `index_add` / `scatter_reduce` sum with atomic adds on CUDA, in an order that changes from run to run,
+    and so do the last bits of each sum, of the loss, of every update: no bit-exact rerun or resume.
+    The row is masked once per sequence (`selection`, through `torch.where`, so a NaN stays in its own
+    sequence) and summed along the row: each sequence is reduced on its own, by the reduction kernel's
+    fixed tree, forward and backward elementwise. The cost is [2n, K] elements per sum (16 sequences and
+    32k positions: 2 MiB in fp32), small beside the logits. Rejected alternatives: differences of a cumsum
+    over the row subtract running totals of the whole row (fp32 loses the small sums' digits as the row
+    grows; a floating cumsum is also nondeterministic on CUDA); a one-hot matmul needs the same memory and
+    may run in TF32; gathering the sequences into a [2n, longest] block scatters in backward.
+    """
+    return torch.where(selection, values, 0).sum(dim=-1)
+
+
+def _row_sequence_index(batch) -> torch.Tensor:
+    """For a batch without `OutputRows` (outputs at every position, [rows, L]): which of the 2n sequences each
+    position belongs to: row r for padded rows; for a packed row its `sequence_ids`, with the padding tail (no
+    labels) counted under sequence 0."""
     if batch.sequence_ids is None:
         rows, length = batch.labels.shape
         return torch.arange(rows, device=batch.labels.device).unsqueeze(1).expand(rows, length)
     return batch.sequence_ids.clamp(min=0)
 
 
-def _sequence_selection(batch) -> torch.Tensor | None:
-    """[2n, t] one-hot of the packed row's sequences (sequence k's positions in row k); None for padded rows,
-    where row r already is sequence r."""
+def _row_sequence_selection(batch) -> torch.Tensor | None:
+    """For a batch without `OutputRows`: [2n, t] one-hot of the packed row's sequences (sequence k's positions in
+    row k); None for padded rows, where row r already is sequence r."""
     if batch.sequence_ids is None:
         return None
     sequences = torch.arange(2 * batch.num_pairs, device=batch.sequence_ids.device)
     return batch.sequence_ids == sequences.unsqueeze(-1)
 
 
-def _sequence_sums(values: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
-    """The sum of `values` ([rows, L]) over each of the 2n sequences' positions, [2n], without atomics.
-
-    `index_add` / `scatter_reduce` sum with atomic adds on CUDA, in an order that changes from run to run,
-    and so do the last bits of each sum, of the loss, of every update: no bit-exact rerun or resume.
-    Padded rows hold one sequence each: a row sum. A packed row is masked once per sequence (`selection`,
-    through `torch.where`, so a NaN stays in its own sequence) and summed along the row: each sequence is
-    reduced on its own, by the reduction kernel's fixed tree, forward and backward elementwise.
-    The cost is [2n, t] elements per sum (16 sequences in a 32k-token row: 2 MiB in fp32), small beside
-    the logits. Rejected alternatives: differences of a cumsum over the packed row subtract running totals
-    of the whole row (fp32 loses the small sums' digits as the row grows; a floating cumsum is also
-    nondeterministic on CUDA); a one-hot matmul needs the same memory and may run in TF32; gathering the
-    sequences into a [2n, longest] block scatters in backward.
-    """
+def _row_sequence_sums(values: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
+    """`_sequence_sums` over a batch without `OutputRows` (`values` [rows, L]): a row sum for padded rows
+    (`selection` None: one sequence a row), else the packed row masked once per sequence."""
     if selection is None:
         return values.sum(dim=-1)
-    return torch.where(selection, values, 0).sum(dim=-1)
-
-
-def _count_before(mask: torch.Tensor, batch) -> torch.Tensor:
-    """How many `mask` positions precede each position within its own sequence, [rows, L].
-
-    A running count along the row (an integer cumsum: exact in any order); in a packed row, less its value
-    where the position's sequence starts, which `position_ids` give: they restart at 0 with every sequence.
-    """
-    counts = mask.long()
-    before = counts.cumsum(dim=-1) - counts
-    if batch.sequence_ids is None:
-        return before  # a padded row is one sequence, from column 0
-    start = torch.arange(mask.shape[-1], device=mask.device) - batch.position_ids
-    return before - before.gather(-1, start)
-
-
-def _prompt_and_answer_targets(batch) -> torch.Tensor:
-    """Next-token targets of every position of each sequence but its last, prompt included;
-    IGNORE_INDEX on padding. The answer is the labelled suffix of its sequence (the data's layout),
-    so a sequence's positions run up to its last labelled one (those with a labelled position still
-    ahead of them in the sequence), and the target there is the next input token of the same sequence,
-    the label itself on answer positions."""
-    labelled = batch.labels != IGNORE_INDEX
-    answer_tokens = _sequence_sums(labelled.long(), _sequence_selection(batch))
-    inside = _count_before(labelled, batch) < answer_tokens[_sequence_index(batch)]
-    if batch.sequence_ids is not None:
-        inside &= batch.sequence_ids >= 0  # the packed row's padding tail belongs to no sequence
-    return torch.where(inside, batch.tokens.roll(-1, dims=-1), IGNORE_INDEX)
+    return _sequence_sums(values, selection)
 
 
 def mean_pair(values: torch.Tensor, n: int) -> torch.Tensor:

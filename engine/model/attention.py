@@ -37,6 +37,10 @@ class HostPackedSeqParams(PackedSeqParams):
 
     seq_lengths: tuple[int, ...] | None = None
     """Length of each segment of the row, in order (cu_seqlens' differences)."""
+    pair_layouts: tuple[tuple[int, int, int], ...] | None = None
+    """--shared-prompt: per pair (shared prefix P, chosen part C, rejected part R), pair i being segment i of a
+    THD row (the padding tail follows) or row i of an 'sbhd' batch: the rejected part attends to the prefix and
+    to itself, never to the chosen part (`SDPAttention._attend_pair`)."""
 
 
 class SDPAttention(MegatronModule):
@@ -79,6 +83,8 @@ class SDPAttention(MegatronModule):
         return self._attend(query, key, value, attention_mask, mask_type, packed_seq_params, dropout_p)
 
     def _attend(self, query, key, value, attention_mask, mask_type, packed_seq_params, dropout_p):
+        if getattr(packed_seq_params, "pair_layouts", None) is not None:
+            return self._attend_shared(query, key, value, packed_seq_params, dropout_p)
         if packed_seq_params is not None:
             return self._attend_packed(query, key, value, packed_seq_params, dropout_p)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -103,6 +109,42 @@ class SDPAttention(MegatronModule):
         context = [self._sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), None, True, dropout_p)
                    for qkv in pieces]  # each [1, heads, s_i, hn]
         return torch.cat([c.squeeze(0).transpose(0, 1) for c in context]).flatten(1)
+
+    def _attend_shared(self, query, key, value, params, dropout_p):
+        """--shared-prompt: THD ([t, heads, hn], pair i is segment i, then the padding tail) or 'sbhd' ([s, b,
+        heads, hn], pair i is row i); [t, heads * hn] or [s, b, heads * hn] out."""
+        layouts = params.pair_layouts
+        if params.qkv_format == "thd":
+            pieces = zip(*(t.split(list(params.seq_lengths)) for t in (query, key, value)))
+            return torch.cat([self._attend_pair(q, k, v, layouts[i] if i < len(layouts) else None, dropout_p)
+                              for i, (q, k, v) in enumerate(pieces)]).flatten(1)
+        if params.qkv_format != "sbhd":
+            raise NotImplementedError(f"--shared-prompt attention takes thd or sbhd, got {params.qkv_format!r}")
+        rows = [self._attend_pair(query[:, i], key[:, i], value[:, i], layouts[i], dropout_p)
+                for i in range(query.shape[1])]
+        return torch.stack(rows, dim=1).flatten(2)
+
+    def _attend_pair(self, q, k, v, layout: tuple[int, int, int] | None, dropout_p: float) -> torch.Tensor:
+        """One [prefix | chosen | rejected] sequence, [s, heads, hn] in and out: the prefix and the chosen part
+        causal as one sequence; the rejected part over the prefix's keys and its own, causal among its own
+        (a [R, P + R] mask, the size of the rejected sequence's own attention); anything after (padding) on
+        its own. Each query sees exactly the keys it sees in its own sequence: two SDPA calls, no [s, s] mask."""
+        def attend(q, k, v, mask=None):
+            out = self._sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), mask, mask is None, dropout_p)
+            return out.squeeze(0).transpose(0, 1)
+
+        if layout is None:
+            return attend(q, k, v)
+        prefix, chosen, rejected = layout
+        split, end = prefix + chosen, prefix + chosen + rejected
+        parts = [attend(q[:split], k[:split], v[:split])]
+        if rejected:
+            mask = torch.ones(rejected, prefix + rejected, dtype=torch.bool, device=q.device).tril_(prefix)
+            parts.append(attend(q[split:end], torch.cat([k[:prefix], k[split:end]]),
+                                torch.cat([v[:prefix], v[split:end]]), mask))
+        if end < q.shape[0]:
+            parts.append(attend(q[end:], k[end:], v[end:]))
+        return torch.cat(parts)
 
     def _sdpa(self, q, k, v, attn_mask, causal: bool, dropout_p: float) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(

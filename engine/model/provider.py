@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from engine.arguments import EngineConfig
 from engine.model import compat
+from engine.model.gpt import PreferenceGPTModel
 from engine.model.lora import LoraSettings, prepare_adapters
 from engine.model.spec import decoder_block_spec, resolve_transformer_impl
 from engine.model.value_head import RewardGPTModel
@@ -57,7 +58,9 @@ def fusions(config: EngineConfig, platform: Platform, transformer_impl: str) -> 
         bias_dropout_fusion=True,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=m.position_embedding_type == "rope" and compat.rope_fusion_available(),
+        # --shared-prompt rotates each token by its position id, through megatron's unfused RoPE (engine/model/gpt.py).
+        apply_rope_fusion=(m.position_embedding_type == "rope" and compat.rope_fusion_available()
+                           and not config.data.shared_prompt),
         gradient_accumulation_fusion=transformer_impl == "transformer_engine" and compat.grad_accum_fusion_available(),
     )
 
@@ -179,11 +182,13 @@ def _apply_llama3_rope_scaling(model: GPTModel, config: EngineConfig) -> None:
 
 
 def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTModel]:
-    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype; under a
-    value-head stage (rm) `RewardGPTModel` chunks."""
+    """This pipeline rank's GPTModel chunks (one per virtual stage), on the device, in params dtype: their output
+    layer runs on the positions the forward names (`PreferenceGPTModel`); under a value-head stage (rm)
+    `RewardGPTModel` chunks, whose head runs on every position."""
     lora = config.lora
     adapters = LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout) if lora.enabled else None
-    impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled)
+    impl = resolve_transformer_impl(config.model.transformer_impl, lora=lora.enabled,
+                                    shared_prompt=config.data.shared_prompt)
     tf_config = transformer_config(config, platform, impl)
     vpp = config.virtual_pipeline_size
     # A reward model (--stage rm) ends in a scalar value head instead of the tied or untied vocab projection.
@@ -191,7 +196,7 @@ def build_model_chunks(config: EngineConfig, platform: Platform) -> list[GPTMode
         build, extra = RewardGPTModel, {"head_seed": config.training.seed}
     else:
         tied = not config.model.untie_embeddings_and_output_weights
-        build, extra = GPTModel, {"share_embeddings_and_output_weights": tied}
+        build, extra = PreferenceGPTModel, {"share_embeddings_and_output_weights": tied}
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = build(

@@ -43,16 +43,18 @@ from engine.model.norm import Norm
 logger = logging.getLogger(__name__)
 
 
-def resolve_transformer_impl(requested: str, lora: bool = False) -> str:
-    """The layer spec of a run: 'auto' is TE when it can be built here, except under LoRA (local, logged);
-    an explicit transformer_engine without TE is an error, not a fallback (with LoRA, flag validation
-    refuses it: engine.arguments.validate)."""
+def resolve_transformer_impl(requested: str, lora: bool = False, shared_prompt: bool = False) -> str:
+    """The layer spec of a run: 'auto' is TE when it can be built here, except under LoRA or --shared-prompt
+    (local, logged); an explicit transformer_engine without TE is an error, not a fallback (with LoRA or
+    --shared-prompt, flag validation refuses it: engine.arguments.validate)."""
     if requested == "auto":
         if not compat.transformer_engine_available():
             return "local"
-        if lora:
-            logger.info("--transformer-impl auto: local layer spec, not transformer_engine, because LoRA (--lora-r) "
-                        "adapts megatron-core's local linears")
+        if lora or shared_prompt:
+            logger.info("--transformer-impl auto: local layer spec, not transformer_engine, because %s",
+                        "LoRA (--lora-r) adapts megatron-core's local linears" if lora else
+                        "--shared-prompt's attention (rejected answers skip the chosen ones) runs in the local "
+                        "spec's SDPA attention")
             return "local"
         return "transformer_engine"
     if requested == "transformer_engine" and not compat.transformer_engine_available():

@@ -4,8 +4,8 @@ FLOPs are counted for the matrix multiplies of a forward pass over a sequence of
 length s (2 FLOPs per multiply-add): per layer the QKV projection 2*s*h*(d_q + 2*d_kv),
 attention scores and values 2*2*s^2*d_q halved for the causal mask, the output
 projection 2*s*d_q*h and the MLP 2*s*h*f*(3 with SwiGLU, else 2); plus the LM head
-2*s*h*V. A DPO step costs 3 forwards for the policy (forward + backward) and 1 for
-an online reference. MFU = achieved FLOP/s per device / the device's dense bf16 peak.
+2*a*h*V over the a positions it runs on (those with a target: the answer tokens). A DPO
+step costs 3 forwards for the policy (forward + backward) and 1 for an online reference. MFU = achieved FLOP/s per device / the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def detect_peak_tflops(override: float | None) -> float | None:
     return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
 
 
-def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, moe: MoEConfig | None = None) -> float:
-    """Matrix-multiply FLOPs of one forward pass over one sequence (formula in the module docstring);
-    `padded_vocab_size` is the width of the last projection (1 for a reward model's value head). With
+def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, output_positions: int | None = None,
+                  moe: MoEConfig | None = None) -> float:
+    """Matrix-multiply FLOPs of one forward pass over one sequence whose last projection runs on
+    `output_positions` of its positions (all by default; formula in the module docstring);
+    `padded_vocab_size` is the width of that projection (1 for a reward model's value head). With
     experts, a token's MLP work is its top-k experts', the shared expert's and the router's (the active
     parameters), not a dense MLP of --ffn-hidden-size."""
     s, h = seq_length, model.hidden_size
@@ -55,7 +57,8 @@ def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, m
         + 2 * s * d_q * h
         + 2 * s * h * mlp_width
     )
-    return model.num_layers * per_layer + 2 * s * h * padded_vocab_size
+    outputs = s if output_positions is None else output_positions
+    return model.num_layers * per_layer + 2 * outputs * h * padded_vocab_size
 
 
 class MetricsLogger:

@@ -70,7 +70,7 @@ class DPOTrainer:
     """The stage's kind of data (pairwise, or unpaired for KTO): data sets, sampler, collate."""
     datasets: dict[str, Dataset | None]
     num_microbatches: int
-    """Micro-batches per global batch on each data-parallel rank."""
+    """Micro-batches per global batch on each data-parallel rank (without --max-tokens-per-micro-batch)."""
     objective: PairwiseObjective
     checkpointer: Checkpointer
     model: list[torch.nn.Module]
@@ -160,14 +160,17 @@ class DPOTrainer:
             return
         pref, train, source = self.config.preference, self.config.training, self.reference_source
         pairs = len(self.datasets["train"])
+        budget = train.max_tokens_per_micro_batch
+        split = (f"micro-batches of up to {budget} tokens" if budget is not None
+                 else f"{self.num_microbatches} micro-batches x {train.micro_batch_size}")
         logger.info(
             "objective %s | policy %s iteration %d (%s) | reference %s | %d train pairs, "
-            "global batch %d = %d micro-batches x %d x DP %d, --train-iters %d = %.1f epochs",
+            "global batch %d = %s x DP %d, --train-iters %d = %.1f epochs",
             pref.describe(), self.config.checkpoint.load, loaded_iteration, "resumed" if resuming else "fresh start",
             (f"{source.root} iteration {source.iteration}"
              + (" (cached log-probs: no reference model)" if self.reference.forward_passes == 0 else ""))
-            if source else "none", pairs, train.global_batch_size, self.num_microbatches, train.micro_batch_size,
-            self._dp_size, train.train_iters, train.train_iters * train.global_batch_size / pairs,
+            if source else "none", pairs, train.global_batch_size, split, self._dp_size, train.train_iters,
+            train.train_iters * train.global_batch_size / pairs,
         )
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -191,11 +194,12 @@ class DPOTrainer:
         batch.pair_indices = pair_indices  # what the reference cache looks values up by
         return batch.to(current_device())
 
-    def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[int]]:
+    def _micro_batches(self, split: str, indices: list[list[int]]) -> tuple[list, list[tuple[int, int]]]:
         """Collated micro-batches of this DP rank (with the global batch's counts the objective needs),
-        and the unpadded length of every sequence the policy trains on in them."""
+        and for every sequence in them its unpadded length and the positions its last projection runs on."""
         dataset = self.datasets[split]
         samples = [[dataset[i] for i in micro] for micro in indices]
+        indices, samples = self.data.regroup(indices, samples, self._pad_multiple())
         lengths = [n for micro in samples for s in micro for n in self.data.sequence_lengths(s)]
         micro_batches = [self._batch(micro, ids) for micro, ids in zip(samples, indices)]
         self.objective.share_global_counts(micro_batches, parallel_state.get_data_parallel_group())
@@ -226,7 +230,7 @@ class DPOTrainer:
                 self._before_step(micro_batches, items)
             result = train_step(
                 self.objective.policy_forward_step, chunk_iterators(items, self.model), self.model, self.optimizer,
-                self.scheduler, self.num_microbatches, train.micro_batch_size,
+                self.scheduler, len(micro_batches), train.micro_batch_size,
                 max(b.tokens.shape[1] for b in micro_batches), self.objective.metric_names,
             )
             self.state.iteration += 1
@@ -285,7 +289,7 @@ class DPOTrainer:
                 "pairs named above, or resume from the last checkpoint"
             )
 
-    def _step_scalars(self, result, lengths: list[int], elapsed: float) -> dict[str, float]:
+    def _step_scalars(self, result, lengths: list[tuple[int, int]], elapsed: float) -> dict[str, float]:
         """The logged step: its metrics, and `step_time_s` (`elapsed`, between device synchronizations) with the
         throughput derived from it. `peak_memory_gib` is, on CUDA, the peak allocated since the previous log
         line (reset every --log-interval, so it covers the interval's steps and any evaluation or save in
@@ -303,16 +307,18 @@ class DPOTrainer:
             scalars["skipped_update"] = 1
         return scalars
 
-    def _global_work(self, lengths: list[int]) -> tuple[float, float]:
+    def _global_work(self, lengths: list[tuple[int, int]]) -> tuple[float, float]:
         """Real (unpadded) tokens and model FLOPs of this global batch, summed over DP ranks."""
         # The policy's forward + backward (3 forwards), plus one for a reference model run online and
         # one for the policy's forward-only pass of BCO's reward shift.
         passes = 3 + self.reference.forward_passes
         passes += 1 if self.objective.needs_current_logps else 0
         # The last projection: the vocab, or a reward model's single value per position.
-        outputs = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
-        flops = sum(passes * forward_flops(self.config.model, outputs, n, self.config.moe) for n in lengths)
-        totals = torch.tensor([float(sum(lengths)), flops], dtype=torch.float64, device=current_device())
+        width = 1 if self.config.preference.traits.value_head else self.config.padded_vocab_size
+        flops = sum(passes * forward_flops(self.config.model, width, n, outputs, self.config.moe)
+                    for n, outputs in lengths)
+        totals = torch.tensor([float(sum(n for n, _ in lengths)), flops], dtype=torch.float64,
+                              device=current_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals[0].item(), totals[1].item()
 

@@ -11,10 +11,9 @@ from megatron.core import parallel_state
 
 import engine.dpo.objective as objective_module
 from engine.arguments import parse_args
-from engine.data.collate import collate_pairs
 from engine.initialize import initialize_distributed
 from tests.distributed.harness import run_ranks
-from tests.unit.dpo.test_objective import SPLIT_CASES, eight_pairs, objective, step, step_sums
+from tests.unit.dpo.test_objective import SPLIT_CASES, eight_pairs, objective, padded, step, step_sums
 
 TINY = "--num-layers 2 --hidden-size 64 --num-attention-heads 8 --seq-length 32 --vocab-size 16".split()
 
@@ -31,7 +30,7 @@ def data_parallel_steps(cases: list[dict]) -> list[tuple[float, dict[str, float]
     rank, pairs = parallel_state.get_data_parallel_rank(), eight_pairs()
     results = []
     for flags in cases:
-        micro_batches = [collate_pairs(pairs[i:i + 2]) for i in range(4 * rank, 4 * rank + 4, 2)]
+        micro_batches = [padded(pairs[i:i + 2]) for i in range(4 * rank, 4 * rank + 4, 2)]
         with mock.patch.object(objective_module, "vocab_parallel_logprobs", fake_logprobs), \
                 mock.patch.object(objective_module, "vocab_parallel_mean_logits", lambda logits, vocab: logits[..., 0]):
             totals, count, metrics = step_sums(objective(**flags), micro_batches, group=group)
@@ -50,7 +49,7 @@ def test_two_data_parallel_ranks_give_the_loss_of_one(monkeypatch):
     cases = SPLIT_CASES[:3]  # ORPO with and without its prompt loss, CPO
     ranks = run_ranks(data_parallel_steps, 2, cases)
     for flags, *per_rank in zip(cases, *ranks):
-        single, single_metrics = step(objective(**flags), [collate_pairs(eight_pairs())])
+        single, single_metrics = step(objective(**flags), [padded(eight_pairs())])
         for loss, metrics in per_rank:
             assert loss == pytest.approx(single.item(), rel=1e-12), flags
             assert metrics == pytest.approx(single_metrics, rel=1e-6), flags

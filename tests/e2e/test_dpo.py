@@ -207,6 +207,40 @@ def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, straig
     assert margin(hf_out) > margin(assets.hf_policy) + 1.0
 
 
+def test_token_budget_micro_batches_train_like_fixed_ones_and_resume_exactly(assets, straight, tmp_path):
+    """--max-tokens-per-micro-batch regroups each global batch's pairs (the same 8, in order): the losses and
+    updates of --micro-batch-size 4, and a resume continues bit for bit."""
+    import shutil
+
+    budget = "--max-tokens-per-micro-batch 256"  # 2 x --seq-length: two to three of these pairs per micro-batch
+    whole = run_dpo(assets, tmp_path / "whole", extra=f"--train-iters 4 {budget}")
+    for a, b in zip(whole, straight[:4], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    packed = run_dpo(assets, tmp_path / "packed", nproc=2, extra=f"--train-iters 2 --pack-sequences {budget}")
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in straight[:2]], abs=1e-6)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(assets.checkpoint(1, 1)[0], resumed_dir)
+    run_dpo(assets, resumed_dir, load=resumed_dir, extra=f"--train-iters 2 {budget}")
+    run_dpo(assets, resumed_dir, load=resumed_dir, extra=f"--train-iters 4 {budget}")
+    assert [r["loss"] for r in read_metrics(resumed_dir)] == [r["loss"] for r in whole]  # bit-exact on CPU fp32
+
+
+def test_shared_prompt_trains_like_separate_sequences(assets, straight, tmp_path):
+    """--shared-prompt (each pair one [prompt | chosen | rejected] sequence) through the CLI: padded at TP1, and
+    packed with a cached reference and a token budget at TP2 + sequence parallel: the losses and updates of
+    separate padded sequences."""
+    padded = run_dpo(assets, tmp_path / "padded", extra="--train-iters 3 --micro-batch-size 4 --shared-prompt")
+    packed = run_dpo(assets, tmp_path / "packed", tp=2, nproc=2,
+                     extra="--train-iters 3 --shared-prompt --pack-sequences --precompute-ref-logps "
+                           "--max-tokens-per-micro-batch 256 --sequence-parallel")
+    for rows in (padded, packed):
+        for a, b in zip(rows, straight[:3], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
 def test_distributed_optimizer_resumes_exactly(assets, tmp_path):
     """DP2 with the distributed optimizer (torch's Adam, as without TE/apex): its sharded states and Adam's
     step survive a resume, so a cosine run stopped at step 2 continues bit for bit."""

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
-from engine.dpo.objective import PairwiseObjective, _sequence_index, _sequence_sums
+from engine.dpo.objective import PairwiseObjective, _row_sequence_index, _row_sequence_sums
 from engine.formats import IGNORE_INDEX
 
 
@@ -92,7 +92,7 @@ class KTOObjective(PairwiseObjective):
         token_logps = vocab_parallel_logprobs(logits, view.labels, self.vocab_size)
         selection = None if view.sequence_ids is None else \
             view.sequence_ids == torch.arange(n, device=view.sequence_ids.device).unsqueeze(-1)
-        policy = _sequence_sums(token_logps, selection)
+        policy = _row_sequence_sums(token_logps, selection)
         logratios = policy - reference.to(policy.device)[0, :n]
         kl = self.kl.to(policy.device)
         desirable = batch.desirable
@@ -108,8 +108,8 @@ class KTOObjective(PairwiseObjective):
         undesirable = ~desirable
         mask = view.labels != IGNORE_INDEX
         mean_logits = vocab_parallel_mean_logits(logits.detach(), self.vocab_size) * mask
-        token_desirable = desirable[_sequence_index(view).clamp(max=n - 1)] & mask
-        token_undesirable = undesirable[_sequence_index(view).clamp(max=n - 1)] & mask
+        token_desirable = desirable[_row_sequence_index(view).clamp(max=n - 1)] & mask
+        token_undesirable = undesirable[_row_sequence_index(view).clamp(max=n - 1)] & mask
 
         def over(values: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
             return torch.stack([torch.where(kind, values, 0).float().sum(), kind.float().sum()])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.arguments import PreferenceConfig
-from engine.dpo.objective import PairwiseObjective, _sequence_selection, mean_pair
+from engine.dpo.objective import PairwiseObjective, _row_sequence_selection, mean_pair
 from engine.formats import IGNORE_INDEX
 
 METRICS = ("loss", "rewards/accuracies", "rewards/chosen", "rewards/margins", "rewards/rejected")
@@ -30,7 +30,7 @@ def last_token_values(values: torch.Tensor, batch) -> torch.Tensor:
     is one past its last labelled position; a max over positions, no atomics."""
     mask = batch.labels != IGNORE_INDEX
     positions = torch.arange(mask.shape[-1], device=mask.device)
-    selection = _sequence_selection(batch)
+    selection = _row_sequence_selection(batch)
     if selection is None:  # padded: row r is sequence r
         last = torch.where(mask, positions, -1).amax(dim=-1) + 1
         return values.gather(1, last.unsqueeze(1)).squeeze(1)
@@ -50,6 +50,8 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 class RewardObjective(PairwiseObjective):
     """The forward step and loss of a reward model; shares the pairwise forward (padded or THD rows) and the
     trainer's hooks with `PairwiseObjective` (no global counts, no state, no current-log-prob pass)."""
+
+    output_rows = False
 
     def __init__(self, preference: PreferenceConfig, vocab_size: int, half_precision: bool = False):
         self.preference = preference

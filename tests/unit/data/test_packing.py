@@ -11,6 +11,7 @@ from engine.data.collate import collate_pairs, pack_pairs
 from engine.dpo import objective as objective_module
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
+from tests.output_rows import at_outputs
 
 
 def pair(prompt: int, chosen: int, rejected: int, seed: int) -> dict:
@@ -64,13 +65,14 @@ def token_value_logprobs(monkeypatch):
 
 def fake_logits(batch) -> torch.Tensor:
     value = -(batch.tokens.double() * 0.01 + batch.labels.clamp(min=0).double() * 0.001)
-    return value.unsqueeze(-1)
+    return at_outputs(value.unsqueeze(-1), batch)
 
 
 @pytest.mark.parametrize("flags", [{}, {"ld_alpha": 0.5}, {"stage": "orpo"}])
 def test_packed_and_padded_batches_give_the_same_sequence_logps_loss_and_metrics(token_value_logprobs, flags):
     objective = build_objective(PreferenceConfig(**flags), vocab_size=64)
-    padded, packed = collate_pairs(SAMPLES), pack_pairs(SAMPLES)
+    prompt = objective.nll_over_prompt
+    padded, packed = collate_pairs(SAMPLES, prompt_targets=prompt), pack_pairs(SAMPLES, prompt_targets=prompt)
     a, b = objective.sequence_logps(fake_logits(padded), padded), objective.sequence_logps(fake_logits(packed), packed)
     assert torch.allclose(a.total, b.total) and torch.equal(a.count, b.count)
     if "ld_alpha" in flags:

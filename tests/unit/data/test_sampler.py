@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from engine.data.sampler import PairwiseBatchSampler
+from engine.data.sampler import PairwiseBatchSampler, token_budget_micro_batches
 
 
 def take(sampler, n):
@@ -85,3 +85,14 @@ def test_validation_errors(args, match):
         PairwiseBatchSampler(*args, seed=0)
     with pytest.raises(ValueError, match="consumed_samples"):
         PairwiseBatchSampler(10, 2, 1, 0, 1, seed=0, consumed_samples=-1)
+
+
+def test_a_token_budget_fills_micro_batches_in_order_as_they_would_be_collated():
+    pairs = [(10, 12), (5, 5), (30, 2), (3, 3), (3, 3)]
+    # padded: 2n rows of the longest, rounded to 8: 2 x 2 x 16 = 64 fits, adding (30, 2) makes 2 x 3 x 32
+    assert token_budget_micro_batches(pairs, 64, 8, packed=False) == [2, 1, 2]
+    # packed: the sum of the lengths, rounded to 8: 22 + 10 + 32 = 64 fits, then 12 -> 16
+    assert token_budget_micro_batches(pairs, 64, 8, packed=True) == [3, 2]
+    # a pair over the budget forms a micro-batch alone; every pair is placed once
+    assert token_budget_micro_batches([(3, 3), (100, 90), (3, 3)], 64, 8, packed=True) == [1, 1, 1]
+    assert token_budget_micro_batches([(3, 3)] * 7, 10**6, 8, packed=False) == [7]

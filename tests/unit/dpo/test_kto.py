@@ -48,6 +48,10 @@ def fake_model(monkeypatch):
 
 
 def logits(batch, scale: float) -> torch.Tensor:
+    """A fake model's logits: `scale` x the next token; at the batch's `OutputRows` when it has them (the
+    reference and pre-step passes), else at every position (the loss's completions view)."""
+    if batch.outputs is not None:
+        return (scale * batch.outputs.targets.double()).unsqueeze(-1)
     return (scale * batch.tokens.roll(-1, dims=-1).double()).unsqueeze(-1)
 
 

@@ -8,17 +8,19 @@ rejected d_r = -2; token-averaged: -2, -2, -2.2, -1.714286 (margin 0.485714).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import engine.dpo.objective as objective_module
 from engine.arguments import PreferenceConfig
+from engine.data.collate import collate_pairs
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, log_odds, preference_loss, rewards
 from engine.loss_catalog import DPO_LOSS_TYPES
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
+from tests.output_rows import at_outputs
 
 
 def _t(values) -> torch.Tensor:
@@ -147,16 +149,15 @@ def plain_logprobs(monkeypatch):
 
 
 def _pair_batch(chosen: list[float], rejected: list[float]):
-    """One pair: a prompt token (label -100), the answer tokens, padding to a common width."""
-    width = 1 + max(len(chosen), len(rejected))
-    rows, labels = [], []
-    for answer in (chosen, rejected):
-        pad = width - 1 - len(answer)
-        rows.append([0.0, *answer, *[0.0] * pad])
-        labels.append([-100, *[1] * len(answer), *[-100] * pad])
-    batch = SimpleNamespace(labels=torch.tensor(labels), tokens=torch.ones(2, width, dtype=torch.long), num_pairs=1,
-                            sequence_ids=None)
-    return batch, torch.tensor(rows, dtype=torch.float64).unsqueeze(-1)
+    """One pair: a prompt token, then answer tokens whose log-probs are given, padding to a common width."""
+    sample = {}
+    for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        sample[f"{side}_input_ids"] = np.ones(1 + len(answer), dtype=np.int64)
+        sample[f"{side}_labels"] = np.array([-100] + [1] * len(answer))
+    batch = collate_pairs([sample])
+    width = batch.tokens.shape[1]  # position t predicts answer token t
+    rows = [[*answer, *[0.0] * (width - len(answer))] for answer in (chosen, rejected)]
+    return batch, at_outputs(torch.tensor(rows, dtype=torch.float64).unsqueeze(-1), batch)
 
 
 def _objective(**flags) -> PairwiseObjective:

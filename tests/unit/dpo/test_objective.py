@@ -25,6 +25,7 @@ from engine.arguments import PreferenceConfig
 from engine.data.collate import collate_pairs, pack_pairs
 from engine.dpo.objective import PairwiseObjective
 from engine.dpo.stages import build_objective
+from tests.output_rows import at_outputs
 
 M = -100
 
@@ -33,6 +34,15 @@ def pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
     a = np.asarray
     return {"chosen_input_ids": a(prompt + chosen), "chosen_labels": a([M] * len(prompt) + chosen),
             "rejected_input_ids": a(prompt + rejected), "rejected_labels": a([M] * len(prompt) + rejected)}
+
+
+def padded(pairs: list[dict], shards: int = 1):
+    """Padded rows, with the prompt positions selected too (ORPO's prompt loss; other objectives ignore them)."""
+    return collate_pairs(pairs, shards=shards, prompt_targets=True)
+
+
+def packed(pairs: list[dict], shards: int = 1):
+    return pack_pairs(pairs, shards=shards, prompt_targets=True)
 
 
 A, B = pair([5, 6], [7, 8, 9], [2, 3]), pair([1, 2, 3], [4], [1, 1])
@@ -49,7 +59,7 @@ def fake_model(monkeypatch):
 def logits(batch, scale=-0.1, weight: torch.Tensor | None = None) -> torch.Tensor:
     """scale x the id of the next input token at every position: the same per target in any layout."""
     values = scale * batch.tokens.roll(-1, dims=-1).double()
-    return (values if weight is None else values * weight).unsqueeze(-1)
+    return at_outputs((values if weight is None else values * weight).unsqueeze(-1), batch)
 
 
 def objective(**flags) -> PairwiseObjective:
@@ -84,7 +94,7 @@ def orpo_term(a_c: float, a_r: float, lam: float = 0.1) -> float:
     return lam * softplus(-odds)
 
 
-@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
+@pytest.mark.parametrize("collate", [padded, packed])
 def test_orpo_nll_covers_prompt_and_answer_tokens_of_the_batch(collate):
     batch = collate([A, B])
     loss, metrics = step(objective(stage="orpo"), [batch])
@@ -101,17 +111,20 @@ def test_orpo_nll_covers_prompt_and_answer_tokens_of_the_batch(collate):
 
 
 def test_prompt_targets_are_the_next_input_token_up_to_the_last_answer_position():
-    for batch in (collate_pairs([A, B]), pack_pairs([A, B])):
-        targets = objective_module._prompt_and_answer_targets(batch)
-        answer = batch.labels != M
-        assert torch.equal(targets[answer], batch.labels[answer])
-        chosen = objective_module._sequence_index(batch) < 2
-        assert sorted(targets[(targets != M) & chosen].tolist()) == [2, 3, 4, 6, 7, 8, 9]
-        assert int(((targets != M) & ~chosen).sum()) == 3 + 4  # rejected lengths 4 and 5, less one each
+    for collate in (collate_pairs, pack_pairs):
+        answers = collate([A, B]).outputs
+        assert sorted(answers.targets[0].tolist()) == [1, 1, 2, 3, 4, 7, 8, 9]
+        assert (answers.answer_ordinal > 0).all()
+        rows = collate([A, B], prompt_targets=True).outputs
+        answer = rows.answer_ordinal > 0
+        assert sorted(rows.targets[answer].tolist()) == sorted(answers.targets[0].tolist())
+        chosen = rows.sequence_ids < 2
+        assert sorted(rows.targets[chosen].tolist()) == [2, 3, 4, 6, 7, 8, 9]
+        assert int((~chosen).sum()) == 3 + 4  # rejected lengths 4 and 5, less one each
 
 
 def test_cpo_and_sft_average_the_nll_over_the_batch_tokens_and_rpo_per_pair():
-    batch = [collate_pairs([A, B])]
+    batch = [padded([A, B])]
     nll_tokens, nll_pairs = 2.8 / 4, 0.6
     # CPO sigmoid on summed log-probs, margins -1.9 and -0.2, plus the batch-token NLL (TRL's CPOTrainer)
     loss, metrics = step(objective(stage="cpo"), batch)
@@ -137,7 +150,7 @@ def test_cpo_and_sft_average_the_nll_over_the_batch_tokens_and_rpo_per_pair():
 def test_rewards_are_beta_times_summed_log_ratios_whatever_the_loss_normalizes():
     # chosen 2 2 2 (3 tokens), rejected 3 (1 token): log-ratios -0.05 x ids, sums -0.3 and -0.15,
     # token means -0.1 and -0.15. Summed rewards rank the rejected answer higher, means the chosen one.
-    batch = [collate_pairs([pair([1], [2, 2, 2], [3])])]
+    batch = [padded([pair([1], [2, 2, 2], [3])])]
     for loss_type, expected in (("ipo", (0.05 - 5) ** 2), ("sigmoid_norm", softplus(-0.1 * 0.05))):
         loss, metrics = step(objective(dpo_loss_type=loss_type), batch)
         assert loss.item() == pytest.approx(expected)
@@ -170,7 +183,7 @@ def eight_pairs() -> list[dict]:
 
 
 @pytest.mark.parametrize("flags", SPLIT_CASES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
-@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
+@pytest.mark.parametrize("collate", [padded, packed])
 def test_one_micro_batch_of_8_and_four_of_2_give_the_same_loss_gradient_and_metrics(flags, collate):
     pairs = eight_pairs()
     results = []
@@ -188,18 +201,18 @@ def test_one_micro_batch_of_8_and_four_of_2_give_the_same_loss_gradient_and_metr
                          ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
 def test_the_declared_metric_names_are_those_the_loss_returns(flags):
     obj = objective(**flags)
-    _, _, metrics = step_sums(obj, [pack_pairs([A, B])])
+    _, _, metrics = step_sums(obj, [packed([A, B])])
     assert obj.metric_names == tuple(sorted(metrics))
 
 
 def test_a_mean_of_micro_batch_means_would_differ_and_missing_counts_are_an_error():
     pairs, obj = eight_pairs(), objective(stage="orpo")
-    whole, _ = step(obj, [collate_pairs(pairs)])
-    parts = [collate_pairs(pairs[i:i + 2]) for i in range(0, 8, 2)]
+    whole, _ = step(obj, [padded(pairs)])
+    parts = [padded(pairs[i:i + 2]) for i in range(0, 8, 2)]
     each_alone = sum(step(obj, [part])[0] for part in parts) / 4  # every micro-batch its own batch
     assert abs(each_alone.item() - whole.item()) > 1e-3
     with pytest.raises(ValueError, match="share_global_counts"):
-        obj.loss_func(collate_pairs(pairs), None, logits(collate_pairs(pairs)))
+        obj.loss_func(padded(pairs), None, logits(padded(pairs)))
 
 
 # -- per-sequence sums: exact and free of atomics -------------------------------------------------------------
@@ -230,11 +243,13 @@ def reference_sums(pairs: list[dict], table: np.ndarray) -> dict[str, list[float
     return sums
 
 
-@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
-def test_sequence_sums_equal_a_float64_reference(collate):
+@pytest.mark.parametrize("shards", [1, 4])
+@pytest.mark.parametrize("collate", [padded, packed])
+def test_sequence_sums_equal_a_float64_reference(collate, shards):
+    """Whichever shards (sequence-parallel ranks) select the positions, each one's target is scored once."""
     pairs, table = long_pairs()
-    batch = collate(pairs)
-    token_values = torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1)  # float32, as a model's
+    batch = collate(pairs, shards)
+    token_values = at_outputs(torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1), batch)  # float32
     logps = objective(ld_alpha=0.5).sequence_logps(token_values, batch)
     logps.prompt_total, logps.prompt_count = attrgetter("prompt_total", "prompt_count")(
         objective(stage="orpo").sequence_logps(token_values, batch))
@@ -254,7 +269,7 @@ ATOMIC_OPS = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter
 """aten ops that accumulate into shared slots (atomically on CUDA), and the backward of gathers, which is one."""
 
 
-@pytest.mark.parametrize("collate", [collate_pairs, pack_pairs])
+@pytest.mark.parametrize("collate", [padded, packed])
 def test_sequence_sums_use_no_accumulating_scatter_forward_or_backward(collate):
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -270,7 +285,7 @@ def test_sequence_sums_use_no_accumulating_scatter_forward_or_backward(collate):
 
     pairs, table = long_pairs()
     batch = collate(pairs[:3])
-    values = torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1).requires_grad_()
+    values = at_outputs(torch.from_numpy(table)[batch.tokens.roll(-1, dims=-1)].unsqueeze(-1), batch).requires_grad_()
     with Recorder() as recorder:
         shared = objective(ld_alpha=0.5).sequence_logps(values, batch).shared
         prompt = objective(stage="orpo").sequence_logps(values, batch).prompt_total

@@ -14,8 +14,8 @@ def test_moe_flops_count_the_routed_top_k_the_shared_expert_and_the_router():
     # per layer: q/k/v and out projections (4 x h x h), scores and values (2 x s x h), SwiGLU MLP of width
     # 2 x 24 + 16 = 64 active (3 matrices), the router (h x 8)
     per_layer = 2 * s * h * 3 * h + 2 * s * s * h + 2 * s * h * h + 2 * s * h * (64 * 3 + 8)
-    assert forward_flops(model, 128, s, moe) == 2 * per_layer + 2 * s * h * 128
+    assert forward_flops(model, 128, s, moe=moe) == 2 * per_layer + 2 * s * h * 128
     dense_same_active = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                                     ffn_hidden_size=64, swiglu=True, vocab_size=100)
-    assert forward_flops(model, 128, s, moe) - forward_flops(dense_same_active, 128, s) == 2 * (2 * s * h * 8)
-    assert forward_flops(model, 128, s, MoEConfig()) == forward_flops(model, 128, s)  # dense: unchanged
+    assert forward_flops(model, 128, s, moe=moe) - forward_flops(dense_same_active, 128, s) == 2 * (2 * s * h * 8)
+    assert forward_flops(model, 128, s, moe=MoEConfig()) == forward_flops(model, 128, s)  # dense: unchanged
