@@ -27,7 +27,7 @@ from engine.checkpoint.layout import TRACKER_FILE  # noqa: E402
 from engine.data.handlers import HANDLERS, RecordError, build_handler  # noqa: E402
 from engine.data.preprocess import json_object  # noqa: E402
 from engine.data.templates import ChatEncoder, Conversation, build_chat_encoder  # noqa: E402
-from engine.data.truncation import truncate_lengths  # noqa: E402
+from engine.data.truncation import cut_sequence, truncate_lengths  # noqa: E402
 from engine.tokenizer import TokenizerConfig, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("score")
@@ -75,7 +75,7 @@ def read_sequences(path: str, encoder: ChatEncoder, handler, seq_length: int | N
             if seq_length is not None:
                 keep_prompt, keep_answer = truncate_lengths(max(n for _, n in encoded),
                                                             max(len(ids) - n for ids, n in encoded), seq_length)
-                encoded = [(ids[n - min(n, keep_prompt):n + keep_answer], n) for ids, n in encoded]
+                encoded = [cut_sequence(ids, n, keep_prompt, keep_answer) for ids, n in encoded]
             records.append([ids for ids, _ in encoded])
     if not records:
         raise ValueError(f"{path}: no records")

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from engine.arguments import DataConfig
 from engine.data.readers import DataError
-from engine.data.truncation import truncate_lengths
+from engine.data.truncation import cut_sequence, truncate_lengths
 from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, missing_shards_message, output_path_prefix
 
 logger = logging.getLogger(__name__)
@@ -135,12 +135,8 @@ class PairwiseDataset(Dataset):
         response = max(seqs[f"{side}_input_ids"].size - prompt[side] for side in prompt)
         keep_prompt, keep_response = truncate_lengths(longest, response, self.seq_length)
         if keep_prompt != longest or keep_response != response:
-            out = {}
-            for k, s in seqs.items():
-                p = prompt[k.split("_")[0]]
-                kept = min(p, keep_prompt)
-                out[k] = np.concatenate([s[p - kept:p], s[p:p + keep_response]])
-            seqs = out
+            seqs = {k: cut_sequence(s, prompt[k.split("_")[0]], keep_prompt, keep_response)[0]
+                    for k, s in seqs.items()}
         if self.margins is not None:
             seqs["margin"] = float(self.margins[i])
         return seqs

@@ -41,7 +41,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from engine.data.handlers import HANDLERS, RecordError, build_handler
 from engine.data.readers import DataError, Source, find_sources, first_record_columns, read_records, total_bytes
 from engine.data.templates import build_chat_encoder
-from engine.data.truncation import truncate_lengths
+from engine.data.truncation import cut_sequence, truncate_lengths
 from engine.data.unpaired import UNPAIRED_HANDLERS, unpair
 from engine.file_lock import lock_or_holder
 from engine.formats import IGNORE_INDEX, MARGIN_KEY, OUTPUT_KEYS, UNPAIRED_KEYS, output_path_prefix
@@ -207,8 +207,8 @@ class PairEncoder:
                                      f"{max(len(chosen), len(rejected))} tokens > --seq-length")
             keep_prompt, keep_answer = truncate_lengths(prompt, answer, self.seq_length)
             truncated = _truncation(prompt, answer, keep_prompt, keep_answer)
-            chosen, n_chosen = _cut(chosen, n_chosen, keep_prompt, keep_answer)
-            rejected, n_rejected = _cut(rejected, n_rejected, keep_prompt, keep_answer)
+            chosen, n_chosen = cut_sequence(chosen, n_chosen, keep_prompt, keep_answer)
+            rejected, n_rejected = cut_sequence(rejected, n_rejected, keep_prompt, keep_answer)
         return EncodedPair(source, index, np.asarray(chosen, dtype=np.int32).tobytes(),
                            np.asarray(rejected, dtype=np.int32).tobytes(), n_chosen, n_rejected, lengths, truncated,
                            shared, sample.chosen == sample.rejected, margin)
@@ -242,12 +242,6 @@ class PairEncoder:
         summary.chosen.add(chosen.size)
         summary.rejected.add(rejected.size)
         return chosen.size + rejected.size
-
-
-def _cut(ids: list[int], prompt: int, keep_prompt: int, keep_answer: int) -> tuple[list[int], int]:
-    """The prompt's last ``keep_prompt`` tokens (all of a shorter one) and the answer's first ``keep_answer``."""
-    kept = min(prompt, keep_prompt)
-    return ids[prompt - kept:prompt + keep_answer], kept
 
 
 def _truncation(prompt: int, answer: int, keep_prompt: int, keep_answer: int) -> str:
@@ -284,7 +278,7 @@ class UnpairedEncoder(PairEncoder):
                     return RecordFailure(source, index, "too_long", None, f"{len(ids)} tokens > --seq-length")
                 keep_prompt, keep_completion = truncate_lengths(prompt, completion, self.seq_length)
                 truncated = _truncation(prompt, completion, keep_prompt, keep_completion)
-                ids, kept = _cut(ids, prompt, keep_prompt, keep_completion)
+                ids, kept = cut_sequence(ids, prompt, keep_prompt, keep_completion)
             else:
                 kept = prompt
             documents.append(UnpairedDocument(np.asarray(ids, dtype=np.int32).tobytes(), kept, s.desirable,
