@@ -130,7 +130,7 @@ class PairwiseObjective:
         if self.nll_over_prompt and not rows.prompt_targets:
             raise ValueError("ORPO's prompt loss needs the prompt positions' logits: collate the micro-batch "
                              "with prompt_targets=True")
-        selection = _sequence_selection(rows, batch.num_pairs)
+        selection = _sequence_selection(rows.sequence_ids, 2 * batch.num_pairs)
         answer = rows.answer_ordinal > 0
         # One log-prob pass over every selected position (the prompt's too under ORPO's prompt loss).
         token_logps = vocab_parallel_logprobs(logits, rows.targets, self.vocab_size)
@@ -319,10 +319,10 @@ class PairwiseObjective:
         """Restores `state_dict()`."""
 
 
-def _sequence_selection(rows, num_pairs: int) -> torch.Tensor:
-    """[2n, K] one-hot of the selected positions' sequences (sequence k's positions in row k; padding in none)."""
-    sequences = torch.arange(2 * num_pairs, device=rows.sequence_ids.device)
-    return rows.sequence_ids == sequences.unsqueeze(-1)
+def _sequence_selection(sequence_ids: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, K] one-hot of the positions' sequences (sequence k's positions in row k; padding, -1, in none)."""
+    sequences = torch.arange(count, device=sequence_ids.device)
+    return sequence_ids == sequences.unsqueeze(-1)
 
 
 def _sequence_sums(values: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
@@ -355,10 +355,7 @@ def _row_sequence_index(batch) -> torch.Tensor:
 def _row_sequence_selection(batch) -> torch.Tensor | None:
     """For a batch without `OutputRows`: [2n, t] one-hot of the packed row's sequences (sequence k's positions in
     row k); None for padded rows, where row r already is sequence r."""
-    if batch.sequence_ids is None:
-        return None
-    sequences = torch.arange(2 * batch.num_pairs, device=batch.sequence_ids.device)
-    return batch.sequence_ids == sequences.unsqueeze(-1)
+    return None if batch.sequence_ids is None else _sequence_selection(batch.sequence_ids, 2 * batch.num_pairs)
 
 
 def _row_sequence_sums(values: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:

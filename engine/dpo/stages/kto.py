@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from engine.arguments import PreferenceConfig
 from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_logits
-from engine.dpo.objective import PairwiseObjective, _row_sequence_index, _row_sequence_sums
+from engine.dpo.objective import PairwiseObjective, _row_sequence_index, _row_sequence_sums, _sequence_selection
 from engine.formats import IGNORE_INDEX
 
 
@@ -90,8 +90,7 @@ class KTOObjective(PairwiseObjective):
             raise ValueError("--stage kto: the KL point of the batch is not set; run before_step first")
         n = batch.num_pairs
         token_logps = vocab_parallel_logprobs(logits, view.labels, self.vocab_size)
-        selection = None if view.sequence_ids is None else \
-            view.sequence_ids == torch.arange(n, device=view.sequence_ids.device).unsqueeze(-1)
+        selection = None if view.sequence_ids is None else _sequence_selection(view.sequence_ids, n)
         policy = _row_sequence_sums(token_logps, selection)
         logratios = policy - reference.to(policy.device)[0, :n]
         kl = self.kl.to(policy.device)
