@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -164,9 +166,6 @@ def test_cli_reports_an_os_error_in_one_line(tiny_hf, tmp_path, capsys):
 
 
 def test_staging_left_by_a_killed_conversion_is_removed_and_a_live_ones_kept(tiny_hf, tmp_path):
-    import os
-    import socket
-
     host = socket.gethostname()
     dead = _exited_pid()
     abandoned = tmp_path / f".mg.staging-{host}-{dead}-0000"
@@ -181,8 +180,6 @@ def test_staging_left_by_a_killed_conversion_is_removed_and_a_live_ones_kept(tin
 
 def _exited_pid() -> int:
     """The pid of a process that has finished (and been reaped), as a killed conversion's is."""
-    import subprocess
-
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
