@@ -64,6 +64,10 @@ class HFNames:
     """Prefix of the shared expert's gate_proj / up_proj / down_proj (Qwen2-MoE)."""
     shared_expert_gate: str = "mlp.shared_expert_gate.weight"
     """The shared expert's sigmoid gate [1, hidden] (Qwen2-MoE)."""
+    experts: str = "mlp.experts"
+    """The module transformers 5 builds for a layer's routed experts, whatever the checkpoint's names (Mixtral's
+    included): 3D parameters gate_up_proj [experts, 2 x ffn, hidden] ([gate; up] rows) and down_proj
+    [experts, hidden, ffn], which a PEFT adapter addresses through `target_parameters`."""
 
     def layer(self, index: int, name: str) -> str:
         return self.layer_prefix.format(index) + name

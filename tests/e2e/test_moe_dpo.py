@@ -121,6 +121,21 @@ def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
     assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(4)} <= changed
     assert "model.layers.0.mlp.shared_expert.up_proj.weight" in changed
     assert not any("norm" in k or k.endswith("mlp.gate.weight") for k in changed)
+    # The same adapters as a PEFT adapter (experts through target_parameters, the shared expert's and attention's
+    # linears through target_modules) on the base HF model give the merged checkpoint's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_dir = tmp_path / "peft"
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(peft_dir), lora_load=str(tmp_path / "ep2"), lora_r=4,
+                                 lora_alpha=8.0, save_lora_to_hf=True))
+    tokens = torch.arange(3, 35).unsqueeze(0)
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    with torch.no_grad():
+        plain, expected = load(assets.hf)(tokens).logits, load(merged)(tokens).logits
+        got = PeftModel.from_pretrained(load(assets.hf), peft_dir).eval()(tokens).logits
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 def test_moe_reward_model_agrees_at_ep2(assets, tmp_path):
