@@ -77,8 +77,11 @@ def moe_fields(config: EngineConfig) -> dict:
     if not moe.enabled:
         # megatron rejects variable_seq_lengths with its default (allgather) dispatcher, even without experts.
         return dict(moe_token_dispatcher_type="alltoall")
+    pattern = moe.layer_pattern(config.model.num_layers)
     return dict(
         num_moe_experts=moe.num_experts,
+        # megatron-core's field (its TE decoder spec builds the layers from it), as the pattern itself.
+        moe_layer_freq=1 if all(pattern) else pattern,
         moe_ffn_hidden_size=moe.expert_ffn(config.model),
         moe_router_topk=moe.moe_router_topk,
         moe_router_pre_softmax=moe.moe_router_pre_softmax,
