@@ -89,7 +89,8 @@ def moe_fields(config: EngineConfig) -> dict:
         moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
         # Scaled by the pairs of a micro-batch: see `count_router_losses_per_micro_batch`.
         moe_aux_loss_coeff=moe.moe_aux_loss_coeff * pairs,
-        moe_z_loss_coeff=None if moe.moe_z_loss_coeff is None else moe.moe_z_loss_coeff * pairs,
+        # 0 is off, as for the aux loss: megatron's router would log z-loss / 0 (NaN) for a zero coefficient.
+        moe_z_loss_coeff=moe.moe_z_loss_coeff * pairs if moe.moe_z_loss_coeff else None,
         moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=moe.moe_shared_expert_gate,
         moe_shared_expert_overlap=moe.moe_shared_expert_overlap,
