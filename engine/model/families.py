@@ -238,7 +238,7 @@ def _hf_moe_layers(family: ModelFamily, hf_config: dict) -> list[int]:
     pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
     if not any(pattern):
         raise UnsupportedModelError(f"decoder_sparse_step {step} and mlp_only_layers {sorted(dense)} leave no MoE "
-                                    f"layer among {layers}: convert it as a dense model")
+                                    f"layer among {layers}: a Qwen-MoE model without MoE layers is not supported")
     return pattern
 
 
