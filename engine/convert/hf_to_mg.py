@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -124,5 +125,5 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
         writer.close()
     flags = layout_flags(args)
     log.info("converted %s (%s%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
-             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, " ".join(flags))
+             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, shlex.join(flags))
     return flags

@@ -275,7 +275,7 @@ class UnpairedBatch(PairBatch):
         n = self.num_pairs
         if self.cu_seqlens is None:
             return PairBatch(tokens=self.tokens[:n], labels=self.labels[:n], position_ids=self.position_ids[:n],
-                             num_pairs=n, pair_indices=self.pair_indices)
+                             num_pairs=n, pair_indices=self.pair_indices, padding=self.padding[:n])
         used = sum(self.seq_lengths[:n])
         length = -(-used // self.pad_to_multiple_of) * self.pad_to_multiple_of
         lengths = self.seq_lengths[:n] + ([length - used] if length > used else [])
@@ -285,7 +285,7 @@ class UnpairedBatch(PairBatch):
         return PairBatch(tokens=self.tokens[:, :length], labels=self.labels[:, :length].masked_fill(tail, IGNORE_INDEX),
                          position_ids=self.position_ids[:, :length], num_pairs=n, pair_indices=self.pair_indices,
                          sequence_ids=self.sequence_ids[:, :length].masked_fill(tail, -1), cu_seqlens=cu_seqlens,
-                         max_seqlen=max(lengths), seq_lengths=lengths)
+                         max_seqlen=max(lengths), seq_lengths=lengths, padding=tail[None])
 
 
 def collate_unpaired(samples: list[dict], pad_to_multiple_of: int = 8, packed: bool = False,

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from engine.arguments import EngineConfig, plain_config
+from engine.arguments import EngineConfig, moe_layer_pattern, plain_config
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
     TRACKER_FILE,
@@ -315,6 +315,10 @@ def check_model_args(saved: dict | None, config: EngineConfig, path: Path) -> No
              **{name: getattr(config.moe, name) for name in CHECKED_MOE_FIELDS}}
     if config.moe.enabled:
         flags["moe_ffn_hidden_size"] = config.moe.expert_ffn(model)
+        # Recorded as the pattern (integer or list); a checkpoint from before the flag made every layer MoE.
+        if "num_experts" in saved and saved.get("num_layers") == model.num_layers:
+            flags["moe_layer_freq"] = config.moe.layer_pattern(model.num_layers)
+            saved = {**saved, "moe_layer_freq": moe_layer_pattern(saved.get("moe_layer_freq", 1), model.num_layers)}
     mismatches = [
         f"--{name.replace('_', '-')}: checkpoint {saved.get(name)!r}, flags {value!r}"
         for name, value in flags.items()
@@ -476,7 +480,8 @@ class Checkpointer:
         if not moe.enabled:
             return {}
         return {**{k: v for k, v in asdict(moe).items() if k in CHECKED_MOE_FIELDS},
-                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model)}
+                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model),
+                "moe_layer_freq": moe.layer_pattern(self.config.model.num_layers)}
 
     def _lora_args(self) -> dict:
         """What a LoRA checkpoint needs to be read back: adapter-only or not, and its base."""

@@ -35,6 +35,8 @@ class MoeAssets:
         vocab = build_tokenizer(TokenizerConfig("PretrainedFromHF", self.tokenizer_dir)).vocab_size
         self.hf = build_tiny_moe("qwen2_moe", root / "hf", seed=0, vocab_size=vocab, max_position_embeddings=128)
         self._converted: dict[tuple[int, int], tuple[Path, list[str]]] = {}
+        self._vocab = vocab
+        self._layered: dict[int, tuple[Path, list[str]]] = {}
 
     def checkpoint(self, tp: int, pp: int) -> tuple[Path, list[str]]:
         """Converted without expert parallelism: an EP run's ranks take their experts from these files."""
@@ -43,6 +45,17 @@ class MoeAssets:
             self._converted[(tp, pp)] = target, _model_flags(convert(self.hf, target, tp, pp))
         return self._converted[(tp, pp)]
 
+    def layered_checkpoint(self, pp: int) -> tuple[Path, list[str]]:
+        """A 4-layer Qwen2-MoE whose even layers are dense MLPs (decoder_sparse_step 2: --moe-layer-freq [0,1]*2),
+        converted at PP `pp`."""
+        if not self._layered:
+            self.hf_layered = build_tiny_moe("qwen2_moe", self.root / "hf_layered", seed=1, vocab_size=self._vocab,
+                                             max_position_embeddings=128, num_hidden_layers=4, decoder_sparse_step=2)
+        if pp not in self._layered:
+            target = self.root / f"mg_layered_pp{pp}"
+            self._layered[pp] = target, _model_flags(convert(self.hf_layered, target, 1, pp))
+        return self._layered[pp]
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> MoeAssets:
@@ -50,8 +63,8 @@ def assets(tmp_path_factory) -> MoeAssets:
 
 
 def run_moe_dpo(assets: MoeAssets, save: Path, layout: Layout, extra: str = "", load: Path | None = None,
-                stage: str = DPO) -> list[dict]:
-    checkpoint, flags = assets.checkpoint(layout.tp, layout.pp)
+                stage: str = DPO, converted: tuple[Path, list[str]] | None = None) -> list[dict]:
+    checkpoint, flags = converted or assets.checkpoint(layout.tp, layout.pp)
     args = [*flags, *TRAIN, *stage.split(), "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(layout.tp),
             "--pipeline-model-parallel-size", str(layout.pp), "--load", str(load or checkpoint), "--save", str(save),
             *layout.argv, *extra.split()]
@@ -71,9 +84,11 @@ def one_rank(assets, tmp_path_factory):
 LAYOUTS = [
     Layout("ep2_distributed_optimizer", 2, "--expert-model-parallel-size 2 --use-distributed-optimizer"),
     Layout("ep2_allgather", 2, "--expert-model-parallel-size 2 --moe-token-dispatcher-type allgather"),
-    Layout("tp2ep2", 4, "--expert-model-parallel-size 2 --sequence-parallel", tp=2),
     Layout("pp2ep2", 4, "--expert-model-parallel-size 2", pp=2),
     Layout("ep2_cached_reference", 2, "--expert-model-parallel-size 2 --precompute-ref-logps"),
+    # Packed rows (THD) against the padded one-rank run, router losses included: the routers leave padding out.
+    Layout("packed", 1, "--pack-sequences"),
+    Layout("packed_ep2", 2, "--expert-model-parallel-size 2 --pack-sequences"),
 ]
 
 
@@ -146,3 +161,32 @@ def test_moe_reward_model_agrees_at_ep2(assets, tmp_path):
     assert one[-1]["loss"] < one[0]["loss"]
     for name in ("loss", "rewards/margins", *ROUTER):
         assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
+
+
+def test_moe_dpo_with_dense_layers_agrees_under_the_interleaved_pipeline(assets, tmp_path):
+    """--moe-layer-freq from a converted Qwen2-MoE (decoder_sparse_step 2: layers 0 and 2 dense, 1 and 3 MoE) trains;
+    PP2 x VPP2 puts the dense layers 0 and 2 on the first stage and the MoE layers 1 and 3 on the second (the
+    pattern indexes the whole model's layers), and gives one rank's losses and router losses."""
+    one = run_moe_dpo(assets, tmp_path / "one", Layout("one", 1), "--train-iters 3",
+                      converted=assets.layered_checkpoint(1))
+    assert one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and one[-1]["loss"] != one[0]["loss"]
+    vpp = run_moe_dpo(assets, tmp_path / "vpp", Layout("pp2vpp2", 2, "--num-layers-per-virtual-pipeline-stage 1",
+                                                       pp=2), "--train-iters 3", converted=assets.layered_checkpoint(2))
+    for name in ("loss", "rewards/margins", *ROUTER):
+        assert [r[name] for r in vpp] == pytest.approx([r[name] for r in one], abs=1e-5), name
+
+
+def test_moe_tensor_parallel_agrees_with_the_z_loss_off(assets, tmp_path):
+    """TP2 x EP2 and TP2 x PP2 (sequence parallel; the second stage cuts the padding mask as megatron cuts its
+    hidden states) give one rank's losses and load-balancing loss. The z-loss is off (0: not computed, not
+    logged): megatron-core takes its mean over each sequence-parallel shard's real tokens, then over the shards,
+    which is the one-rank mean over the micro-batch's real tokens only when every shard holds equally many
+    (padding sits at the rows' ends, in the last shard)."""
+    off = "--train-iters 3 --moe-z-loss-coeff 0"
+    one = run_moe_dpo(assets, tmp_path / "one", Layout("one", 1), off)
+    assert "moe/z_loss" not in one[0] and one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for layout in (Layout("tp2ep2", 4, "--expert-model-parallel-size 2 --sequence-parallel", tp=2),
+                   Layout("tp2pp2", 4, "--sequence-parallel", tp=2, pp=2)):
+        rows = run_moe_dpo(assets, tmp_path / layout.name, layout, off)
+        for name in ("loss", "rewards/margins", "moe/load_balancing_loss"):
+            assert [r[name] for r in rows] == pytest.approx([r[name] for r in one], abs=1e-5), (layout.name, name)

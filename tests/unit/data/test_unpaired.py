@@ -156,6 +156,8 @@ def test_completions_view_holds_the_completions_alone(samples, packed):
         assert view.tokens.shape[1] % 8 == 0 and int(view.cu_seqlens[-1]) == view.tokens.shape[1]
         assert (view.labels[0][view.sequence_ids[0] < 0] == IGNORE_INDEX).all()
         assert sum(view.seq_lengths) == view.tokens.shape[1]
+    assert torch.equal(view.padding, view.sequence_ids < 0) if packed else \
+        torch.equal(view.padding, batch.padding[:4])  # what an MoE model's routers leave out
     assert int((view.labels != IGNORE_INDEX).sum()) == int((alone.labels[:4] != IGNORE_INDEX).sum())
     assert torch.equal(batch.to(torch.device("cpu")).desirable, batch.desirable)
 
