@@ -297,8 +297,9 @@ class ParallelConfig(Section):
     sequence_parallel: bool = option(False, "shard norm and dropout activations over TP (needs TP > 1)")
     expert_model_parallel_size: int = option(1, "expert-parallel ranks (EP): the experts of each MoE layer are "
                                                 "split over them (--num-experts must be divisible by EP)")
-    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP); "
-                                                           "default --tensor-model-parallel-size")
+    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP), a "
+                                                           "divisor of TP (1: whole experts); default "
+                                                           "--tensor-model-parallel-size")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)")
     overlap_grad_reduce: bool = option(False, "overlap the DP gradient reduction with backward")
     overlap_param_gather: bool = option(False, "overlap the parameter all-gather with forward (needs "
@@ -892,7 +893,8 @@ def check_layout(model: ModelConfig, tp: int, pp: int, num_layer_list: tuple[int
 
 def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, etp: int,
                         ep_flag: str = "--expert-model-parallel-size",
-                        etp_flag: str = "--expert-tensor-parallel-size") -> None:
+                        etp_flag: str = "--expert-tensor-parallel-size",
+                        tp_flag: str = "--tensor-model-parallel-size") -> None:
     """Whether EP x ETP can hold the experts (training and the converters, which name their own flags)."""
     if not moe.enabled:
         require(ep == 1 and etp == tp, f"{ep_flag} and {etp_flag} need --num-experts (a dense model has no experts)")
@@ -906,6 +908,10 @@ def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, et
             "--moe-layer-freq makes no layer an MoE layer: drop --num-experts for a dense model")
     ffn = moe.expert_ffn(model)
     require(ffn % etp == 0, f"--moe-ffn-hidden-size ({ffn}) must be divisible by {etp_flag} ({etp})")
+    require(tp % etp == 0,
+            f"{etp_flag} ({etp}) must divide {tp_flag} ({tp}): checkpoint files are named by TP and EP rank only "
+            "(Megatron-LM's mp_rank_TT[_PPP]_EEE), so each holds one expert-TP slice (TP rank % ETP); with ETP "
+            "above TP several expert-TP ranks would share one file")
     shared = moe.moe_shared_expert_intermediate_size
     require(shared is None or shared % tp == 0, f"--moe-shared-expert-intermediate-size ({shared}) must be divisible "
                                                  f"by --tensor-model-parallel-size ({tp})")
@@ -931,9 +937,6 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp}): the ranks of each "
             "pipeline stage are split into expert groups",
         )
-        require(etp == tp,
-                f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: not supported "
-                "yet (checkpoints split each expert over TP like a dense MLP); leave it unset")
         require(tp == 1 or par.sequence_parallel,
                 f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core's "
                 "MoE layer refuses tensor parallelism without it in training)")

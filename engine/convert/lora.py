@@ -49,11 +49,12 @@ def read_adapters(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     vp_stages = list(range(layout.virtual_pipeline_size)) if layout.virtual_pipeline_size else [None]
     adapters: dict[str, torch.Tensor] = {}
     for pp_rank in range(source.pp):
-        # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
-        per_tp = [_model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
-                  for e in range(source.ep) for t in range(source.tp)]
+        # by (TP rank, EP rank), as merge_chunk takes them
+        per_file = {(t, e): _model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
+                    for t, e in source.files}
         for index, vp_stage in enumerate(vp_stages):
-            ranks = [{k: v for k, v in chunks[index].items() if trained_with_adapters(k)} for chunks in per_tp]
+            ranks = {pair: {k: v for k, v in chunks[index].items() if trained_with_adapters(k)}
+                     for pair, chunks in per_file.items()}
             adapters.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     if not adapters:
         raise ConversionError(f"--lora-load {root}: the checkpoint holds no LoRA adapter tensors")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.convert.common import ConvertConfig
+from engine.convert.common import ConversionError, ConvertConfig
 from engine.convert.run import run_conversion
 from tests.distributed.harness import run_ranks
 from tests.e2e.convert_assets import MOE_CONFIGS, build_tiny_moe, converted_logits, hf_logits
@@ -114,3 +114,33 @@ def test_moe_dense_layers_round_trip_is_bit_exact(family, dense_layer_models, tm
     config, original = (json.loads((d / "config.json").read_text()) for d in (back, source_dir))
     for field in ("decoder_sparse_step", "mlp_only_layers"):
         assert config[field] == original[field], field
+
+
+def test_moe_whole_experts_under_tp2_convert_and_match_transformers(moe_models, tmp_path):
+    """--target-expert-tensor-parallel-size 1 at TP2 x EP2: Megatron-LM's two files (the training ranks'
+    (TP rank, EP rank) pairs), each expert whole; megatron-core at TP2 x EP2 x ETP1 reproduces transformers'
+    logits; resharding to ETP2 (four files) and to EP1 x ETP1, then back to HF, is bit-exact."""
+    family = "qwen2_moe"  # the shared expert still splits over TP
+    mg, etp2, ep1, back = (tmp_path / name for name in ("mg", "etp2", "ep1", "hf"))
+    with pytest.raises(ConversionError, match=r"--target-expert-tensor-parallel-size \(2\) must divide "
+                                              r"--target-tensor-parallel-size \(1\)"):
+        run_conversion(ConvertConfig("hf", "mg", str(moe_models[family]), str(mg), 1, 1,
+                                     target_expert_parallel_size=2, target_expert_tensor_parallel_size=2))
+    flags = run_conversion(ConvertConfig("hf", "mg", str(moe_models[family]), str(mg), 2, 1,
+                                         target_expert_parallel_size=2, target_expert_tensor_parallel_size=1))
+    assert flags[flags.index("--expert-tensor-parallel-size") + 1] == "1"
+    assert sorted(p.name for p in (mg / "iter_0000001").iterdir() if p.is_dir()) == ["mp_rank_00_000",
+                                                                                      "mp_rank_01_001"]
+    outputs = [o for o in run_ranks(converted_logits, 4, [(flags + ["--seq-length", "16", "--sequence-parallel"],
+                                                           str(mg))], TOKENS) if o is not None]
+    assert len(outputs) == 2
+    expected = hf_logits(moe_models[family], TOKENS)
+    for (logits,) in outputs:
+        assert (logits - expected).abs().max().item() <= 1e-4
+    run_conversion(ConvertConfig("mg", "mg", str(mg), str(etp2), 2, 1, target_expert_parallel_size=2))
+    assert len([p for p in (etp2 / "iter_0000001").iterdir() if p.is_dir()]) == 4
+    run_conversion(ConvertConfig("mg", "mg", str(etp2), str(ep1), 2, 1, target_expert_tensor_parallel_size=1))
+    run_conversion(ConvertConfig("mg", "hf", str(ep1), str(back)))
+    source, result = load_file(moe_models[family] / "model.safetensors"), load_file(back / "model.safetensors")
+    assert source.keys() == result.keys()
+    assert all(torch.equal(source[k], result[k]) for k in source)

@@ -302,8 +302,14 @@ MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
          r"x --pipeline-model-parallel-size \(2\)"),
         (MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2", 4,
          r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
-        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2,
-         r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2"),
+        (MOE + " --expert-tensor-parallel-size 2 --expert-model-parallel-size 2", 4,
+         r"--expert-tensor-parallel-size \(2\) must divide --tensor-model-parallel-size \(1\): checkpoint files are "
+         r"named by TP and EP rank only"),
+        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1 "
+               "--expert-model-parallel-size 4", 6,
+         r"world size 6 is not divisible by --expert-tensor-parallel-size \(1\) x --expert-model-parallel-size \(4\)"),
+        (MOE + " --tensor-model-parallel-size 2 --expert-tensor-parallel-size 1 --expert-model-parallel-size 2", 4,
+         r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
         (MOE + " --moe-ffn-hidden-size 50 --tensor-model-parallel-size 4 --sequence-parallel", 4,
          r"--moe-ffn-hidden-size \(50\) must be divisible by --expert-tensor-parallel-size \(4\)"),
         (MOE + " --moe-token-dispatcher-type allgather --pack-sequences", 1,
@@ -315,6 +321,17 @@ MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
 def test_moe_layouts_name_the_flags(extra, world, message):
     with pytest.raises(ConfigError, match=message):
         validate(config(extra), world_size=world)
+
+
+@pytest.mark.parametrize("extra, world", [
+    (" --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2),
+    (" --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1 "
+     "--expert-model-parallel-size 2", 4),
+    (" --tensor-model-parallel-size 4 --sequence-parallel --expert-tensor-parallel-size 2 "
+     "--expert-model-parallel-size 4", 8),
+])
+def test_expert_tensor_parallel_below_tp_is_accepted(extra, world):
+    validate(config(MOE + extra), world_size=world)
 
 
 @pytest.mark.parametrize(
