@@ -11,6 +11,7 @@ where a real start would. Torch-free: the lowest layer of the package graph.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import math
 import os
@@ -119,6 +120,72 @@ class ModelConfig(Section):
         return -(-self.vocab_size // multiple) * multiple
 
 
+MOE_PATTERN_MAX_LAYERS = 100_000
+"""Longest --moe-layer-freq pattern the parser builds (a bound on `[1]*N`, far above any real model)."""
+
+
+def _pattern_value(node: ast.AST) -> int | list[int]:
+    """One node of a --moe-layer-freq pattern: integer literals, lists of them, `+` and `*`; nothing else runs."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        items = [_pattern_value(item) for item in node.elts]
+        if not all(isinstance(item, int) for item in items):
+            raise ValueError("list entries must be integers")
+        return items
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _pattern_value(node.left), _pattern_value(node.right)
+        if isinstance(node.op, ast.Add):
+            if isinstance(left, list) != isinstance(right, list):
+                raise ValueError("'+' joins two lists or adds two integers")
+            return left + right
+        if isinstance(left, int) and isinstance(right, int):
+            return left * right
+        items, count = (left, right) if isinstance(left, list) else (right, left)
+        if not isinstance(count, int) or len(items) * max(count, 0) > MOE_PATTERN_MAX_LAYERS:
+            raise ValueError(f"'*' repeats a list an integer number of times, up to {MOE_PATTERN_MAX_LAYERS} entries")
+        return items * count
+    what = type(node.op if isinstance(node, ast.BinOp) else node).__name__
+    raise ValueError(f"{what} is not allowed: use integers, [...], + and *")
+
+
+def parse_moe_layer_freq(text: str) -> int | list[int]:
+    """argparse type of --moe-layer-freq, Megatron-LM's semantics: an integer N (every Nth layer, counting from the
+    first, is an MoE layer), or a Python list expression with one 0 (dense) or 1 (MoE) per layer such as
+    "[0]*1+[1]*3" or "([1]*3+[0]*1)*2". Megatron-LM evaluates the expression with eval(); here only integer
+    literals, lists, + and * are read (ast), so a flag cannot run code."""
+    text = text.strip()
+    if "[" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer N or a list pattern such as [0]*1+[1]*3, got "
+                                             f"{text!r}") from None
+    try:
+        value = _pattern_value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer pattern such as [0]*1+[1]*3: {err}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"{text!r} gives an integer, not a list of 0/1 per layer")
+    return value
+
+
+def moe_layer_pattern(freq: int | Sequence[int], num_layers: int) -> list[int]:
+    """One entry per layer, 1 an MoE layer and 0 a dense one (megatron-core's get_gpt_decoder_layer_specs)."""
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return list(freq)
+
+
+def moe_layer_freq_text(pattern: Sequence[int]) -> str:
+    """A pattern as the --moe-layer-freq text that rebuilds it: its shortest repeating block times the repeats,
+    e.g. [0,1]*24 (no spaces, one shell word; Megatron-LM reads it too)."""
+    n = len(pattern)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and list(pattern[:p]) * (n // p) == list(pattern))
+    block = "[" + ",".join(map(str, pattern[:period])) + "]"
+    return block if period == n else f"{block}*{n // period}"
+
+
 MOE_DISPATCHERS = ("alltoall", "allgather")
 MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 
@@ -127,7 +194,13 @@ MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 class MoEConfig(Section):
     """Mixture of experts (Megatron-LM flag names); a dense model unless --num-experts is set."""
 
-    num_experts: int | None = option(None, "routed experts of every MoE layer (every decoder layer's MLP)")
+    num_experts: int | None = option(None, "routed experts of every MoE layer (by default every decoder layer's "
+                                           "MLP; see --moe-layer-freq)")
+    moe_layer_freq: int | list[int] = option(
+        1, "which layers are MoE layers, the others dense MLPs of --ffn-hidden-size: an integer N (layers 0, N, 2N, "
+           "... are MoE; 1 all of them) or a list pattern with a 0 (dense) or 1 (MoE) per layer, e.g. "
+           "\"[0]*1+[1]*3\" or \"([1]*3+[0]*1)*2\" (Megatron-LM's flag; integer literals, lists, + and * only)",
+        type=parse_moe_layer_freq, metavar="N|PATTERN")
     moe_ffn_hidden_size: int | None = option(None, "width of each routed expert; default --ffn-hidden-size")
     moe_router_topk: int = option(2, "experts each token is routed to")
     moe_router_pre_softmax: bool = option(False, "softmax over all experts, then take the top k (probabilities "
@@ -161,6 +234,9 @@ class MoEConfig(Section):
             require(not given, f"{', '.join('--' + n.replace('_', '-') for n in given)} need(s) --num-experts")
             return
         require(self.num_experts >= 1, "--num-experts must be >= 1")
+        freq = self.moe_layer_freq
+        require(freq >= 1 if isinstance(freq, int) else set(freq) <= {0, 1},
+                f"--moe-layer-freq {freq}: an integer >= 1, or a list of 0 (dense) and 1 (MoE) entries")
         require(1 <= self.moe_router_topk <= self.num_experts,
                 f"--moe-router-topk ({self.moe_router_topk}) must be between 1 and --num-experts ({self.num_experts})")
         # megatron-core's rule: a softmax over one selected logit is constant, so its router would get no gradient.
@@ -190,6 +266,13 @@ class MoEConfig(Section):
         """Width of each routed expert (--moe-ffn-hidden-size, else --ffn-hidden-size)."""
         return self.moe_ffn_hidden_size or model.ffn_hidden_size
 
+    def layer_pattern(self, num_layers: int) -> list[int]:
+        """1 for each MoE layer, 0 for each dense one (all 0 without --num-experts); `check_expert_layout` has
+        checked a list pattern's length against --num-layers."""
+        if not self.enabled:
+            return [0] * num_layers
+        return moe_layer_pattern(self.moe_layer_freq, num_layers)
+
 
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type for comma-separated counts such as --num-layer-list 3,5 (training and convert_ckpt.py)."""
@@ -214,8 +297,9 @@ class ParallelConfig(Section):
     sequence_parallel: bool = option(False, "shard norm and dropout activations over TP (needs TP > 1)")
     expert_model_parallel_size: int = option(1, "expert-parallel ranks (EP): the experts of each MoE layer are "
                                                 "split over them (--num-experts must be divisible by EP)")
-    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP); "
-                                                           "default --tensor-model-parallel-size")
+    expert_tensor_parallel_size: int | None = option(None, "tensor-parallel ranks inside each expert (ETP), a "
+                                                           "divisor of TP (1: whole experts); default "
+                                                           "--tensor-model-parallel-size")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)")
     overlap_grad_reduce: bool = option(False, "overlap the DP gradient reduction with backward")
     overlap_param_gather: bool = option(False, "overlap the parameter all-gather with forward (needs "
@@ -809,14 +893,25 @@ def check_layout(model: ModelConfig, tp: int, pp: int, num_layer_list: tuple[int
 
 def check_expert_layout(model: ModelConfig, moe: MoEConfig, tp: int, ep: int, etp: int,
                         ep_flag: str = "--expert-model-parallel-size",
-                        etp_flag: str = "--expert-tensor-parallel-size") -> None:
+                        etp_flag: str = "--expert-tensor-parallel-size",
+                        tp_flag: str = "--tensor-model-parallel-size") -> None:
     """Whether EP x ETP can hold the experts (training and the converters, which name their own flags)."""
     if not moe.enabled:
         require(ep == 1 and etp == tp, f"{ep_flag} and {etp_flag} need --num-experts (a dense model has no experts)")
         return
     require(moe.num_experts % ep == 0, f"--num-experts ({moe.num_experts}) must be divisible by {ep_flag} ({ep})")
+    freq = moe.moe_layer_freq
+    require(isinstance(freq, int) or len(freq) == model.num_layers,
+            f"--moe-layer-freq has {len(freq) if not isinstance(freq, int) else 0} entries, --num-layers "
+            f"{model.num_layers}: the pattern needs one 0 (dense) or 1 (MoE) per layer")
+    require(any(moe.layer_pattern(model.num_layers)),
+            "--moe-layer-freq makes no layer an MoE layer: drop --num-experts for a dense model")
     ffn = moe.expert_ffn(model)
     require(ffn % etp == 0, f"--moe-ffn-hidden-size ({ffn}) must be divisible by {etp_flag} ({etp})")
+    require(tp % etp == 0,
+            f"{etp_flag} ({etp}) must divide {tp_flag} ({tp}): checkpoint files are named by TP and EP rank only "
+            "(Megatron-LM's mp_rank_TT[_PPP]_EEE), so each holds one expert-TP slice (TP rank % ETP); with ETP "
+            "above TP several expert-TP ranks would share one file")
     shared = moe.moe_shared_expert_intermediate_size
     require(shared is None or shared % tp == 0, f"--moe-shared-expert-intermediate-size ({shared}) must be divisible "
                                                  f"by --tensor-model-parallel-size ({tp})")
@@ -842,9 +937,6 @@ def validate(config: EngineConfig, world_size: int) -> None:
             f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp}): the ranks of each "
             "pipeline stage are split into expert groups",
         )
-        require(etp == tp,
-                f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: not supported "
-                "yet (checkpoints split each expert over TP like a dense MLP); leave it unset")
         require(tp == 1 or par.sequence_parallel,
                 f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core's "
                 "MoE layer refuses tensor parallelism without it in training)")

@@ -7,6 +7,9 @@ ROOT/iter_000000N/mp_rank_TT_PPP/model_optim_rng.pt    PP > 1
 ROOT/iter_000000N/mp_rank_TT[_PPP]_EEE/model_optim_rng.pt  EP > 1 (expert parallel rank EEE, as Megatron-LM names it)
 ROOT/iter_000000N/manifest.json                        checksums of the files above
 ```
+With an expert tensor-parallel size (ETP) below TP, only the (TP rank, EP rank) pairs that some training rank
+holds have a file (`stage_files`): Megatron-LM names a rank's file by its TP and EP ranks, and the file holds
+that rank's expert shard, expert-TP rank `TT % ETP` (whole experts under ETP1).
 Each file holds `model` (`model0`, `model1`, ... under virtual pipeline stages), and
 where present `optimizer`, `opt_param_scheduler`, `rng_state`, `iteration`, `args`,
 `checkpoint_version`. Writes are atomic: ranks write into a hidden staging directory,
@@ -18,6 +21,7 @@ against the iteration's manifest (manifest.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -45,6 +49,22 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep
     """Megatron-LM's get_checkpoint_name: the pipeline rank under PP, then the expert rank under EP."""
     name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+
+
+def stage_files(tp: int, ep: int = 1, etp: int | None = None) -> list[tuple[int, int]]:
+    """The (TP rank, EP rank) files of one pipeline stage.
+
+    megatron-core numbers a stage's ranks r = 0, 1, ... as TP rank r % TP for the dense layers and as expert-TP
+    rank r % ETP, EP rank (r // ETP) % EP for the experts; the pattern repeats every lcm(TP, ETP x EP) ranks,
+    which divides the stage's rank count. Each pair found there is a file; with ETP == TP that is every pair.
+    ETP must divide TP, so that a file's pair fixes the expert shard it holds (expert-TP rank TT % ETP).
+    """
+    etp = tp if etp is None else etp
+    if tp % etp:
+        raise CheckpointError(f"an expert tensor-parallel size {etp} that does not divide the tensor-parallel size "
+                              f"{tp} has no file layout (Megatron-LM names files by TP and EP rank only)")
+    period = tp * etp * ep // math.gcd(tp, etp * ep)
+    return sorted({(r % tp, (r // etp) % ep) for r in range(period)})
 
 
 def staging_dir(root: str | Path, iteration: int) -> Path:
@@ -181,11 +201,14 @@ def verify_files(directory: Path, paths: list[Path] | None = None, skip_flag: st
             )
 
 
-def discover_parallel_layout(root: str | Path, iteration: int, expert_parallel: bool = False) -> tuple[int, int, int]:
+def discover_parallel_layout(root: str | Path, iteration: int, expert_parallel: bool = False,
+                             expert_tensor_parallel_size: int | None = None) -> tuple[int, int, int]:
     """(TP, PP, EP) sizes of a saved iteration, read from its mp_rank_* directory names.
 
     `mp_rank_TT_NNN` is ambiguous in Megatron-LM's naming (pipeline rank under PP, expert rank under EP
-    without PP); `expert_parallel` says which, as the checkpoint's recorded args do for Megatron-LM.
+    without PP); `expert_parallel` says which, as the checkpoint's recorded args do for Megatron-LM. The files
+    must be `stage_files` of every pipeline stage for the recorded ETP (`expert_tensor_parallel_size`), or,
+    when that is unknown (None), for some divisor of TP (its args then say which).
     """
     base = Path(root) / iteration_dir_name(iteration)
     if not base.is_dir():
@@ -201,8 +224,16 @@ def discover_parallel_layout(root: str | Path, iteration: int, expert_parallel: 
     if not ranks:
         raise CheckpointError(f"{base} holds no mp_rank_* directories")
     tp, pp, ep = (1 + max(r[i] for r in ranks) for i in range(3))
-    expected = {(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)}
-    if ranks != expected:
-        missing = sorted(rank_dir_name(t, p, pp, e, ep) for t, p, e in expected - ranks)
+    etps = ([expert_tensor_parallel_size] if expert_tensor_parallel_size
+            else [d for d in range(tp, 0, -1) if tp % d == 0])
+    for etp in etps:
+        expected = {(t, p, e) for t, e in stage_files(tp, ep, etp) for p in range(pp)}
+        if ranks == expected:
+            return tp, pp, ep
+    expected = {(t, p, e) for t, e in stage_files(tp, ep, etps[0]) for p in range(pp)}
+    missing = sorted(rank_dir_name(t, p, pp, e, ep) for t, p, e in expected - ranks)
+    if missing:
         raise CheckpointError(f"{base} is incomplete: missing {', '.join(missing)}")
-    return tp, pp, ep
+    extra = sorted(rank_dir_name(t, p, pp, e, ep) for t, p, e in ranks - expected)
+    raise CheckpointError(f"{base} holds {', '.join(extra)}, which its recorded expert_tensor_parallel_size "
+                          f"{etps[0]} does not have: the args do not match the files")

@@ -13,8 +13,9 @@ whole groups together. A gated linear_fc1 holds [gate; up], and each TP rank hol
 
 Mixture of experts: expert parallel rank e holds routed experts e*n .. e*n+n-1 (n = experts / EP), numbered
 from 0 as megatron-core's SequentialMLP names them (`mlp.experts.local_experts.J`); each expert's linears
-split over TP like a dense MLP's (expert TP equals TP in saved layouts). The router and the shared expert are
-held by every EP rank (the shared expert split over TP like a dense MLP).
+split like a dense MLP's, over the expert tensor-parallel size ETP (a divisor of TP): the file of TP rank t holds
+expert-TP rank t % ETP's slice (whole experts under ETP1), as the training rank that writes it holds. The router
+and the shared expert are held by every EP rank (the shared expert split over TP like a dense MLP).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.checkpoint.layout import stage_files
 from engine.formats import VALUE_HEAD_KEY
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -51,6 +53,8 @@ class ShardLayout:
     expert_model_parallel_size: int = 1
     num_experts: int | None = None
     """Routed experts per MoE layer (None: a dense model)."""
+    expert_tensor_parallel_size: int | None = None
+    """ETP, a divisor of TP (None: TP)."""
 
     def __post_init__(self) -> None:
         pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_size or 1
@@ -67,6 +71,19 @@ class ShardLayout:
         ep = self.expert_model_parallel_size
         if ep > 1 and (self.num_experts is None or self.num_experts % ep):
             raise ValueError(f"{self.num_experts} experts cannot be split evenly over {ep} expert-parallel ranks")
+        if self.tensor_model_parallel_size % self.expert_tp:
+            raise ValueError(f"expert tensor-parallel size {self.expert_tp} does not divide the tensor-parallel size "
+                             f"{self.tensor_model_parallel_size}")
+
+    @property
+    def expert_tp(self) -> int:
+        """ETP: how many slices each routed expert's linears are cut into."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def files(self) -> list[tuple[int, int]]:
+        """The (TP rank, EP rank) rank files of each pipeline stage (engine/checkpoint/layout.py)."""
+        return stage_files(self.tensor_model_parallel_size, self.expert_model_parallel_size, self.expert_tp)
 
     @property
     def local_experts(self) -> int:
@@ -155,12 +172,15 @@ def shard_state_dict(
             if index not in layers:
                 continue
             key = f"decoder.layers.{index - layers.start}.{match.group(2)}"
-            expert = _EXPERT_KEY.match(key) if layout.expert_model_parallel_size > 1 else None
+            expert = _EXPERT_KEY.match(key)
             if expert is not None:
                 local = int(expert.group(2)) - ep_rank * layout.local_experts
-                if not 0 <= local < layout.local_experts:
-                    continue
-                key = f"{expert.group(1)}{local}{expert.group(3)}"
+                if layout.expert_model_parallel_size > 1:
+                    if not 0 <= local < layout.local_experts:
+                        continue
+                    key = f"{expert.group(1)}{local}{expert.group(3)}"
+                out[key] = _tp_slice(key, tensor, layout.expert_tp, tp_rank % layout.expert_tp, swiglu)
+                continue
         elif key.startswith("embedding."):
             if not first:
                 continue
@@ -178,46 +198,55 @@ def shard_state_dict(
 
 
 def merge_chunk(
-    ranks: list[dict[str, torch.Tensor]], layout: ShardLayout, pp_rank: int, vp_stage: int | None = None
+    ranks: dict[tuple[int, int], dict[str, torch.Tensor]], layout: ShardLayout, pp_rank: int,
+    vp_stage: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The shards of one model chunk (all its keys, or any subset such as one layer) -> full tensors.
 
-    `ranks` holds the TP shards of EP rank 0, then those of EP rank 1, ... (index ep_rank * TP + tp_rank).
-    Layers and routed experts are renumbered to global indices; `_extra_state` and the tied output-layer
-    copy are dropped.
+    `ranks[(tp_rank, ep_rank)]` is the chunk of each rank file of the stage (`layout.files`). Dense tensors
+    are merged over TP from the first file of each TP rank; EP rank e's routed experts over ETP from its
+    files of expert-TP ranks 0 .. ETP-1. Layers and routed experts are renumbered to global indices;
+    `_extra_state` and the tied output-layer copy are dropped.
     """
     layers = layout.stage_layers(pp_rank, vp_stage)
-    tp = len(ranks) // layout.expert_model_parallel_size
+    tp, etp = layout.tensor_model_parallel_size, layout.expert_tp
+    first_of_tp: dict[int, dict] = {}
+    first_of_slice: dict[tuple[int, int], dict] = {}
+    for (t, e), state in sorted(ranks.items()):
+        first_of_tp.setdefault(t, state)
+        first_of_slice.setdefault((e, t % etp), state)
+    dense = [first_of_tp[t] for t in range(tp)]
     full: dict[str, torch.Tensor] = {}
+    for key in dense[0]:
+        if key.endswith("_extra_state") or (key == "output_layer.weight" and layout.tied_embeddings):
+            continue
+        if _EXPERT_KEY.match(key) is None:
+            full[key] = _tp_merge(key, [r[key] for r in dense], layout.swiglu)
     for ep_rank in range(layout.expert_model_parallel_size):
-        group = ranks[ep_rank * tp:(ep_rank + 1) * tp]
+        group = [first_of_slice[(ep_rank, s)] for s in range(etp)]
         for key in group[0]:
-            if key.endswith("_extra_state") or (key == "output_layer.weight" and layout.tied_embeddings):
-                continue
             expert = _expert_key(key, ep_rank * layout.local_experts)
-            if expert is None and ep_rank > 0:
-                continue  # a dense tensor: every EP rank holds it, EP rank 0's copy is taken
-            merged = _tp_merge(key, [r[key] for r in group], layout.swiglu)
-            key = expert or key
-            match = _LAYER_KEY.match(key)
-            if match:
-                key = f"decoder.layers.{int(match.group(1)) + layers.start}.{match.group(2)}"
-            full[key] = merged
-    return full
+            if expert is not None and not key.endswith("_extra_state"):
+                full[expert] = _tp_merge(key, [r[key] for r in group], layout.swiglu)
+    return {_global_layer(key, layers.start): tensor for key, tensor in full.items()}
+
+
+def _global_layer(key: str, start: int) -> str:
+    match = _LAYER_KEY.match(key)
+    return f"decoder.layers.{int(match.group(1)) + start}.{match.group(2)}" if match else key
 
 
 def merge_state_dicts(
     shards: dict[tuple[int, ...], dict[str, torch.Tensor]], layout: ShardLayout
 ) -> dict[str, torch.Tensor]:
     """Inverse of shard_state_dict: `shards[(tp_rank, pp_rank, vp_stage)]` (with `ep_rank` as a fourth entry
-    under expert parallelism) -> the full state dict."""
-    tp, ep = layout.tensor_model_parallel_size, layout.expert_model_parallel_size
+    under expert parallelism) for the rank files of `layout.files` -> the full state dict."""
+    ep = layout.expert_model_parallel_size
     vp_stages = range(layout.virtual_pipeline_size) if layout.virtual_pipeline_size else [None]
     full: dict[str, torch.Tensor] = {}
     for pp_rank in range(layout.pipeline_model_parallel_size):
         for vp_stage in vp_stages:
-            ranks = [shards[(tp_rank, pp_rank, vp_stage) + ((ep_rank,) if ep > 1 else ())]
-                     for ep_rank in range(ep) for tp_rank in range(tp)]
+            ranks = {(t, e): shards[(t, pp_rank, vp_stage) + ((e,) if ep > 1 else ())] for t, e in layout.files}
             full.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     return full
 

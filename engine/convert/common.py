@@ -60,6 +60,10 @@ class ConvertConfig(Section):
     target_pipeline_parallel_size: int = option(1, "PP of the mg output")
     target_expert_parallel_size: int = option(1, "EP of the mg output (MoE models): each expert-parallel rank's "
                                                  "files hold its experts (Megatron-LM's mp_rank_TT[_PPP]_EEE)")
+    target_expert_tensor_parallel_size: int | None = option(
+        None, "ETP of the mg output (MoE models), a divisor of --target-tensor-parallel-size: each routed expert's "
+              "linears are split over ETP (whole under 1), the file of TP rank t holding expert-TP rank t mod ETP's "
+              "slice; default --target-tensor-parallel-size")
     num_layer_list: tuple[int, ...] | None = option(None, "layers per pipeline stage (uneven PP), e.g. 3,5; "
                                                           "default an even split", type=int_list, metavar="N1,N2,...")
     model_type_hf: str | None = option(None, f"family, one of {', '.join(FAMILIES)}; default from config.json "
@@ -100,6 +104,8 @@ class ConvertConfig(Section):
         _check(self.target_tensor_parallel_size >= 1, "--target-tensor-parallel-size must be >= 1")
         _check(self.target_pipeline_parallel_size >= 1, "--target-pipeline-parallel-size must be >= 1")
         _check(self.target_expert_parallel_size >= 1, "--target-expert-parallel-size must be >= 1")
+        _check(self.target_expert_tensor_parallel_size is None or self.target_expert_tensor_parallel_size >= 1,
+               "--target-expert-tensor-parallel-size must be >= 1")
         if self.num_layer_list is not None:
             _check(
                 len(self.num_layer_list) == self.target_pipeline_parallel_size and min(self.num_layer_list) > 0,

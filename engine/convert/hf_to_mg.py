@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,9 @@ def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
         moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
         moe = MoEConfig(**{k: v for k, v in args.items() if k in moe_fields and v is not None})
         tp = config.target_tensor_parallel_size
-        check_expert_layout(model, moe, tp, config.target_expert_parallel_size, tp,
-                            ep_flag="--target-expert-parallel-size", etp_flag="--target-tensor-parallel-size")
+        check_expert_layout(model, moe, tp, config.target_expert_parallel_size,
+                            config.target_expert_tensor_parallel_size or tp, ep_flag="--target-expert-parallel-size",
+                            etp_flag="--target-expert-tensor-parallel-size", tp_flag="--target-tensor-parallel-size")
     except ConfigError as err:
         raise ConversionError(f"{config.load_dir}: {err}") from None
     return model
@@ -53,17 +55,19 @@ def model_config(args: dict[str, Any], config: ConvertConfig) -> ModelConfig:
 def target_layout(args: dict[str, Any], config: ConvertConfig) -> ShardLayout:
     """The output layout; also records it (and the padding rule) in `args`."""
     tp, pp = config.target_tensor_parallel_size, config.target_pipeline_parallel_size
-    ep = config.target_expert_parallel_size
+    ep, etp = config.target_expert_parallel_size, config.target_expert_tensor_parallel_size or tp
     padded = model_config(args, config).padded_vocab(tp)
     args["make_vocab_size_divisible_by"] = config.make_vocab_size_divisible_by
     args["padded_vocab_size"] = config.padded_vocab_size
     args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                expert_tensor_parallel_size=etp if args.get("num_experts") else None,
                 num_layer_list=list(config.num_layer_list) if config.num_layer_list else None)
     return ShardLayout(
         num_layers=args["num_layers"], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         layers_per_stage=config.num_layer_list, swiglu=True,
         tied_embeddings=not args["untie_embeddings_and_output_weights"], padded_vocab_size=padded,
         num_experts=args.get("num_experts"), expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp if args.get("num_experts") else None,
     )
 
 
@@ -76,6 +80,8 @@ def layout_flags(args: dict[str, Any]) -> list[str]:
         flags += ["--num-layer-list", ",".join(map(str, args["num_layer_list"]))]
     if args.get("expert_model_parallel_size", 1) > 1:
         flags += ["--expert-model-parallel-size", str(args["expert_model_parallel_size"])]
+    if args.get("expert_tensor_parallel_size") not in (None, args["tensor_model_parallel_size"]):
+        flags += ["--expert-tensor-parallel-size", str(args["expert_tensor_parallel_size"])]
     if args.get("params_dtype") in ("bf16", "fp16"):
         flags.append(f"--{args['params_dtype']}")
     return flags
@@ -124,5 +130,5 @@ def convert_hf_to_mg(config: ConvertConfig) -> list[str]:
         writer.close()
     flags = layout_flags(args)
     log.info("converted %s (%s%s) -> %s; pretrain_dpo.py model flags:\n%s", config.load_dir, family.name,
-             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, " ".join(flags))
+             " reward model: train it with --stage rm" if reward_model else "", config.save_dir, shlex.join(flags))
     return flags

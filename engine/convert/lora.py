@@ -9,7 +9,10 @@ for linear_qkv, [gate; up] for linear_fc1).
 
 The PEFT export maps one megatron adapter to several HF modules where megatron fuses
 them: q/k/v (and gate/up) share the input, so they share A, and B's rows are split
-exactly as the fused weight's rows are.
+exactly as the fused weight's rows are. A layer's routed experts are one HF module with
+3D parameters, which PEFT adapts per expert through `target_parameters`: each expert's
+adapters are stacked into that parameter's (see `_expert_parameters`); EP checkpoints
+have been merged to global expert indices by then.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ def read_adapters(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     vp_stages = list(range(layout.virtual_pipeline_size)) if layout.virtual_pipeline_size else [None]
     adapters: dict[str, torch.Tensor] = {}
     for pp_rank in range(source.pp):
-        # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
-        per_tp = [_model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
-                  for e in range(source.ep) for t in range(source.tp)]
+        # by (TP rank, EP rank), as merge_chunk takes them
+        per_file = {(t, e): _model_chunks(source._load(t, pp_rank, e), source._path(t, pp_rank, e))
+                    for t, e in source.files}
         for index, vp_stage in enumerate(vp_stages):
-            ranks = [{k: v for k, v in chunks[index].items() if trained_with_adapters(k)} for chunks in per_tp]
+            ranks = {pair: {k: v for k, v in chunks[index].items() if trained_with_adapters(k)}
+                     for pair, chunks in per_file.items()}
             adapters.update(merge_chunk(ranks, layout, pp_rank, vp_stage))
     if not adapters:
         raise ConversionError(f"--lora-load {root}: the checkpoint holds no LoRA adapter tensors")
@@ -63,9 +67,10 @@ def _check_settings(adapters: dict[str, torch.Tensor], args: dict[str, Any], con
     if extra:
         raise ConversionError(f"--lora-load {config.lora_load} adapts {', '.join(extra)}, not in "
                               f"--lora-target-modules {' '.join(config.lora_target_modules)}")
-    rank = next(t.shape[0] for k, t in adapters.items() if k.endswith("lora_A.weight"))
-    if rank != config.lora_r:
-        raise ConversionError(f"--lora-r {config.lora_r}, but the adapters in {config.lora_load} have rank {rank}")
+    ranks = sorted({t.shape[0] for k, t in adapters.items() if k.endswith("lora_A.weight")})
+    if ranks != [config.lora_r]:  # one rank everywhere: PEFT stacks a layer's experts at a single r
+        raise ConversionError(f"--lora-r {config.lora_r}, but the adapters in {config.lora_load} have rank "
+                              f"{', '.join(map(str, ranks))}")
     saved = ((args.get("engine") or {}).get("lora") or {}).get("lora_alpha")
     if saved is not None and float(saved) != float(config.lora_alpha):
         raise ConversionError(f"--lora-alpha {config.lora_alpha}, but {config.lora_load} was trained with {saved}")
@@ -108,18 +113,96 @@ def merged_units(source: MegatronCheckpoint, config: ConvertConfig) -> Iterator[
                               f"match the layers of --load-dir {config.load_dir}")
 
 
-def _hf_modules(family_names, layer: int, linear: str, a: torch.Tensor, b: torch.Tensor,
+# A routed expert's megatron linear -> the parameter of HF's experts module that holds it for every expert.
+EXPERT_PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+
+
+def _hf_modules(names, layer: int, owner: str, linear: str, a: torch.Tensor, b: torch.Tensor,
                 args: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """HF module path -> (A, B) for one megatron adapter."""
-    path = lambda name: family_names.layer(layer, name.removesuffix(".weight"))  # noqa: E731
+    """HF module path -> (A, B) for one megatron adapter of attention, a dense MLP or the shared expert (whose
+    projections are nn.Linear modules in HF too)."""
+    path = lambda name: names.layer(layer, name.removesuffix(".weight"))  # noqa: E731
     if linear == "linear_qkv":
         q, k, v = unpack_qkv(b, args["num_attention_heads"], args["num_query_groups"], args["kv_channels"])
-        return {path(family_names.q): (a, q), path(family_names.k): (a, k), path(family_names.v): (a, v)}
+        return {path(names.q): (a, q), path(names.k): (a, k), path(names.v): (a, v)}
+    if owner == "mlp.shared_experts":
+        gate, up, down = (names.shared_expert + name for name in ("gate_proj", "up_proj", "down_proj"))
+    else:
+        gate, up, down = names.gate, names.up, names.down
     if linear == "linear_fc1":
-        gate, up = b.chunk(2, dim=0)
-        return {path(family_names.gate): (a, gate), path(family_names.up): (a, up)}
-    name = {"linear_proj": family_names.o, "linear_fc2": family_names.down}[linear]
-    return {path(name): (a, b)}
+        gate_b, up_b = b.chunk(2, dim=0)
+        return {path(gate): (a, gate_b), path(up): (a, up_b)}
+    return {path({"linear_proj": names.o, "linear_fc2": down}[linear]): (a, b)}
+
+
+def _expert_parameters(names, layer: int, adapted: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
+                       num_experts: int) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for one layer's routed experts (`adapted`: linear -> expert -> (A, B)).
+
+    PEFT's ParamWrapper adapts a 3D parameter with one rank-r adapter per expert: lora_A [experts x r, in]
+    read as (experts, r, in), lora_B [out, r x experts] read as (out, r, experts), so expert e's A is rows
+    e r .. e r + r - 1 and its B is columns e, experts + e, ... . Megatron's fused fc1 adapter (one A, B over
+    [gate; up] rows) is exactly gate_up_proj's, whose rows are [gate; up] too. With both parameters adapted
+    PEFT nests its wrappers in the module's parameter order, so gate_up_proj's is the inner (`base_layer`).
+    """
+    module = names.layer(layer, names.experts)
+    tensors = {}
+    for linear, experts in adapted.items():
+        if sorted(experts) != list(range(num_experts)):
+            raise ConversionError(f"--save-lora-to-hf: layer {layer}'s {linear} has adapters for experts "
+                                  f"{sorted(experts)} of {num_experts}; PEFT adapts all of a layer's experts")
+        nested = ".base_layer" if linear == "linear_fc1" and len(adapted) == 2 else ""
+        tensors[f"{module}{nested}.lora_A.weight"] = torch.cat([experts[e][0] for e in range(num_experts)])
+        tensors[f"{module}{nested}.lora_B.weight"] = torch.stack(
+            [experts[e][1] for e in range(num_experts)], dim=-1).flatten(1)
+    return tensors
+
+
+def peft_adapter(adapters: dict[str, torch.Tensor], args: dict[str, Any], family_name: str, r: int, alpha: float,
+                 dropout: float = 0.0, base_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(adapter_model tensors, adapter_config) of full megatron adapters (`read_adapters`) under HF names:
+    ordinary modules through `target_modules`, routed experts through `target_parameters` (PEFT >= 0.19.1,
+    the first to read transformers 5's [experts, out, in] expert layout)."""
+    names = get_family(family_name).names
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    routed: dict[int, dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
+    for key in sorted(adapters):
+        match = _ADAPTER.match(key)
+        if match is None or match.group(4) != "A":
+            continue
+        layer, owner, linear = int(match.group(1)), match.group(2), match.group(3)
+        a, b = adapters[key], adapters[key.replace("lora_A", "lora_B")]
+        if owner.startswith("mlp.experts.local_experts."):
+            expert = int(owner.rsplit(".", 1)[1])
+            routed.setdefault(layer, {}).setdefault(linear, {})[expert] = (a, b)
+            continue
+        for module, (a_part, b_part) in _hf_modules(names, layer, owner, linear, a, b, args).items():
+            tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a_part, b_part
+            targets.add(module.rsplit(".", 1)[-1])
+    parameters = {f"{names.experts}.{EXPERT_PARAMETERS[linear]}" for adapted in routed.values() for linear in adapted}
+    for layer, adapted in routed.items():
+        tensors.update(_expert_parameters(names, layer, adapted, args["num_experts"]))
+    if parameters and dropout:
+        # PEFT refuses dropout on a wrapped parameter (it cannot apply it to the input alone); the adapters'
+        # weights are exact, and dropout only ever acted in training.
+        log.info("--save-lora-to-hf: lora_dropout %g written as 0 (PEFT has no dropout on expert parameters)",
+                 dropout)
+        dropout = 0.0
+    tensors = {f"base_model.model.{key}": tensor.contiguous().clone() for key, tensor in tensors.items()}
+    head = adapters.get(VALUE_HEAD_KEY)
+    if head is not None:  # a reward model: the classifier's score is saved whole beside the adapters
+        tensors[f"base_model.model.{SCORE}"] = head.contiguous().clone()
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "r": r, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "base_model_name_or_path": base_name,
+        "modules_to_save": None if head is None else [SCORE.removesuffix(".weight")],
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+    }
+    if parameters:
+        adapter_config["target_parameters"] = sorted(parameters)
+    return tensors, adapter_config
 
 
 def write_peft_adapter(config: ConvertConfig) -> Path:
@@ -130,43 +213,17 @@ def write_peft_adapter(config: ConvertConfig) -> Path:
     family_name = config.model_type_hf or base.get("family") or args.get("family")
     if family_name is None:
         raise ConversionError(f"{config.load_dir}: args record no model family; pass --model-type-hf")
-    names = get_family(family_name).names
-    tensors: dict[str, torch.Tensor] = {}
-    targets: set[str] = set()
-    for key in sorted(adapters):
-        match = _ADAPTER.match(key)
-        if match is None or match.group(4) != "A":
-            continue
-        layer, linear = int(match.group(1)), match.group(3)
-        if match.group(2) != "self_attention" and match.group(2) != "mlp":
-            raise ConversionError(
-                f"--save-lora-to-hf: {key} adapts an expert; transformers 5 holds a layer's experts as one 3D "
-                "tensor (PEFT modules cannot address one expert), so export attention-only adapters "
-                "(--lora-target-modules linear_qkv linear_proj) or merge the adapters into the weights (drop "
-                "--save-lora-to-hf)")
-        b = adapters[key.replace("lora_A", "lora_B")]
-        for module, (a_part, b_part) in _hf_modules(names, layer, linear, adapters[key], b, args).items():
-            for part, tensor in (("lora_A", a_part), ("lora_B", b_part)):
-                tensor = tensor.to(config.dtype) if config.dtype else tensor
-                tensors[f"base_model.model.{module}.{part}.weight"] = tensor.contiguous().clone()
-            targets.add(module.rsplit(".", 1)[-1])
-    head = adapters.get(VALUE_HEAD_KEY)
-    if head is not None:  # a reward model: the classifier's score is saved whole beside the adapters
-        tensors[f"base_model.model.{SCORE}"] = (head.to(config.dtype) if config.dtype else head).contiguous().clone()
-    hf_config = base.get("hf_config") or {}
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": ((args.get("engine") or {}).get("lora") or {}).get("lora_dropout", 0.0),
-        "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": hf_config.get("_name_or_path") or None,
-        "modules_to_save": None if head is None else [SCORE.removesuffix(".weight")],
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-    }
+    dropout = ((args.get("engine") or {}).get("lora") or {}).get("lora_dropout", 0.0)
+    tensors, adapter_config = peft_adapter(adapters, args, family_name, config.lora_r, config.lora_alpha,
+                                           dropout, (base.get("hf_config") or {}).get("_name_or_path") or None)
+    if config.dtype:
+        tensors = {key: tensor.to(config.dtype) for key, tensor in tensors.items()}
     with staged_output(config.save_dir) as staging:
         save_safetensors(tensors, staging / ADAPTER_FILE)
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     log.info("wrote a PEFT LoRA adapter (r %d, alpha %g, %s) for %s -> %s", config.lora_r, config.lora_alpha,
-             ", ".join(sorted(targets)), family_name, config.save_dir)
+             ", ".join(adapter_config["target_modules"] + adapter_config.get("target_parameters", [])), family_name,
+             config.save_dir)
+    if "target_parameters" in adapter_config:
+        log.info("the routed experts' adapters use PEFT's target_parameters: load them with peft >= 0.19.1")
     return Path(config.save_dir)
-

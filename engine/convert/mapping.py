@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from engine.arguments import moe_layer_pattern
 from engine.formats import VALUE_HEAD_KEY
 from engine.model.families import HFNames, ModelFamily
 from engine.model.spelling import to_spelling
@@ -105,11 +106,14 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
                       te: bool = False, value_head: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Full megatron tensors in stream order: embedding, each layer, final norm (+ untied output layer, or with
     `value_head` a sequence classifier's score as the reward model's value head); layers under the TE spec's
-    names when `te`."""
+    names when `te`. An MoE model's dense layers (--moe-layer-freq) hold a dense family's MLP of
+    --ffn-hidden-size (HF's intermediate_size; its experts have moe_intermediate_size)."""
     names = family.names
     hidden, vocab, ffn = args["hidden_size"], args["vocab_size"], args["ffn_hidden_size"]
     heads, groups, head_dim = args["num_attention_heads"], args["num_query_groups"], args["kv_channels"]
     yield {EMBEDDING: read(names.embedding, (vocab, hidden))}
+    moe_layers = moe_layer_pattern(args.get("moe_layer_freq", 1) if args.get("num_experts") else [0] * args["num_layers"],
+                                   args["num_layers"])
     for i in range(args["num_layers"]):
         hf = lambda name, shape: read(names.layer(i, name), shape)  # noqa: E731 - binds layer i
         unit = {
@@ -123,7 +127,7 @@ def hf_to_mcore_units(read: Reader, family: ModelFamily, args: dict[str, Any],
             _layer(i, "self_attention.linear_proj.weight"): hf(names.o, (hidden, heads * head_dim)),
             _layer(i, "pre_mlp_layernorm.weight"): hf(names.post_norm, (hidden,)),
         }
-        if args.get("num_experts"):
+        if moe_layers[i]:
             unit.update({_layer(i, k): v for k, v in _moe_from_hf(hf, names, args).items()})
         else:
             unit[_layer(i, "mlp.linear_fc1.weight")] = torch.cat([hf(names.gate, (ffn, hidden)),

@@ -28,6 +28,7 @@ from engine.checkpoint.layout import (
     publish,
     rank_file,
     read_tracker,
+    stage_files,
     verify_files,
     write_rank_state,
 )
@@ -71,10 +72,14 @@ class MegatronCheckpoint:
             # Megatron-LM's mp_rank_TT_NNN is a pipeline rank, or an expert rank without PP: the args decide.
             expert_parallel = (args.get("expert_model_parallel_size", 1) > 1
                                and args.get("pipeline_model_parallel_size", 1) == 1)
-            self.tp, self.pp, self.ep = discover_parallel_layout(self.root, iteration, expert_parallel)
+            # ETP below TP: fewer files (stage_files); not recorded (older checkpoints): ETP == TP.
+            self.etp = args.get("expert_tensor_parallel_size")
+            self.tp, self.pp, self.ep = discover_parallel_layout(self.root, iteration, expert_parallel, self.etp)
+            self.etp = self.etp or self.tp
+            self.files = stage_files(self.tp, self.ep, self.etp)
             # The rank files this reads, against the iteration's checksums (not its optimizer files).
             verify_files(self.root / iteration_dir_name(iteration),
-                         [self._path(t, p, e) for t in range(self.tp) for p in range(self.pp) for e in range(self.ep)])
+                         [self._path(t, p, e) for t, e in self.files for p in range(self.pp)])
         except CheckpointError as err:
             raise ConversionError(str(err)) from None
         first = self._load(0, 0)
@@ -121,6 +126,7 @@ class MegatronCheckpoint:
             swiglu=True,
             tied_embeddings=not self.args["untie_embeddings_and_output_weights"],
             expert_model_parallel_size=self.ep, num_experts=self.args.get("num_experts"),
+            expert_tensor_parallel_size=self.etp,
         )
 
     def units(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -131,17 +137,17 @@ class MegatronCheckpoint:
         chunks = sorted(((p, v) for p in range(self.pp) for v in vp_stages),
                         key=lambda pv: layout.stage_layers(*pv).start)
         remaining = {p: len(vp_stages) for p in range(self.pp)}
-        opened: dict[int, list[list[dict]]] = {}
+        opened: dict[int, dict[tuple[int, int], list[dict]]] = {}
         for pp_rank, vp_stage in chunks:
-            if pp_rank not in opened:  # EP rank 0's TP files, then EP rank 1's, ... (as merge_chunk takes them)
-                opened[pp_rank] = [_model_chunks(self._load(t, pp_rank, e), self._path(t, pp_rank, e))
-                                   for e in range(self.ep) for t in range(self.tp)]
-            ranks = [tp_chunks[vp_stage or 0] for tp_chunks in opened[pp_rank]]
+            if pp_rank not in opened:  # by (TP rank, EP rank), as merge_chunk takes them
+                opened[pp_rank] = {(t, e): _model_chunks(self._load(t, pp_rank, e), self._path(t, pp_rank, e))
+                                   for t, e in self.files}
+            ranks = {pair: chunks[vp_stage or 0] for pair, chunks in opened[pp_rank].items()}
             first, last = layout.is_first(pp_rank, vp_stage), layout.is_last(pp_rank, vp_stage)
             if first:
                 yield self._merge(ranks, [EMBEDDING], pp_rank, vp_stage, vocab)
             by_layer: dict[int, list[str]] = {}
-            for key in ranks[0]:
+            for key in ranks[(0, 0)]:
                 index = _layer_index(key)
                 if index is not None and not key.endswith("_extra_state"):
                     by_layer.setdefault(index, []).append(key)
@@ -153,16 +159,17 @@ class MegatronCheckpoint:
             if not remaining[pp_rank]:
                 del opened[pp_rank]
 
-    def _merge(self, ranks: list[dict], keys: list[str], pp_rank: int, vp_stage: int | None,
+    def _merge(self, ranks: dict[tuple[int, int], dict], keys: list[str], pp_rank: int, vp_stage: int | None,
                vocab: int) -> dict[str, torch.Tensor]:
-        present = [k for k in keys if k in ranks[0]]
+        present = [k for k in keys if k in ranks[(0, 0)]]
         # A reward model's last stage holds its value head instead of an output layer.
         optional = {OUTPUT} if self.layout.tied_embeddings or VALUE_HEAD_KEY in present else set()
         required = [k for k in keys if k not in optional and k != VALUE_HEAD_KEY]
         missing = sorted(set(required) - set(present))
         if missing:
             raise ConversionError(f"{self._path(0, pp_rank)}: missing {', '.join(missing)}")
-        full = merge_chunk([{k: r[k] for k in present} for r in ranks], self.layout, pp_rank, vp_stage)
+        full = merge_chunk({pair: {k: r[k] for k in present} for pair, r in ranks.items()}, self.layout, pp_rank,
+                           vp_stage)
         for key in (EMBEDDING, OUTPUT):
             if key in full:
                 full[key] = full[key][:vocab]
@@ -179,9 +186,7 @@ class MegatronWriter:
     def __init__(self, root: Path, layout: ShardLayout, args: dict[str, Any], dtype: torch.dtype | None):
         self.root, self.layout, self.args, self.dtype = root, layout, args, dtype
         self._stage = 0
-        # Index ep_rank * TP + tp_rank.
-        self._shards: list[dict[str, torch.Tensor]] = [
-            {} for _ in range(layout.tensor_model_parallel_size * layout.expert_model_parallel_size)]
+        self._shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {pair: {} for pair in layout.files}
         self._embedding: torch.Tensor | None = None
 
     def _stage_of(self, unit: dict[str, torch.Tensor]) -> int:
@@ -207,19 +212,17 @@ class MegatronWriter:
             # shard_state_dict adds the tied output copy to whatever it shards for the last stage;
             # only the final unit should carry it.
             layout = replace(layout, tied_embeddings=False)
-        tp = layout.tensor_model_parallel_size
-        for index, shard in enumerate(self._shards):
-            shard.update(shard_state_dict(unit, layout, index % tp, stage, ep_rank=index // tp))
+        for (tp_rank, ep_rank), shard in self._shards.items():
+            shard.update(shard_state_dict(unit, layout, tp_rank, stage, ep_rank=ep_rank))
 
     def _write_stage(self) -> None:
-        pp, tp = self.layout.pipeline_model_parallel_size, self.layout.tensor_model_parallel_size
-        ep = self.layout.expert_model_parallel_size
-        for index, shard in enumerate(self._shards):
+        pp, ep = self.layout.pipeline_model_parallel_size, self.layout.expert_model_parallel_size
+        for (tp_rank, ep_rank), shard in self._shards.items():
             state = {"model": shard, "args": self.args, "iteration": CONVERTED_ITERATION,
                      "checkpoint_version": CHECKPOINT_VERSION}
-            write_rank_state(self.root, CONVERTED_ITERATION, index % tp, self._stage, pp, state, index // tp, ep)
+            write_rank_state(self.root, CONVERTED_ITERATION, tp_rank, self._stage, pp, state, ep_rank, ep)
         log.info("wrote pipeline stage %d/%d", self._stage + 1, pp)
-        self._shards = [{} for _ in self._shards]
+        self._shards = {pair: {} for pair in self._shards}
         self._stage += 1
 
     def close(self) -> None:

@@ -82,12 +82,15 @@ class PairBatch:
     pair_layouts: list[tuple[int, int, int]] | None = None
     """Under --shared-prompt, each pair's (shared prefix P, chosen's own C, rejected's own R) tokens: pair i is one
     sequence [prefix | chosen | rejected] (row i when padded, segment i when packed). None otherwise."""
+    padding: torch.Tensor | None = None
+    """bool, the shape of ``tokens``: True at the positions that hold no sequence (a padded row's tail, a packed
+    row's tail segment), which an MoE model's routers leave out of their losses (megatron's padding_mask)."""
 
     def to(self, device: torch.device) -> "PairBatch":
         """The same batch with its tensors on `device`."""
         moved = {name: getattr(self, name).to(device, non_blocking=True)
                  for name in ("tokens", "labels", "position_ids", "sequence_ids", "cu_seqlens", "outputs",
-                              "margins")
+                              "margins", "padding")
                  if getattr(self, name) is not None}
         return replace(self, **moved)
 
@@ -181,9 +184,11 @@ def collate_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int 
         labels[r, :lab.size - 1] = lab[1:]
     outputs = _output_rows(rows, [(r, np.arange(ids.size)) for r, (ids, _) in enumerate(rows)], len(rows), length,
                            shards, prompt_targets)
+    padding = np.arange(length)[None, :] >= np.array([ids.size for ids, _ in rows])[:, None]
     return PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
                      position_ids=torch.arange(length, dtype=torch.int64).expand(len(rows), length).contiguous(),
-                     num_pairs=len(samples), outputs=outputs, margins=_margins(samples))
+                     num_pairs=len(samples), outputs=outputs, margins=_margins(samples),
+                     padding=torch.from_numpy(padding))
 
 
 def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0, shards: int = 1,
@@ -230,7 +235,7 @@ def pack_pairs(samples: list[dict], pad_to_multiple_of: int = 8, pad_id: int = 0
                      sequence_ids=torch.from_numpy(sequence_ids)[None], cu_seqlens=cu_seqlens,
                      max_seqlen=max(lengths), seq_lengths=lengths,
                      outputs=_output_rows(sequences, placements, 1, length, shards, prompt_targets),
-                     margins=_margins(samples))
+                     margins=_margins(samples), padding=torch.from_numpy(sequence_ids < 0)[None])
 
 
 def shared_prefix_length(chosen: np.ndarray, rejected: np.ndarray) -> int:
@@ -291,9 +296,11 @@ def shared_pairs(samples: list[dict], pad_to_multiple_of: int, pad_id: int, shar
         placements[i] = (row, start + np.arange(prefix + chosen))
         placements[n + i] = (row, start + np.concatenate([np.arange(prefix), prefix + chosen + np.arange(rest)]))
     outputs = _output_rows(sequences, placements, tokens.shape[0], length, shards, prompt_targets)
+    ends = np.array([start + ids.size for (ids, _, _), (_, start) in zip(segments, rows_of)])
+    padding = np.arange(length)[None, :] >= (ends[-1:] if packed else ends)[:, None]
     batch = PairBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
                       position_ids=torch.from_numpy(position_ids), num_pairs=n, outputs=outputs, pair_layouts=layouts,
-                      margins=_margins(samples))
+                      margins=_margins(samples), padding=torch.from_numpy(padding))
     if packed:
         batch.sequence_ids = torch.from_numpy(sequence_ids)
         batch.cu_seqlens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

@@ -31,7 +31,7 @@ CHECK_CHUNK = 1 << 24
 """Tokens per vectorized check step: bounds the temporary arrays to a few hundred MB."""
 
 
-def _check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
+def check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
     """Every id in ``path`` lies in [0, vocab_size) (labels may also be IGNORE_INDEX)."""
     tokens = np.memmap(path, dtype=dtype, mode="r")
     high = np.iinfo(np.int64).max if vocab_size is None else vocab_size
@@ -48,7 +48,7 @@ def _check_token_range(path: str, dtype: type, vocab_size: int | None, labels: b
                             f"(vocab size {vocab_size}); was the data preprocessed with another tokenizer?")
 
 
-def _check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: np.ndarray) -> None:
+def check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: np.ndarray) -> None:
     """Labels equal the input ids except where masked: catches files from two different runs."""
     ids = np.memmap(ids_path, dtype=dtype, mode="r")
     labels = np.memmap(labels_path, dtype=dtype, mode="r")
@@ -107,11 +107,11 @@ class PairwiseDataset(Dataset):
                                 f"{labels.sequence_lengths[i]} labels in {paths[f'{side}_labels']}.bin "
                                 f"({bad.size} such pairs)")
             ids_bin, labels_bin = paths[f"{side}_input_ids"] + ".bin", paths[f"{side}_labels"] + ".bin"
-            _check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
-            _check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
+            check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
+            check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
             if ids.index.dtype == labels.index.dtype:
                 offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
-                _check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
+                check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
 
     def _margins(self, path: str) -> np.ndarray | None:
         """The per-pair margins, read whole (4 bytes a pair), or None when the data set has none."""
@@ -130,7 +130,7 @@ class PairwiseDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         seqs = {k: d.get(int(i)).astype(np.int64) for k, d in self.datasets.items()}
-        prompt = {side: _prompt_length(seqs[f"{side}_labels"]) for side in ("chosen", "rejected")}
+        prompt = {side: prompt_length(seqs[f"{side}_labels"]) for side in ("chosen", "rejected")}
         longest = max(prompt.values())
         response = max(seqs[f"{side}_input_ids"].size - prompt[side] for side in prompt)
         keep_prompt, keep_response = truncate_lengths(longest, response, self.seq_length)
@@ -142,7 +142,7 @@ class PairwiseDataset(Dataset):
         return seqs
 
 
-def _prompt_length(labels: np.ndarray) -> int:
+def prompt_length(labels: np.ndarray) -> int:
     """The prompt is the leading run of masked labels. The two halves of a pair usually share it; they
     differ where a token straddles the prompt/answer boundary in one of them (see engine/data/preprocess.py),
     and truncation then keeps the end of each side's own prompt, as preprocessing does."""

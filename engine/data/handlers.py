@@ -126,7 +126,7 @@ class AlpacaStylePairwiseHandler(PairwiseHandler):
         return PairwiseSample(conv, *self._answers(record))
 
 
-class _MessagesMixin:
+class MessagesMixin:
     """Splits a role/content message list into system, history and final user turn."""
 
     def _conversation(self, messages: Any, column: str, role_key: str, content_key: str,
@@ -150,7 +150,7 @@ class _MessagesMixin:
         return Conversation(prompt=turns[-1][1], system=system, history=history)
 
 
-class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
+class SharegptStylePairwiseHandler(PairwiseHandler, MessagesMixin):
     """``{"conversations": [{"from", "value"}, ...], "chosen": {...}, "rejected": {...}}``; tags via --map-keys."""
 
     name = "SharegptStylePairwiseHandler"
@@ -182,7 +182,7 @@ class SharegptStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
         return PairwiseSample(conv, self._answer(record, "chosen"), self._answer(record, "rejected"))
 
 
-class TrlStylePairwiseHandler(PairwiseHandler, _MessagesMixin):
+class TrlStylePairwiseHandler(PairwiseHandler, MessagesMixin):
     """TRL and ms-swift preference shapes, recognised per record.
 
     - TRL: ``prompt``/``chosen``/``rejected`` as strings or message lists; without ``prompt``

@@ -77,20 +77,20 @@ class PairwiseData:
         return ([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
                 [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
 
+    def output_positions(self, labels) -> int:
+        """How many positions of a sequence with these labels the last projection runs on."""
+        if not self.output_rows:
+            return len(labels)
+        if self.prompt_targets:  # every position but the last predicts a target
+            return len(labels) - 1
+        return int((labels[1:] != IGNORE_INDEX).sum())
+
     def sequence_lengths(self, sample: dict) -> list[tuple[int, int]]:
         """For each sequence of one sample the policy trains on: the tokens it runs (under --shared-prompt the
         rejected one's without the shared prefix: FLOPs as a sequence of its own, leaving out its attention to
         the prefix) and the positions the last projection runs on."""
-        lengths = []
-        for side in ("chosen", "rejected"):
-            ids, labels = sample[f"{side}_input_ids"], sample[f"{side}_labels"]
-            if not self.output_rows:
-                outputs = len(ids)
-            elif self.prompt_targets:  # every position but the last predicts a target
-                outputs = len(labels) - 1
-            else:
-                outputs = int((labels[1:] != IGNORE_INDEX).sum())
-            lengths.append((len(ids), outputs))
+        lengths = [(len(sample[f"{side}_input_ids"]), self.output_positions(sample[f"{side}_labels"]))
+                   for side in ("chosen", "rejected")]
         if self.config.data.shared_prompt:
             (chosen, _), (_, outputs) = lengths
             lengths[1] = (self.rows(sample)[0] - chosen, outputs)
@@ -116,7 +116,8 @@ class UnpairedData(PairwiseData):
                                 shards=_sequence_shards(self.config))
 
     def sequence_lengths(self, sample: dict) -> list[tuple[int, int]]:
-        return [(len(sample["chosen_input_ids"]),) * 2]
+        """The sample's own completion (its KL completion runs without gradient, like the reference)."""
+        return [(len(sample["chosen_input_ids"]), self.output_positions(sample["chosen_labels"]))]
 
 
 DATA_KINDS = {"pairwise": PairwiseData, "unpaired": UnpairedData}

@@ -34,8 +34,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
 from engine.data.collate import PairBatch, collate_pairs, pack_pairs
-from engine.data.dataset import _check_labels_match, _check_token_range, _prompt_length
-from engine.data.handlers import PairwiseHandler, PairwiseSample, RecordError, _MessagesMixin
+from engine.data.dataset import check_labels_match, check_token_range, prompt_length
+from engine.data.handlers import PairwiseHandler, PairwiseSample, RecordError, MessagesMixin
 from engine.data.readers import DataError
 from engine.data.sampler import PairwiseBatchSampler
 from engine.data.records import Conversation
@@ -65,7 +65,7 @@ def unpair(sample: PairwiseSample) -> list[UnpairedSample]:
             UnpairedSample(sample.conversation, sample.rejected, False)]
 
 
-class UnpairedHandler(PairwiseHandler, _MessagesMixin):
+class UnpairedHandler(PairwiseHandler, MessagesMixin):
     """TRL's unpaired preference shape: ``{"prompt", "completion", "label"}`` with ``label`` a boolean.
 
     The prompt is a string (with optional ``system`` and ``history``) or a role/content message list
@@ -169,10 +169,10 @@ class UnpairedDataset(Dataset):
             raise DataError(f"{paths['desirable']}.bin: sample {i}: value {self.desirable[i]}, expected 1 (desirable) "
                             "or 0 (undesirable)")
         ids_bin, labels_bin = paths["completion_input_ids"] + ".bin", paths["completion_labels"] + ".bin"
-        _check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
-        _check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
+        check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
+        check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
         if ids.index.dtype == labels.index.dtype:
-            _check_labels_match(ids_bin, labels_bin, ids.index.dtype,
+            check_labels_match(ids_bin, labels_bin, ids.index.dtype,
                                 ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize)
         logger.info("%s: %d unpaired samples (%d desirable), %d longer than --seq-length %d will be truncated",
                     prefix, len(self), int(self.desirable.sum()), int((ids.sequence_lengths > seq_length).sum()),
@@ -184,7 +184,7 @@ class UnpairedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         ids = self.datasets["completion_input_ids"].get(int(i)).astype(np.int64)
         labels = self.datasets["completion_labels"].get(int(i)).astype(np.int64)
-        p = _prompt_length(labels)
+        p = prompt_length(labels)
         keep_prompt, keep_completion = truncate_lengths(p, ids.size - p, self.seq_length)
         keep = slice(p - keep_prompt, p + keep_completion)
         return {"input_ids": ids[keep], "labels": labels[keep], "prompt_length": keep_prompt,
@@ -275,7 +275,7 @@ class UnpairedBatch(PairBatch):
         n = self.num_pairs
         if self.cu_seqlens is None:
             return PairBatch(tokens=self.tokens[:n], labels=self.labels[:n], position_ids=self.position_ids[:n],
-                             num_pairs=n, pair_indices=self.pair_indices)
+                             num_pairs=n, pair_indices=self.pair_indices, padding=self.padding[:n])
         used = sum(self.seq_lengths[:n])
         length = -(-used // self.pad_to_multiple_of) * self.pad_to_multiple_of
         lengths = self.seq_lengths[:n] + ([length - used] if length > used else [])
@@ -285,7 +285,7 @@ class UnpairedBatch(PairBatch):
         return PairBatch(tokens=self.tokens[:, :length], labels=self.labels[:, :length].masked_fill(tail, IGNORE_INDEX),
                          position_ids=self.position_ids[:, :length], num_pairs=n, pair_indices=self.pair_indices,
                          sequence_ids=self.sequence_ids[:, :length].masked_fill(tail, -1), cu_seqlens=cu_seqlens,
-                         max_seqlen=max(lengths), seq_lengths=lengths)
+                         max_seqlen=max(lengths), seq_lengths=lengths, padding=tail[None])
 
 
 def collate_unpaired(samples: list[dict], pad_to_multiple_of: int = 8, packed: bool = False,

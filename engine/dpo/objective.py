@@ -31,6 +31,8 @@ from engine.dpo.logprobs import vocab_parallel_logprobs, vocab_parallel_mean_log
 from engine.dpo.losses import LOSSES, LossParams, PairLogps, preference_loss, rewards
 from engine.formats import IGNORE_INDEX
 from engine.model.attention import HostPackedSeqParams
+from engine.model.gpt import routing_padding_mask
+from engine.model.provider import unwrap_model
 
 
 @dataclass
@@ -152,7 +154,7 @@ class PairwiseObjective:
         """Padded rows go in as they are (causal attention); a packed row goes in the THD layout; --shared-prompt
         rows carry their pairs' layouts to the attention and rotate each token by its position id. The output
         layer runs on the batch's `OutputRows` only, when it has them: this TP rank's share of them under sequence
-        parallelism."""
+        parallelism. An MoE model's routers leave the batch's padding out of their losses (`routing_padding_mask`)."""
         kwargs = dict(self.model_kwargs)
         if self.output_rows and batch.outputs is not None:  # else (RM; KTO's loss view) at every position
             shards = batch.outputs.index.shape[0]
@@ -170,6 +172,7 @@ class PairwiseObjective:
                                                               max_seqlen_kv=length, pair_layouts=layouts)
         if layouts is not None:
             kwargs["rope_from_position_ids"] = True
+        kwargs.update(routing_padding_mask(unwrap_model(model), batch.padding))
         return model(batch.tokens, batch.position_ids, None, **kwargs)
 
     # Reference: forward only, results collected as non-loss data on the last stage.

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.arguments import moe_layer_freq_text, moe_layer_pattern
+
 
 class UnsupportedModelError(ValueError):
     """An HF model this project cannot convert or build; the message lists what is supported."""
@@ -64,6 +66,10 @@ class HFNames:
     """Prefix of the shared expert's gate_proj / up_proj / down_proj (Qwen2-MoE)."""
     shared_expert_gate: str = "mlp.shared_expert_gate.weight"
     """The shared expert's sigmoid gate [1, hidden] (Qwen2-MoE)."""
+    experts: str = "mlp.experts"
+    """The module transformers 5 builds for a layer's routed experts, whatever the checkpoint's names (Mixtral's
+    included): 3D parameters gate_up_proj [experts, 2 x ffn, hidden] ([gate; up] rows) and down_proj
+    [experts, hidden, ffn], which a PEFT adapter addresses through `target_parameters`."""
 
     def layer(self, index: int, name: str) -> str:
         return self.layer_prefix.format(index) + name
@@ -93,7 +99,8 @@ class ModelFamily:
     qk_norm: bool = False
     """Per-head RMSNorm on queries and keys (Qwen3)."""
     moe: bool = False
-    """Every decoder layer's MLP is a mixture of experts (a router and routed experts)."""
+    """Decoder layers' MLPs are mixtures of experts (a router and routed experts); Qwen-MoE configs can make some
+    layers dense (decoder_sparse_step, mlp_only_layers: --moe-layer-freq)."""
     shared_expert: bool = False
     """MoE layers also have a shared expert with a sigmoid gate (Qwen2-MoE)."""
 
@@ -204,9 +211,6 @@ def _moe_args(family: ModelFamily, hf_config: dict) -> dict[str, Any]:
     experts: megatron's --moe-router-pre-softmax.
     """
     get = hf_config.get
-    if get("decoder_sparse_step", 1) != 1 or get("mlp_only_layers"):
-        raise UnsupportedModelError("decoder_sparse_step != 1 or mlp_only_layers (dense MLP layers between MoE "
-                                    "layers) is not supported: every layer must be an MoE layer")
     normalized = family.name == "mixtral" or get("norm_topk_prob", False)
     args: dict[str, Any] = {
         # Published Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts for all three.
@@ -218,7 +222,42 @@ def _moe_args(family: ModelFamily, hf_config: dict) -> dict[str, Any]:
     if family.shared_expert:
         args["moe_shared_expert_intermediate_size"] = get("shared_expert_intermediate_size")
         args["moe_shared_expert_gate"] = True
+    pattern = _hf_moe_layers(family, hf_config)
+    if not all(pattern):
+        args["moe_layer_freq"] = pattern
     return args
+
+
+def _hf_moe_layers(family: ModelFamily, hf_config: dict) -> list[int]:
+    """1 for each MoE layer, 0 for each dense MLP layer, as transformers' Qwen2-MoE / Qwen3-MoE decoder layers
+    choose: layer i (from 0) is MoE unless listed in `mlp_only_layers`, and only if (i + 1) is a multiple of
+    `decoder_sparse_step`. Mixtral has no dense layers."""
+    layers = hf_config.get("num_hidden_layers") or 0
+    if family.name == "mixtral":
+        return [1] * layers
+    step = hf_config.get("decoder_sparse_step") or 1
+    dense = set(hf_config.get("mlp_only_layers") or ())
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedModelError(f"decoder_sparse_step {step!r}: expected an integer >= 1")
+    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    if not any(pattern):
+        raise UnsupportedModelError(f"decoder_sparse_step {step} and mlp_only_layers {sorted(dense)} leave no MoE "
+                                    f"layer among {layers}: a Qwen-MoE model without MoE layers is not supported")
+    return pattern
+
+
+def _hf_sparse_fields(family: ModelFamily, pattern: list[int]) -> dict[str, Any]:
+    """Inverse of `_hf_moe_layers`: the decoder_sparse_step (with no mlp_only_layers) that gives `pattern`, else
+    decoder_sparse_step 1 with the dense layers listed in mlp_only_layers."""
+    if family.name == "mixtral":
+        if not all(pattern):
+            raise UnsupportedModelError("Mixtral has an MoE MLP in every layer: --moe-layer-freq with dense layers "
+                                        "cannot be written as a Mixtral config")
+        return {}
+    for step in range(1, len(pattern) + 1):
+        if pattern == [int((i + 1) % step == 0) for i in range(len(pattern))]:
+            return {"decoder_sparse_step": step, "mlp_only_layers": []}
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, moe in enumerate(pattern) if not moe]}
 
 
 _FLAG_ORDER = (
@@ -228,7 +267,7 @@ _FLAG_ORDER = (
     "normalization", "norm_epsilon", "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm",
     "untie_embeddings_and_output_weights", "vocab_size", "make_vocab_size_divisible_by", "padded_vocab_size",
     "num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
-    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_layer_freq",
 )
 
 
@@ -241,6 +280,11 @@ def pretrain_flags(args: dict[str, Any]) -> list[str]:
             continue
         if key == "num_query_groups" and not args.get("group_query_attention"):
             continue
+        if key == "moe_layer_freq":
+            pattern = moe_layer_pattern(value, args["num_layers"])
+            if all(pattern):  # megatron's default: every layer
+                continue
+            value = moe_layer_freq_text(pattern)
         flag = "--" + key.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
     return flags
@@ -281,7 +325,8 @@ def hf_config_kwargs(family: ModelFamily, args: dict[str, Any]) -> dict[str, Any
             kwargs.update(num_local_experts=args["num_experts"], intermediate_size=args["moe_ffn_hidden_size"])
         else:
             kwargs.update(num_experts=args["num_experts"], moe_intermediate_size=args["moe_ffn_hidden_size"],
-                          norm_topk_prob=topk_normalized, decoder_sparse_step=1, mlp_only_layers=[])
+                          norm_topk_prob=topk_normalized)
+        kwargs.update(_hf_sparse_fields(family, moe_layer_pattern(args.get("moe_layer_freq", 1), args["num_layers"])))
         kwargs["num_experts_per_tok"] = args["moe_router_topk"]
         if family.shared_expert:
             kwargs["shared_expert_intermediate_size"] = args["moe_shared_expert_intermediate_size"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
 
 class _SelectRows(torch.autograd.Function):
@@ -82,3 +83,18 @@ class PreferenceGPTModel(GPTModel):
                 raise NotImplementedError("output_rows with multi-token prediction")
             hidden_states = _SelectRows.apply(hidden_states, self._output_rows)
         return super()._postprocess(hidden_states, *args, **kwargs)
+
+
+def routing_padding_mask(chunk: GPTModel, padding: torch.Tensor | None) -> dict:
+    """The `padding_mask` keyword of an MoE chunk's forward (none for a dense model or a batch without padding):
+    megatron-core 0.16.1's routers leave the True positions out of the load-balancing statistics (the tokens per
+    expert and the mean routing probabilities) and out of the z-loss's token mean, so the router losses are
+    those of the real tokens, packed or padded. The positions are still routed (their outputs are never read).
+
+    megatron splits the mask over sequence parallelism only on the first pipeline stage; a later stage's chunk
+    gets its share here, as megatron cuts its hidden states ([s / TP, b])."""
+    if padding is None or chunk.config.num_moe_experts is None:
+        return {}
+    if not chunk.pre_process and chunk.config.sequence_parallel:
+        padding = scatter_to_sequence_parallel_region(padding.t().contiguous()).t().contiguous()
+    return {"padding_mask": padding}

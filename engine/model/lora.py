@@ -17,8 +17,8 @@ No activation is communicated beyond what the base layer does. The price is two
 replicated adapter weights whose gradient is a partial sum per TP rank (column A:
 each rank back-propagates through its B rows only; row B: each rank sees its A_i x_i
 only). They carry `tp_partial_grad` and `allreduce_partial_adapter_grads` sums them
-over TP once per step, after megatron's grad finalization (a [r, hidden] tensor per
-layer, versus activations of [sequence, batch, r] per micro-batch for the per-branch
+over TP (a routed expert's over its expert-TP group, --expert-tensor-parallel-size ranks)
+once per step, after megatron's grad finalization (a [r, hidden] tensor per layer, versus activations of [sequence, batch, r] per micro-batch for the per-branch
 all-reduce PEFT's megatron layers do).
 
 Adapters are initialized from one generator per (seed, global layer, module) on the
@@ -92,6 +92,8 @@ class _LoraMixin:
         split, partial = (self.lora_B, self.lora_A) if sharded == "B" else (self.lora_A, self.lora_B)
         set_tensor_model_parallel_attributes(split.weight, is_parallel=True, dim=0 if sharded == "B" else 1, stride=1)
         partial.weight.tp_partial_grad = True
+        # A routed expert's linears split over the experts' TP group (ETP), which may be smaller than TP.
+        partial.weight.expert_tp_partial_grad = self.is_expert
         # A routed expert's adapters, like its weights, are reduced over the experts' data-parallel group, not
         # the dense one (megatron's DDP reads `allreduce`): each EP rank holds other experts.
         for param in (self.lora_A.weight, self.lora_B.weight):
@@ -171,6 +173,7 @@ def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
     grad buffers and the optimizer only ever see adapter parameters.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    expert_tp_rank = parallel_state.get_expert_tensor_parallel_rank()
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             param.requires_grad_(trained_with_adapters(name))
@@ -178,7 +181,8 @@ def prepare_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
             for name, module in lora_layers(layer):
                 target = LORA_TARGETS.index(name.rsplit(".", 1)[-1])
                 stream = seed * 1_000_003 + layer.layer_number * 8 + target + 100_003 * _expert_stream(name, layer)
-                module.reset_adapters(torch.Generator().manual_seed(stream), tp_rank)
+                module.reset_adapters(torch.Generator().manual_seed(stream),
+                                      expert_tp_rank if module.is_expert else tp_rank)
     found = sum(1 for chunk in chunks for _ in lora_layers(chunk))
     if not found:
         raise ValueError("LoRA is on but the model has no adapted layer (check --lora-target-modules)")
@@ -212,23 +216,26 @@ def adapters_disabled(chunks: list[torch.nn.Module]) -> Iterator[None]:
 
 
 def allreduce_partial_adapter_grads(model: list[torch.nn.Module]) -> None:
-    """Sums over TP the grads that each TP rank holds only a part of (see the module docstring)."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return
-    grads = []
-    for chunk in model:
-        for param in chunk.parameters():
-            if param.requires_grad and getattr(param, "tp_partial_grad", False):
-                grad = getattr(param, "main_grad", None) if hasattr(param, "main_grad") else param.grad
-                if grad is not None:
-                    grads.append(grad)
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    """Sums over TP the grads that each TP rank holds only a part of (see the module docstring); a routed
+    expert's over the experts' TP group (--expert-tensor-parallel-size ranks, which hold the same experts)."""
+    for expert, group in ((False, parallel_state.get_tensor_model_parallel_group()),
+                          (True, parallel_state.get_expert_tensor_parallel_group())):
+        if dist.get_world_size(group) == 1:
+            continue
+        grads = []
+        for chunk in model:
+            for param in chunk.parameters():
+                if (param.requires_grad and getattr(param, "tp_partial_grad", False)
+                        and getattr(param, "expert_tp_partial_grad", False) == expert):
+                    grad = getattr(param, "main_grad", None) if hasattr(param, "main_grad") else param.grad
+                    if grad is not None:
+                        grads.append(grad)
+        if not grads:
+            continue
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
 
 
 def parameter_counts(model: list[torch.nn.Module]) -> tuple[int, int]:

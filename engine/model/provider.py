@@ -77,8 +77,11 @@ def moe_fields(config: EngineConfig) -> dict:
     if not moe.enabled:
         # megatron rejects variable_seq_lengths with its default (allgather) dispatcher, even without experts.
         return dict(moe_token_dispatcher_type="alltoall")
+    pattern = moe.layer_pattern(config.model.num_layers)
     return dict(
         num_moe_experts=moe.num_experts,
+        # megatron-core's field (its TE decoder spec builds the layers from it), as the pattern itself.
+        moe_layer_freq=1 if all(pattern) else pattern,
         moe_ffn_hidden_size=moe.expert_ffn(config.model),
         moe_router_topk=moe.moe_router_topk,
         moe_router_pre_softmax=moe.moe_router_pre_softmax,
@@ -86,7 +89,8 @@ def moe_fields(config: EngineConfig) -> dict:
         moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
         # Scaled by the pairs of a micro-batch: see `count_router_losses_per_micro_batch`.
         moe_aux_loss_coeff=moe.moe_aux_loss_coeff * pairs,
-        moe_z_loss_coeff=None if moe.moe_z_loss_coeff is None else moe.moe_z_loss_coeff * pairs,
+        # 0 is off, as for the aux loss: megatron's router would log z-loss / 0 (NaN) for a zero coefficient.
+        moe_z_loss_coeff=moe.moe_z_loss_coeff * pairs if moe.moe_z_loss_coeff else None,
         moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=moe.moe_shared_expert_gate,
         moe_shared_expert_overlap=moe.moe_shared_expert_overlap,

@@ -32,9 +32,14 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from engine.arguments import moe_layer_pattern
 from engine.model import compat
 from engine.model.attention import SDPAttention
 from engine.model.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraSettings
@@ -120,7 +125,11 @@ def decoder_block_spec(
     config: TransformerConfig, transformer_impl: str, attention_backend: str, vp_stage: int | None,
     lora: LoraSettings | None = None, lora_targets: tuple[str, ...] = (),
 ) -> ModuleSpec:
-    """The decoder of one pipeline (or virtual pipeline) stage; LoRA adapts the local spec's linears."""
+    """The decoder of one pipeline (or virtual pipeline) stage; LoRA adapts the local spec's linears.
+
+    Under --moe-layer-freq some layers are dense: the pattern indexes the whole model's layers, and this
+    stage builds its slice of it (from megatron's layer offset of the stage, as get_gpt_decoder_block_spec does).
+    """
     if transformer_impl == "transformer_engine":
         if lora is not None:
             raise ValueError("LoRA adapts megatron-core's local linears: use --transformer-impl local")
@@ -129,10 +138,19 @@ def decoder_block_spec(
         raise ValueError("--moe-grouped-gemm runs the experts through transformer-engine's grouped GEMM: use "
                          "--transformer-impl transformer_engine on CUDA, or drop the flag (the local spec runs "
                          "each expert as its own MLP)")
-    layer = local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets,
-                             moe=config.num_moe_experts is not None)
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    specs = [local_layer_spec(config.qk_layernorm, attention_backend, lora, lora_targets, moe=moe)
+             for moe in (False, True)]
+    pattern = moe_layers(config)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    stage = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage))
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm),
+        submodules=TransformerBlockSubmodules(layer_specs=[specs[pattern[i]] for i in stage], layer_norm=Norm),
     )
+
+
+def moe_layers(config: TransformerConfig) -> list[int]:
+    """1 for each MoE layer of the whole model, 0 for each dense one (megatron-core's reading of moe_layer_freq)."""
+    if config.num_moe_experts is None:
+        return [0] * config.num_layers
+    return moe_layer_pattern(config.moe_layer_freq, config.num_layers)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from engine.arguments import EngineConfig, plain_config
+from engine.arguments import EngineConfig, moe_layer_pattern, plain_config
 from engine.checkpoint.layout import (
     CHECKPOINT_VERSION,
     TRACKER_FILE,
@@ -96,10 +96,19 @@ def _expert_coordinates(config: EngineConfig) -> tuple[int, int]:
     return (parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0), ep
 
 
-def _writes_files() -> bool:
-    """Whether this rank writes its (TP, PP, EP) file: data-parallel rank 0 of the experts' data-parallel
-    group (of the dense one without experts: the same group then), as Megatron-LM."""
-    return parallel_state.get_expert_data_parallel_rank() == 0
+def _writes_files(config: EngineConfig) -> bool:
+    """Whether this rank writes its (TP, PP, EP) file: the lowest global rank of those that share it.
+
+    With ETP == TP (and without experts) that is data-parallel rank 0 of the experts' data-parallel group, the
+    rank Megatron-LM writes it from. With ETP below TP Megatron-LM's writers (expert-DP rank 0) miss the files
+    of some layouts (TP2 x ETP1 x EP1: mp_rank_01); the lowest rank of each file writes them all, and the
+    same ones as Megatron-LM where it writes every file. Collective.
+    """
+    tp_rank, pp_rank, _ = _rank_coordinates()
+    mine = (tp_rank, pp_rank, _expert_coordinates(config)[0])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone.index(mine) == dist.get_rank()
 
 
 def _model_keys(num_chunks: int) -> list[str]:
@@ -200,10 +209,17 @@ def _checked_rank_state(root: str, iteration: int, config: EngineConfig) -> tupl
     tp_rank, pp_rank, pp_size = _rank_coordinates()
     ep_rank, run_ep = _expert_coordinates(config)
     ep_rank = ep_rank if saved_ep > 1 else 0
+    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size, ep_rank, saved_ep)
+    if not path.is_file():  # its TP/PP/EP are the run's (checked above): only a smaller ETP leaves files out
+        raise CheckpointError(
+            f"{path} does not exist: the checkpoint was saved with an --expert-tensor-parallel-size below the run's "
+            f"{config.parallel.expert_tensor_size}, which has no file for TP rank {tp_rank} and EP rank {ep_rank}: "
+            "run with the checkpoint's, or reshard it with tools/checkpoint/convert_ckpt.py --load-model-type mg "
+            f"--save-model-type mg --target-expert-tensor-parallel-size {config.parallel.expert_tensor_size}")
     state = load_rank_state(root, iteration, tp_rank, pp_rank, pp_size,
                             verify=not config.checkpoint.no_verify_checkpoint, ep_rank=ep_rank, ep_size=saved_ep)
-    path = rank_file(Path(root) / iteration_dir_name(iteration), tp_rank, pp_rank, pp_size, ep_rank, saved_ep)
     check_model_args(state.get("args"), config, path)
+    check_expert_split(state.get("args"), config, path)
     check_stage_split(state.get("args"), config, path)
     if saved_ep != run_ep:
         _select_run_experts(state, config, path)
@@ -274,6 +290,7 @@ def run_layout(config: EngineConfig) -> ShardLayout:
         padded_vocab_size=config.padded_vocab_size,
         expert_model_parallel_size=config.parallel.expert_model_parallel_size,
         num_experts=config.moe.num_experts,
+        expert_tensor_parallel_size=config.parallel.expert_tensor_size if config.moe.enabled else None,
     )
 
 
@@ -315,6 +332,10 @@ def check_model_args(saved: dict | None, config: EngineConfig, path: Path) -> No
              **{name: getattr(config.moe, name) for name in CHECKED_MOE_FIELDS}}
     if config.moe.enabled:
         flags["moe_ffn_hidden_size"] = config.moe.expert_ffn(model)
+        # Recorded as the pattern (integer or list); a checkpoint from before the flag made every layer MoE.
+        if "num_experts" in saved and saved.get("num_layers") == model.num_layers:
+            flags["moe_layer_freq"] = config.moe.layer_pattern(model.num_layers)
+            saved = {**saved, "moe_layer_freq": moe_layer_pattern(saved.get("moe_layer_freq", 1), model.num_layers)}
     mismatches = [
         f"--{name.replace('_', '-')}: checkpoint {saved.get(name)!r}, flags {value!r}"
         for name, value in flags.items()
@@ -341,6 +362,21 @@ def _saved_padded_vocab(saved: dict) -> int | None:
     return -(-vocab // (divisor * tp)) * (divisor * tp)
 
 
+def check_expert_split(saved: dict | None, config: EngineConfig, path: Path) -> None:
+    """The experts' tensor-parallel split (ETP) of an MoE checkpoint must be the run's: each file holds one
+    expert-TP slice. A checkpoint that records none (older ones) split its experts over TP."""
+    if not saved or not config.moe.enabled or "tensor_model_parallel_size" not in saved:
+        return
+    etp = saved.get("expert_tensor_parallel_size") or saved["tensor_model_parallel_size"]
+    run = config.parallel.expert_tensor_size
+    if etp != run:
+        raise CheckpointError(
+            f"{path} splits each expert over --expert-tensor-parallel-size {etp}, the run over {run}: run with "
+            f"--expert-tensor-parallel-size {etp}, or reshard it with tools/checkpoint/convert_ckpt.py "
+            f"--load-model-type mg --save-model-type mg --target-expert-tensor-parallel-size {run}"
+        )
+
+
 def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> None:
     """Same pipeline size, different layers per stage (--num-layer-list): say so before loading fails."""
     pp = config.parallel.pipeline_model_parallel_size
@@ -361,12 +397,14 @@ def check_stage_split(saved: dict | None, config: EngineConfig, path: Path) -> N
         )
 
 
-def _save_optimizer_shards(optimizer, file: Path) -> None:
+def _save_optimizer_shards(optimizer, file: Path, writes: bool) -> None:
     """The distributed optimizer's state: gathered over DP and written by DP rank 0 (megatron-core), whose
-    checksum is then read back once."""
+    checksum is then read back once, by the rank that wrote the model file beside it. Under ETP below TP a
+    file some rank reads it from is written by dense or expert DP rank 0, each of which writes its model file;
+    other files may have none (no rank reads one there)."""
     try:
         optimizer.save_parameter_state(str(file))
-        if _writes_files():
+        if writes and file.is_file():
             record_digest(file)
     except (OSError, RuntimeError) as err:
         file.unlink(missing_ok=True)
@@ -398,6 +436,8 @@ class Checkpointer:
             "tensor_model_parallel_size": self.config.parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.config.parallel.pipeline_model_parallel_size,
             "expert_model_parallel_size": self.config.parallel.expert_model_parallel_size,
+            "expert_tensor_parallel_size": (self.config.parallel.expert_tensor_size if self.config.moe.enabled
+                                            else None),
             **self._moe_args(),
             "num_layer_list": list(self.config.parallel.num_layer_list) if self.config.parallel.num_layer_list else None,
             "padded_vocab_size": self.config.padded_vocab_size,
@@ -437,10 +477,12 @@ class Checkpointer:
             rank_state[key] = weights
         ep_rank, ep = _expert_coordinates(self.config)
         path = rank_file(staging_dir(root, iteration), tp_rank, pp_rank, pp_size, ep_rank, ep)
+        writes = _writes_files(self.config)
         _on_every_rank(partial(write_rank_state, root, iteration, tp_rank, pp_rank, pp_size, rank_state, ep_rank, ep)
-                       if _writes_files() else None)
+                       if writes else None)
         if self.config.parallel.use_distributed_optimizer:
-            _on_every_rank(partial(_save_optimizer_shards, optimizer, path.parent / DISTRIBUTED_OPTIMIZER_FILE))
+            _on_every_rank(partial(_save_optimizer_shards, optimizer, path.parent / DISTRIBUTED_OPTIMIZER_FILE,
+                                   writes))
         _on_every_rank(partial(publish, root, iteration) if dist.get_rank() == 0 else None)
         final = Path(root) / iteration_dir_name(iteration)
         logger.info("saved checkpoint %s", final)
@@ -476,7 +518,8 @@ class Checkpointer:
         if not moe.enabled:
             return {}
         return {**{k: v for k, v in asdict(moe).items() if k in CHECKED_MOE_FIELDS},
-                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model)}
+                "moe_ffn_hidden_size": moe.expert_ffn(self.config.model),
+                "moe_layer_freq": moe.layer_pattern(self.config.model.num_layers)}
 
     def _lora_args(self) -> dict:
         """What a LoRA checkpoint needs to be read back: adapter-only or not, and its base."""
@@ -513,8 +556,11 @@ class Checkpointer:
                 ep_rank, ep = _expert_coordinates(self.config)
                 directory = Path(self.state_root) / iteration_dir_name(iteration)
                 file = rank_file(directory, tp_rank, pp_rank, pp_size, ep_rank, ep).parent / DISTRIBUTED_OPTIMIZER_FILE
-                # DP rank 0 reads it; its checksum is agreed on before the collective load.
-                verify = not self.checkpoint.no_verify_checkpoint and _writes_files()
+                # DP rank 0 of the dense or the experts' data-parallel group reads it (megatron-core's chained
+                # optimizer); its checksum is agreed on before the collective load.
+                reads = (parallel_state.get_data_parallel_rank() == 0
+                         or parallel_state.get_expert_data_parallel_rank() == 0)
+                verify = not self.checkpoint.no_verify_checkpoint and reads
                 _on_every_rank(partial(verify_files, directory, [file], "--no-verify-checkpoint") if verify else None)
                 _load_distributed_optimizer_state(optimizer, file)
             if rank_state["train_state"]["iteration"] < self.config.training.train_iters:

@@ -41,24 +41,21 @@ def forward_flops(model: ModelConfig, padded_vocab_size: int, seq_length: int, o
     """Matrix-multiply FLOPs of one forward pass over one sequence whose last projection runs on
     `output_positions` of its positions (all by default; formula in the module docstring);
     `padded_vocab_size` is the width of that projection (1 for a reward model's value head). With
-    experts, a token's MLP work is its top-k experts', the shared expert's and the router's (the active
-    parameters), not a dense MLP of --ffn-hidden-size."""
+    experts, a token's MLP work in an MoE layer is its top-k experts', the shared expert's and the router's
+    (the active parameters), not a dense MLP of --ffn-hidden-size; dense layers (--moe-layer-freq) keep theirs."""
     s, h = seq_length, model.hidden_size
     d_q = model.num_attention_heads * model.kv_channels
     d_kv = model.num_query_groups * model.kv_channels
     mlp_matrices = 3 if model.swiglu else 2
-    mlp_width = model.ffn_hidden_size * mlp_matrices
-    if moe is not None and moe.enabled:
-        mlp_width = (moe.moe_router_topk * moe.expert_ffn(model) + (moe.moe_shared_expert_intermediate_size or 0)) \
-            * mlp_matrices + moe.num_experts
-    per_layer = (
-        2 * s * h * (d_q + 2 * d_kv)
-        + 2 * s * s * d_q
-        + 2 * s * d_q * h
-        + 2 * s * h * mlp_width
-    )
+    dense_width = model.ffn_hidden_size * mlp_matrices
+    moe_layers = sum(moe.layer_pattern(model.num_layers)) if moe is not None else 0
+    moe_width = 0 if not moe_layers else \
+        (moe.moe_router_topk * moe.expert_ffn(model) + (moe.moe_shared_expert_intermediate_size or 0)) \
+        * mlp_matrices + moe.num_experts
+    attention = 2 * s * h * (d_q + 2 * d_kv) + 2 * s * s * d_q + 2 * s * d_q * h
+    mlp = 2 * s * h * ((model.num_layers - moe_layers) * dense_width + moe_layers * moe_width)
     outputs = s if output_positions is None else output_positions
-    return model.num_layers * per_layer + 2 * outputs * h * padded_vocab_size
+    return model.num_layers * attention + mlp + 2 * outputs * h * padded_vocab_size
 
 
 class MetricsLogger:

@@ -20,8 +20,10 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
 
 from engine.model.lora import allreduce_partial_adapter_grads
+from engine.model.spec import moe_layers
 from engine.platform import current_device
 
 
@@ -126,30 +128,46 @@ ROUTER_LOSSES = {"load_balancing_loss": "moe/load_balancing_loss", "seq_load_bal
 """megatron-core's aux-loss tracker names -> the logged metric names."""
 
 
-def router_loss_metrics(num_microbatches: int, num_layers: int) -> dict[str, float]:
+def tracked_router_losses(config: TransformerConfig) -> list[str]:
+    """The tracker names of the router losses the model computes (their coefficient set)."""
+    names = []
+    if config.moe_aux_loss_coeff > 0 and config.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss"):
+        names.append("load_balancing_loss" if config.moe_router_load_balancing_type == "aux_loss"
+                     else "seq_load_balancing_loss")
+    if config.moe_z_loss_coeff is not None:
+        names.append("z_loss")
+    return names
+
+
+def router_loss_metrics(config: TransformerConfig, num_microbatches: int) -> dict[str, float]:
     """The router losses of the step that just ran (its policy forwards only: megatron's routers add them
-    only in training mode with gradients), each the mean over layers and over the global batch's
-    micro-batches, then megatron's tracker is cleared for the next step.
+    only in training mode with gradients), each the mean over the MoE layers (dense layers under
+    --moe-layer-freq have no router) and over the global batch's micro-batches, then megatron's tracker is
+    cleared for the next step.
 
     megatron's tracker holds, per layer, the sum over this rank's micro-batches; its own reduction averages
-    with ReduceOp.AVG, which gloo lacks, so the same reduction is done here with sums: over the pipeline
-    stages (each holds its layers), over the tracker's reduce group (TP ranks hold partial sums of the
-    load-balancing loss), then the mean over TP (the z-loss is a per-rank token mean) and DP ranks.
+    with ReduceOp.AVG, which gloo lacks, so the same reduction is done here with sums: over the tracker's
+    reduce group (TP ranks hold partial sums of the load-balancing loss), over the pipeline stages (each holds
+    its layers; a stage of dense layers only has no entry and adds zeros), then the mean over TP (the z-loss
+    is a per-rank token mean) and DP ranks.
     """
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
+    tracker = get_moe_layer_wise_logging_tracker()
     metrics: dict[str, float] = {}
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
-        if name not in ROUTER_LOSSES:
-            continue
-        values = entry["values"].detach().float().clone()
+    for name in tracked_router_losses(config):
+        entry = tracker.get(name)
+        if entry is None:
+            values = torch.zeros(config.num_layers, device=current_device())
+        else:
+            values = entry["values"].detach().float().clone()
+            if entry.get("reduce_group") is not None:
+                torch.distributed.all_reduce(values, group=entry["reduce_group"])
         torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-        if entry.get("reduce_group") is not None:
-            torch.distributed.all_reduce(values, group=entry["reduce_group"])
         for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
             torch.distributed.all_reduce(values, group=group)
             values /= torch.distributed.get_world_size(group)
-        metrics[ROUTER_LOSSES[name]] = values.sum().item() / num_layers / num_microbatches
+        metrics[ROUTER_LOSSES[name]] = values.sum().item() / sum(moe_layers(config)) / num_microbatches
     clear_aux_losses_tracker()
     return metrics
 
@@ -181,7 +199,7 @@ def train_step(
     metrics = reduce_metrics(collected, metric_names)
     config = model[0].config
     if config.num_moe_experts is not None:
-        metrics.update(router_loss_metrics(num_microbatches, config.num_layers))
+        metrics.update(router_loss_metrics(config, num_microbatches))
     learning_rate = optimizer.param_groups[0]["lr"]
     loss_is_finite = all(math.isfinite(value) for value in metrics.values())
     update_successful, grad_norm = guarded_optimizer_step(optimizer, loss_is_finite)

@@ -302,8 +302,14 @@ MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
          r"x --pipeline-model-parallel-size \(2\)"),
         (MOE + " --expert-model-parallel-size 2 --tensor-model-parallel-size 2", 4,
          r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
-        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2,
-         r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2"),
+        (MOE + " --expert-tensor-parallel-size 2 --expert-model-parallel-size 2", 4,
+         r"--expert-tensor-parallel-size \(2\) must divide --tensor-model-parallel-size \(1\): checkpoint files are "
+         r"named by TP and EP rank only"),
+        (MOE + " --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1 "
+               "--expert-model-parallel-size 4", 6,
+         r"world size 6 is not divisible by --expert-tensor-parallel-size \(1\) x --expert-model-parallel-size \(4\)"),
+        (MOE + " --tensor-model-parallel-size 2 --expert-tensor-parallel-size 1 --expert-model-parallel-size 2", 4,
+         r"--num-experts with --tensor-model-parallel-size 2 needs --sequence-parallel"),
         (MOE + " --moe-ffn-hidden-size 50 --tensor-model-parallel-size 4 --sequence-parallel", 4,
          r"--moe-ffn-hidden-size \(50\) must be divisible by --expert-tensor-parallel-size \(4\)"),
         (MOE + " --moe-token-dispatcher-type allgather --pack-sequences", 1,
@@ -315,6 +321,17 @@ MOE = " --num-experts 4 --moe-ffn-hidden-size 48 --swiglu --disable-bias-linear"
 def test_moe_layouts_name_the_flags(extra, world, message):
     with pytest.raises(ConfigError, match=message):
         validate(config(extra), world_size=world)
+
+
+@pytest.mark.parametrize("extra, world", [
+    (" --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 2),
+    (" --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1 "
+     "--expert-model-parallel-size 2", 4),
+    (" --tensor-model-parallel-size 4 --sequence-parallel --expert-tensor-parallel-size 2 "
+     "--expert-model-parallel-size 4", 8),
+])
+def test_expert_tensor_parallel_below_tp_is_accepted(extra, world):
+    validate(config(MOE + extra), world_size=world)
 
 
 @pytest.mark.parametrize(
@@ -341,3 +358,59 @@ def test_moe_layout_that_fits():
     validate(cfg, world_size=4)
     assert (cfg.parallel.expert_model_parallel_size, cfg.parallel.expert_tensor_size) == (2, 2)
     assert cfg.moe.expert_ffn(cfg.model) == 48 and cfg.moe.moe_token_dispatcher_type == "alltoall"
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("1", [1, 1, 1, 1]),
+        ("2", [1, 0, 1, 0]),  # Megatron-LM: layers 0, N, 2N, ... are MoE
+        ("[0]*1+[1]*3", [0, 1, 1, 1]),
+        ("([1]*1+[0]*1)*2", [1, 0, 1, 0]),
+        ("[0,1] * (1+1)", [0, 1, 0, 1]),
+    ],
+)
+def test_moe_layer_freq_reads_megatrons_integer_and_list_patterns(text, pattern):
+    from engine.arguments import moe_layer_freq_text
+
+    cfg = config(MOE + " --moe-layer-freq " + text.replace(" ", ""))
+    validate(cfg, world_size=1)
+    assert cfg.moe.layer_pattern(cfg.model.num_layers) == pattern
+    assert config(MOE + " --moe-layer-freq " + moe_layer_freq_text(pattern)).moe.layer_pattern(4) == pattern
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("__import__('os').system('true')", "expected an integer N or a list pattern"),
+        ("[__import__('os')]", "Call is not allowed"),
+        ("[1]*10**9", "Pow is not allowed"),
+        ("[1]*1000000", "up to 100000 entries"),
+        ("[1]+1", r"'\+' joins two lists"),
+        ("[1.5]*4", "Constant is not allowed"),
+        ("2*2", "expected an integer N"),
+    ],
+)
+def test_moe_layer_freq_runs_no_code_and_says_what_it_reads(text, message, capsys):
+    with pytest.raises(SystemExit):
+        config(MOE + " --moe-layer-freq " + text)
+    assert "--moe-layer-freq" in capsys.readouterr().err
+    from engine.arguments import parse_moe_layer_freq
+
+    with pytest.raises(Exception, match=message):
+        parse_moe_layer_freq(text)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (MOE + " --moe-layer-freq [0,1,1]", r"--moe-layer-freq has 3 entries, --num-layers 4"),
+        (MOE + " --moe-layer-freq [0,2,1,1]", r"--moe-layer-freq \[0, 2, 1, 1\]: an integer >= 1, or a list of 0"),
+        (MOE + " --moe-layer-freq 0", r"--moe-layer-freq 0: an integer >= 1"),
+        (MOE + " --moe-layer-freq [0]*4", r"--moe-layer-freq makes no layer an MoE layer"),
+        (" --moe-layer-freq 2", r"--moe-layer-freq need\(s\) --num-experts"),
+    ],
+)
+def test_moe_layer_freq_checks_name_the_flag(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config(extra), world_size=1)

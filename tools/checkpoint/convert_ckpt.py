@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if flags:
         print("pretrain_dpo.py model flags (add --seq-length and the data/training flags):")
-        print(" ".join(flags))
+        print(shlex.join(flags))  # a --moe-layer-freq pattern has [ and *: quoted for the shell
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.checkpoint.layout import stage_files
 from engine.checkpoint.sharding import ShardLayout, merge_state_dicts, shard_state_dict
 
 
@@ -126,3 +127,39 @@ def test_expert_parallel_shards_hold_their_experts_and_round_trip(tp, pp, ep):
     merged = merge_state_dicts(shards, layout)
     assert merged.keys() == full.keys()
     assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize("tp, ep, etp, files", [
+    (2, 2, 2, [(0, 0), (0, 1), (1, 0), (1, 1)]),  # ETP == TP: every pair
+    (2, 2, 1, [(0, 0), (1, 1)]),  # ranks 0-3: TP rank r % 2, EP rank r % 2
+    (2, 1, 1, [(0, 0), (1, 0)]),  # Megatron-LM's expert-DP rank 0 writes mp_rank_00 only
+    (4, 2, 2, [(0, 0), (1, 0), (2, 1), (3, 1)]),  # EP rank (r // 2) % 2
+    (2, 3, 1, [(t, e) for t in range(2) for e in range(3)]),  # period lcm(2, 3) = 6 ranks
+])
+def test_stage_files_are_the_pairs_training_ranks_hold(tp, ep, etp, files):
+    assert stage_files(tp, ep, etp) == files
+
+
+@pytest.mark.parametrize("tp, pp, ep, etp", [(2, 1, 2, 1), (2, 1, 1, 1), (4, 2, 2, 2), (2, 2, 4, 1)])
+def test_expert_tensor_parallel_below_tp_shards_and_round_trips(tp, pp, ep, etp):
+    full = moe_state(ffn=8)
+    layout = ShardLayout(2, tp, pp, expert_model_parallel_size=ep, num_experts=4, expert_tensor_parallel_size=etp)
+    shards = {(t, p, None) + ((e,) if ep > 1 else ()): shard_state_dict(full, layout, t, p, None, e)
+              for t, e in layout.files for p in range(pp)}
+    local = 4 // ep
+    for t, e in layout.files:
+        shard = shards[(t, 0, None) + ((e,) if ep > 1 else ())]
+        # The dense MLP parts follow TP; a routed expert is expert-TP rank t % ETP's slice of it.
+        assert torch.equal(shard["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"],
+                           full["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"].chunk(tp, dim=1)[t])
+        expert = full[f"decoder.layers.0.mlp.experts.local_experts.{e * local}.linear_fc2.weight"]
+        assert torch.equal(shard["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"],
+                           expert.chunk(etp, dim=1)[t % etp])
+    merged = merge_state_dicts(shards, layout)
+    assert merged.keys() == full.keys()
+    assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+def test_expert_tensor_parallel_must_divide_tp():
+    with pytest.raises(ValueError, match="expert tensor-parallel size 2 does not divide the tensor-parallel size 1"):
+        ShardLayout(2, 1, 1, expert_model_parallel_size=2, num_experts=4, expert_tensor_parallel_size=2)

@@ -85,6 +85,12 @@ def test_layout_that_does_not_fit_the_model(hf_copy, tmp_path, tp, pp, layers, m
     _assert_fails(tmp_path, config, match)
 
 
+def test_expert_layout_of_a_dense_model(hf_copy, tmp_path):
+    _assert_fails(tmp_path, ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out"), 2, 1,
+                                          target_expert_tensor_parallel_size=1),
+                  "--target-expert-parallel-size and --target-expert-tensor-parallel-size need --num-experts")
+
+
 def test_tp_not_dividing_query_groups(hf_copy, tmp_path):
     _edit_config(hf_copy, num_key_value_heads=2)  # shapes now mismatch too, but the layout is checked first
     _assert_fails(tmp_path, ConvertConfig("hf", "mg", str(hf_copy), str(tmp_path / "out"), 4, 1),

@@ -143,3 +143,45 @@ def test_convert_ckpt_transformer_impl_flag():
         ConvertConfig("mg", "hf", "a", "b", transformer_impl="local")
     with pytest.raises(ConversionError, match="--transformer-impl te: choose from local, transformer_engine"):
         ConvertConfig("hf", "mg", "a", "b", transformer_impl="te")
+
+
+@pytest.mark.parametrize(("fields", "pattern", "flag", "written"), [
+    ({"decoder_sparse_step": 2}, [0, 1, 0, 1, 0, 1], "[0,1]*3", (2, [])),
+    ({"decoder_sparse_step": 3}, [0, 0, 1, 0, 0, 1], "[0,0,1]*2", (3, [])),
+    ({"mlp_only_layers": [0, 5]}, [0, 1, 1, 1, 1, 0], "[0,1,1,1,1,0]", (1, [0, 5])),
+    ({"decoder_sparse_step": 2, "mlp_only_layers": [3]}, [0, 1, 0, 0, 0, 1], "[0,1,0,0,0,1]", (1, [0, 2, 3, 4])),
+])
+def test_qwen_moe_dense_layers_read_as_transformers_builds_them_and_write_back(fields, pattern, flag, written):
+    """Layer i is MoE unless in mlp_only_layers, and only if (i + 1) % decoder_sparse_step == 0 (transformers'
+    Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer); mg -> hf writes a step where one gives the pattern."""
+    import transformers
+
+    for name in ("qwen2_moe", "qwen3_moe"):
+        family = FAMILIES[name]
+        config = getattr(transformers, family.config_class)(num_hidden_layers=6, num_experts=4, **fields)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config.__class__(**{**config.to_dict(), "hidden_size": 8, "intermediate_size": 8, "moe_intermediate_size": 4,
+                                "shared_expert_intermediate_size": 4, "num_attention_heads": 2,
+                                "num_key_value_heads": 2, "head_dim": 4, "vocab_size": 16}))
+        built = [int(hasattr(layer.mlp, "experts")) for layer in model.model.layers]
+        args = model_args(family, config.to_dict())
+        assert args["moe_layer_freq"] == pattern == built, name
+        flags = pretrain_flags(args)
+        assert flags[flags.index("--moe-layer-freq") + 1] == flag
+        kwargs = hf_config_kwargs(family, args)
+        assert (kwargs["decoder_sparse_step"], kwargs["mlp_only_layers"]) == written
+
+
+def test_moe_layer_patterns_a_family_cannot_hold_are_named():
+    with pytest.raises(UnsupportedModelError, match=r"decoder_sparse_step 1 and mlp_only_layers \[0, 1\] leave no "
+                                                    r"MoE layer among 2"):
+        model_args(FAMILIES["qwen3_moe"], {"model_type": "qwen3_moe", "num_hidden_layers": 2, "mlp_only_layers": [0, 1],
+                                           "hidden_size": 8, "intermediate_size": 8, "num_attention_heads": 2,
+                                           "max_position_embeddings": 8, "vocab_size": 16})
+    mixtral = {"num_layers": 2, "num_experts": 4, "moe_ffn_hidden_size": 8, "moe_router_topk": 2,
+               "moe_router_pre_softmax": False, "moe_layer_freq": [0, 1], "vocab_size": 16, "hidden_size": 8,
+               "ffn_hidden_size": 8, "num_attention_heads": 2, "num_query_groups": 2, "kv_channels": 4,
+               "max_position_embeddings": 8, "norm_epsilon": 1e-6, "rotary_base": 10000,
+               "untie_embeddings_and_output_weights": True}
+    with pytest.raises(UnsupportedModelError, match="Mixtral has an MoE MLP in every layer"):
+        hf_config_kwargs(FAMILIES["mixtral"], mixtral)

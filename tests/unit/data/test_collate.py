@@ -57,3 +57,19 @@ def test_bad_arguments():
         collate_pairs([])
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         collate_pairs([pair([1], [2], [3])], pad_to_multiple_of=0)
+
+
+def test_padding_marks_the_positions_that_hold_no_sequence():
+    """The mask an MoE model's routers leave out of their losses: each padded row's tail, a packed row's tail
+    segment, a --shared-prompt row's tail."""
+    from engine.data.collate import pack_pairs
+
+    samples = [pair([1, 2], [3, 4], [5]), pair([6], [7, 8, 9], [15, 16])]
+    padded = collate_pairs(samples, pad_to_multiple_of=8)
+    assert padded.padding.tolist() == [[t >= n for t in range(8)] for n in (4, 4, 3, 3)]
+    packed = pack_pairs(samples, pad_to_multiple_of=8)  # 4 + 4 + 3 + 3 = 14 tokens, then a tail of 2
+    assert packed.padding.tolist() == [[t >= 14 for t in range(16)]]
+    assert torch.equal(packed.padding, packed.sequence_ids < 0)
+    shared = collate_pairs(samples, pad_to_multiple_of=8, shared_prompt=True)  # [1 2 3 4 5], [6 7 8 9 15 16]
+    assert shared.padding.tolist() == [[t >= n for t in range(8)] for n in (5, 6)]
+    assert pack_pairs(samples, pad_to_multiple_of=4, shared_prompt=True).padding.tolist() == [[False] * 11 + [True]]

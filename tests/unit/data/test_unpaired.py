@@ -156,6 +156,8 @@ def test_completions_view_holds_the_completions_alone(samples, packed):
         assert view.tokens.shape[1] % 8 == 0 and int(view.cu_seqlens[-1]) == view.tokens.shape[1]
         assert (view.labels[0][view.sequence_ids[0] < 0] == IGNORE_INDEX).all()
         assert sum(view.seq_lengths) == view.tokens.shape[1]
+    assert torch.equal(view.padding, view.sequence_ids < 0) if packed else \
+        torch.equal(view.padding, batch.padding[:4])  # what an MoE model's routers leave out
     assert int((view.labels != IGNORE_INDEX).sum()) == int((alone.labels[:4] != IGNORE_INDEX).sum())
     assert torch.equal(batch.to(torch.device("cpu")).desirable, batch.desirable)
 
@@ -172,3 +174,17 @@ def test_bad_desirable_file_is_named(tmp_path, samples):
     flags.flush()
     with pytest.raises(DataError, match=r"desirable_document\.bin: sample 3: value 7"):
         UnpairedDataset(prefix, 64)
+
+
+def test_throughput_counts_each_completion_once_with_its_labelled_positions(samples):
+    """KTO's FLOPs per sample: the completion's tokens and the answer positions the output layer runs on (the KL
+    completion runs without gradient, outside the trained sequences)."""
+    from engine.arguments import parse_args
+    from engine.data.kinds import UnpairedData
+
+    config = parse_args(("--stage kto --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
+                         "--max-position-embeddings 64 --vocab-size 128 --micro-batch-size 4").split(), world_size=1)
+    item = MismatchedPairs(samples, block=4, seq_length=64, seed=3)[0]
+    labelled = int((item["chosen_labels"][1:] != IGNORE_INDEX).sum())
+    assert 0 < labelled < len(item["chosen_input_ids"]) - 1
+    assert UnpairedData(config).sequence_lengths(item) == [(len(item["chosen_input_ids"]), labelled)]

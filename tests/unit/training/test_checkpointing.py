@@ -54,6 +54,20 @@ def test_every_math_changing_model_flag_is_compared():
     check_model_args(saved_args(), config("--hidden-dropout", "0.1", "--rope-scaling-factor", "4"), path)
 
 
+def test_the_moe_layer_pattern_is_compared_whatever_its_spelling():
+    path = Path("ckpt/iter_0000001/mp_rank_00/model_optim_rng.pt")
+    moe = ("--num-experts", "4")
+    converted = {**saved_args(*moe), "num_experts": 4, "moe_layer_freq": [0, 1]}  # what hf -> mg records
+    check_model_args(converted, config(*moe, "--moe-layer-freq", "[0,1]"), path)
+    with pytest.raises(CheckpointError, match=r"--moe-layer-freq: checkpoint \[0, 1\], flags \[1, 0\]"):
+        check_model_args(converted, config(*moe, "--moe-layer-freq", "2"), path)
+    # a checkpoint that records no pattern (every layer MoE, before the flag) is megatron's default, 1
+    older = {**saved_args(*moe), "num_experts": 4}
+    check_model_args(older, config(*moe, "--moe-layer-freq", "[1]*2"), path)
+    with pytest.raises(CheckpointError, match=r"--moe-layer-freq: checkpoint \[1, 1\], flags \[0, 1\]"):
+        check_model_args(older, config(*moe, "--moe-layer-freq", "[0,1]"), path)
+
+
 def test_a_checkpoint_in_another_tp_layout_says_how_to_convert_it(tmp_path):
     for rank in ("mp_rank_00", "mp_rank_01"):
         (tmp_path / "iter_0000003" / rank).mkdir(parents=True)

@@ -19,3 +19,13 @@ def test_moe_flops_count_the_routed_top_k_the_shared_expert_and_the_router():
                                     ffn_hidden_size=64, swiglu=True, vocab_size=100)
     assert forward_flops(model, 128, s, moe=moe) - forward_flops(dense_same_active, 128, s) == 2 * (2 * s * h * 8)
     assert forward_flops(model, 128, s, moe=MoEConfig()) == forward_flops(model, 128, s)  # dense: unchanged
+
+
+def test_dense_layers_of_an_moe_model_cost_their_dense_mlp():
+    model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16, ffn_hidden_size=64,
+                        swiglu=True, vocab_size=100)
+    moe = MoEConfig(num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=24, moe_layer_freq=[0, 1, 1, 0])
+    s, h = 10, 32
+    attention = 2 * s * h * 3 * h + 2 * s * s * h + 2 * s * h * h
+    dense_mlp, moe_mlp = 2 * s * h * 64 * 3, 2 * s * h * (2 * 24 * 3 + 8)
+    assert forward_flops(model, 128, s, moe=moe) == 4 * attention + 2 * dense_mlp + 2 * moe_mlp + 2 * s * h * 128
