@@ -29,6 +29,8 @@ from engine.loss_catalog import (
     STAGE_TRAITS,
     STAGES,
     StageTraits,
+    option_note,
+    stage_summary,
 )
 from engine.options import ConfigError, Section, add_options, option, require, section_from_args
 
@@ -557,51 +559,49 @@ class PreferenceConfig(Section):
     error, never ignored. `check` then fills in the defaults of the flags that apply.
     """
 
-    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free; kto trains on "
-                               "unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or "
-                               "--unpair) against a reference policy; rm trains a reward model (a scalar value head) "
-                               "on the pairwise data",
-                        choices=STAGES)
+    stage: str = option("dpo", stage_summary(), choices=STAGES)
     dpo_loss_type: list[str] | None = option(
-        None, "one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); one of: "
-              + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo, default sigmoid)", metavar="LOSS")
+        None, "; ".join(f"{'one or more' if traits.several_losses else 'one'} of: {', '.join(traits.loss_types)} "
+                        f"(--stage {stage}, default {' '.join(traits.defaults['dpo_loss_type'])})"
+                        for stage, traits in STAGE_TRAITS.items() if traits.loss_types), metavar="LOSS")
     dpo_loss_weights: list[float] | None = option(None, "one weight per --dpo-loss-type: the loss is the weighted "
-                                                        "sum (default all 1)", metavar="W")
-    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and "
-                                          "kto; "
-                                          "default 0.1")
+                                                        f"sum ({option_note('dpo_loss_weights')}; default all 1)",
+                                                  metavar="W")
+    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) "
+                                          f"({option_note('dpo_beta')})")
     dpo_label_smoothing: float = option(0.0, "label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, "
                                              "exo_pair, sigmoid_norm, aot, aot_unpaired, simpo)")
-    discopop_tau: float | None = option(None, "DiscoPOP's mixing temperature (--dpo-loss-type discopop); "
-                                              "default 0.05")
+    discopop_tau: float | None = option(None, f"DiscoPOP's mixing temperature ({option_note('discopop_tau')})")
     reference_free: bool = option(False, "--stage dpo against a uniform reference (log-probs 0): no reference model")
     ld_alpha: float | None = option(None, "LD-DPO: log-probs of the answer tokens past the pair's shorter answer "
-                                          "are scaled by alpha in [0, 1], for policy and reference alike (--stage "
-                                          "dpo, losses on summed log-probs)")
+                                          "are scaled by alpha in [0, 1], for policy and reference alike (losses on "
+                                          f"summed log-probs; {option_note('ld_alpha')})")
     rpo_alpha: float | None = option(None, "RPO: weight of the chosen answers' NLL (token mean per pair, as the RPO "
                                            "paper and MindSpeed-LLM; --dpo-loss-type sft is TRL's mean over the "
-                                           "batch's tokens) added to a --stage dpo loss")
+                                           f"batch's tokens) added to the loss ({option_note('rpo_alpha')})")
     pref_ftx: float = option(0.0, "the same NLL weight under LLaMA-Factory's name (exclusive with --rpo-alpha)")
-    simpo_beta: float | None = option(None, "SimPO's reward scale (--stage simpo); default 2.0")
+    simpo_beta: float | None = option(None, f"SimPO's reward scale ({option_note('simpo_beta')})")
     simpo_gamma: float | None = option(None, "SimPO's target reward margin, in reward units: loss -logsigmoid(beta "
-                                             "(mean logp_c - mean logp_r) - gamma) (--stage simpo, or cpo with "
-                                             "--dpo-loss-type simpo); default 1.0")
+                                             "(mean logp_c - mean logp_r) - gamma) "
+                                             f"({option_note('simpo_gamma')})")
     cpo_alpha: float | None = option(None, "weight of the chosen answers' NLL (token mean over the global batch's "
-                                           "answer tokens, as TRL's CPOTrainer): --stage cpo (default 1.0) and simpo "
-                                           "(default 0.0: pure SimPO)")
+                                           "answer tokens, as TRL's CPOTrainer; 0: pure SimPO) "
+                                           f"({option_note('cpo_alpha')})")
     orpo_beta: float | None = option(None, "ORPO's lambda, the weight of the odds-ratio term beside the NLL "
-                                           "(--stage orpo); default 0.1")
+                                           f"({option_note('orpo_beta')})")
     orpo_prompt_loss: bool | None = option(None, "ORPO's NLL over the chosen sequences' prompt and answer tokens "
                                                  "(the ORPO authors' default and TRL's), or with --no-orpo-prompt-loss "
                                                  "over their answer tokens only; a token mean over the global batch "
-                                                 "either way (--stage orpo); default on", negatable=True)
-    kto_desirable_weight: float | None = option(None, "--stage kto: weight of the desirable (thumbs-up) samples' "
-                                                      "losses (TRL's desirable_weight); default 1.0")
-    kto_undesirable_weight: float | None = option(None, "--stage kto: weight of the undesirable (thumbs-down) "
-                                                        "samples' losses (TRL's undesirable_weight); default 1.0")
+                                                 f"either way ({option_note('orpo_prompt_loss')})", negatable=True)
+    kto_desirable_weight: float | None = option(None, "weight of the desirable (thumbs-up) samples' losses (TRL's "
+                                                      f"desirable_weight) ({option_note('kto_desirable_weight')})")
+    kto_undesirable_weight: float | None = option(None, "weight of the undesirable (thumbs-down) samples' losses "
+                                                        "(TRL's undesirable_weight) "
+                                                        f"({option_note('kto_undesirable_weight')})")
     center_rewards_coefficient: float | None = option(
-        None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
-              "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
+        None, "weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added to the loss so "
+              "rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023) "
+              f"({option_note('center_rewards_coefficient')})")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
     refer_model_iter: int | None = option(None, "on resume, load the reference from this iteration of --ref-model or "
                                                 "--load (default: the reference the checkpoint records, else 1)")
@@ -650,8 +650,6 @@ class PreferenceConfig(Section):
         require(self.simpo_gamma is None or "simpo" in types,
                 f"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
                 f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""))
-        if "simpo" in types:
-            self.simpo_gamma = 1.0 if self.simpo_gamma is None else self.simpo_gamma
 
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
         smoothed = [name for name, traits in LOSS_TRAITS.items() if traits.label_smoothing]
@@ -661,9 +659,11 @@ class PreferenceConfig(Section):
             f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""),
         )
         require(self.discopop_tau is None or "discopop" in types, "--discopop-tau needs --dpo-loss-type discopop")
-        if "discopop" in types:
-            self.discopop_tau = 0.05 if self.discopop_tau is None else self.discopop_tau
-            require(self.discopop_tau > 0, "--discopop-tau must be > 0")
+        require(self.discopop_tau is None or self.discopop_tau > 0, "--discopop-tau must be > 0")
+        for loss in (LOSS_TRAITS[name] for name in types if name in LOSS_TRAITS):  # kto's loss is not catalogued
+            for name, value in loss.defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.ld_alpha is not None:
             require(0.0 <= self.ld_alpha <= 1.0, "--ld-alpha must be in [0, 1]")
             averaged = [t for t in types if LOSS_TRAITS[t].average_logps]
