@@ -491,12 +491,13 @@ class CheckpointConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    """Preprocessed pairwise shards and their train/valid/test split."""
+    """Preprocessed shards (pairwise; unpaired for --stage kto) and their train/valid/test split."""
 
     data_path: list[str] | None = option(None, "a preprocess_data.py --output-prefix, or weighted prefixes "
                                                "'W1 P1 W2 P2' to blend (required to train)")
     split: str = option("98,2,0", "train,valid,test weights over each data set's pairs")
-    is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts; pairwise data is the only kind")
+    is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts, and ignored: --stage decides the "
+                                              "data (pairwise; unpaired for kto)")
     pack_sequences: bool = option(False, "concatenate each micro-batch's sequences into one row (megatron's THD "
                                          "layout, attention within each sequence) instead of padding every row")
     shared_prompt: bool = option(False, "each pair as one sequence [prompt | chosen | rejected], the prompt computed "

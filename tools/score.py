@@ -19,9 +19,13 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# megatron-core warns on import that it falls back from TE/apex; scoring uses neither
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from engine.checkpoint.layout import TRACKER_FILE  # noqa: E402
 from engine.data.handlers import HANDLERS, RecordError, build_handler  # noqa: E402
