@@ -55,3 +55,26 @@ def test_bf16_params_and_lora_trains_only_adapters():
     assert lora["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in lora["trainable"])
     # Two adapters (A, B) on each of the four linears of each of the two layers.
     assert len(lora["trainable"]) == 2 * 4 * 2
+
+
+def _grad_sync_error(argv):
+    """The error megatron's DDP raises when the policy's gradients are NaN, or None."""
+    from engine.arguments import parse_args
+    from engine.initialize import initialize_distributed
+    from engine.model.provider import build_trainable_model
+
+    config = parse_args(argv, world_size=1)
+    chunk = build_trainable_model(config, initialize_distributed(config.parallel))[0]
+    chunk.zero_grad_buffer()
+    (sum(p.sum() for p in chunk.parameters() if p.requires_grad) * float("nan")).backward()
+    try:
+        chunk.finish_grad_sync()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def test_check_for_nan_in_loss_and_grad_makes_megatrons_ddp_raise_on_nan_gradients():
+    assert run_ranks(_grad_sync_error, 1, TINY)[0] is None  # without the flag the NaN reaches the skip guard
+    error = run_ranks(_grad_sync_error, 1, TINY + ["--check-for-nan-in-loss-and-grad"])[0]
+    assert "found NaN in local grad norm" in error
