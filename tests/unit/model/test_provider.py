@@ -33,6 +33,7 @@ def _describe(argv):
         "dtypes": {p.dtype for p in unwrap_model(policy[0]).parameters()},
         "trainable": trainable,
         "grad_buffers": sum(len(chunk.buffers) for chunk in policy),
+        "grad_reduce_in_fp32": policy[0].ddp_config.grad_reduce_in_fp32,
         "frozen_trainable": sum(p.requires_grad for chunk in frozen for p in chunk.parameters()),
         "frozen_training": any(chunk.training for chunk in frozen),
         "padded_vocab": unwrap_model(policy[0]).embedding.word_embeddings.weight.shape[0],
@@ -43,7 +44,7 @@ def test_policy_and_frozen_reference_on_one_rank():
     built = run_ranks(_describe, 1, TINY)[0]
     assert built["chunks"] == 1 and built["padded_vocab"] == 128  # 100 rounded up to 64 x TP1
     assert built["parameters"] == _expected_parameters()
-    assert built["dtypes"] == {torch.float32} and built["grad_buffers"] >= 1
+    assert built["dtypes"] == {torch.float32} and built["grad_buffers"] >= 1 and not built["grad_reduce_in_fp32"]
     assert len(built["trainable"]) > 0
     assert built["frozen_trainable"] == 0 and not built["frozen_training"]
 
@@ -51,6 +52,7 @@ def test_policy_and_frozen_reference_on_one_rank():
 def test_bf16_params_and_lora_trains_only_adapters():
     bf16 = run_ranks(_describe, 1, TINY + ["--bf16"])[0]
     assert bf16["dtypes"] == {torch.bfloat16} and bf16["parameters"] == _expected_parameters()
+    assert bf16["grad_reduce_in_fp32"]  # docs/parallelism.md's memory estimate counts a 4-byte gradient buffer
     lora = run_ranks(_describe, 1, TINY + "--lora-r 4 --lora-alpha 8".split())[0]
     assert lora["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in lora["trainable"])
     # Two adapters (A, B) on each of the four linears of each of the two layers.
