@@ -186,6 +186,11 @@ def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, straig
     assert [r["loss"] for r in first] == [r["loss"] for r in straight[:5]]
     saved = torch.load(resumed_dir / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     assert saved["reference"]["iteration"] == 1
+    # --finetune takes the weights only: iteration 1 again, the loaded (trained) policy as its own reference.
+    finetuned = run_dpo(assets, tmp_path / "finetuned", load=resumed_dir, extra="--train-iters 1 --micro-batch-size 4 "
+                                                                                 "--finetune")
+    assert [r["iteration"] for r in finetuned] == [1] and finetuned[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert finetuned[0]["logps/chosen"] != pytest.approx(straight[0]["logps/chosen"], abs=1e-3)  # the trained weights
     # The task is learnable: the loss falls and the policy prefers the chosen answers.
     assert straight[-1]["loss"] < 0.5 * straight[0]["loss"]
     assert straight[-1]["rewards/accuracies"] >= 0.9
