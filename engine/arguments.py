@@ -399,6 +399,12 @@ class TrainingConfig(Section):
     lr_decay_style: str = option("cosine", "decay after warm-up",
                                  choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
     lr_decay_iters: int | None = option(None, "steps of warm-up + decay; default --train-iters")
+    lr_wsd_decay_iters: int | None = option(None, "--lr-decay-style WSD (warm-up, stable, decay): steps of the final "
+                                                   "decay, the last ones of --lr-decay-iters; the lr stays at --lr "
+                                                   "from the warm-up's end until then (required with WSD, as in "
+                                                   "Megatron-LM)")
+    lr_wsd_decay_style: str = option("exponential", "--lr-decay-style WSD: shape of the final decay",
+                                     choices=("exponential", "linear", "cosine", "minus_sqrt"))
     lr_warmup_fraction: float | None = option(None, "warm-up as a fraction of --lr-decay-iters (exclusive with "
                                                     "--lr-warmup-iters)")
     lr_warmup_iters: int = option(0, "warm-up steps")
@@ -466,6 +472,14 @@ class TrainingConfig(Section):
             f"{'--lr-decay-iters' if self.lr_decay_iters else '--train-iters'})",
         )
         require(self.lr_warmup_init <= self.lr, f"--lr-warmup-init ({self.lr_warmup_init}) exceeds --lr ({self.lr})")
+        require((self.lr_decay_style == "WSD") == (self.lr_wsd_decay_iters is not None),
+                "--lr-decay-style WSD needs --lr-wsd-decay-iters (the steps of its final decay)"
+                if self.lr_decay_style == "WSD" else "--lr-wsd-decay-iters applies to --lr-decay-style WSD")
+        if self.lr_wsd_decay_iters is not None and decay_iters is not None:
+            after_warmup = decay_iters * (1 - (self.lr_warmup_fraction or 0)) - self.lr_warmup_iters
+            require(1 <= self.lr_wsd_decay_iters <= after_warmup,
+                    f"--lr-wsd-decay-iters ({self.lr_wsd_decay_iters}) must be between 1 and the {after_warmup:g} "
+                    "decay steps after the warm-up")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/2 must be in [0, 1)")
         require(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
