@@ -367,7 +367,7 @@ def test_bf16_training_tracks_fp32(assets, straight, tmp_path):
 
 def test_fp16_with_dynamic_loss_scaling_tracks_fp32(assets, straight, tmp_path):
     # --fp16: fp16 params, fp32 main weights, megatron's dynamic loss scaler. Its default first scale, 2^32,
-    # overflows these gradients: the update is skipped and says so (the scale then halves).
+    # overflows these gradients: the update is skipped and says so (the scale then backs off).
     overflowing = run_dpo(assets, tmp_path / "overflow", extra="--train-iters 2 --micro-batch-size 4 --fp16")
     assert [r.get("skipped_update") for r in overflowing] == [1, 1]
     assert [r["loss"] for r in overflowing] == pytest.approx([math.log(2)] * 2, abs=1e-6)  # weights untouched
