@@ -94,8 +94,7 @@ STAGE_TRAITS: dict[str, StageTraits] = {
                       defaults={"center_rewards_coefficient": 0.0}),
 }
 STAGES = tuple(STAGE_TRAITS)
-"""--stage choices; dpo and kto train against a reference model, the others are reference-free; rm trains a reward
-model."""
+"""--stage choices; what each trains on and against is in its traits (`stage_summary` says it in --help)."""
 STAGE_OPTIONS = tuple(sorted({name for traits in STAGE_TRAITS.values() for name in traits.options}))
 """Options that only some stages read."""
 
