@@ -1,4 +1,4 @@
-"""Turn pairwise preference data into megatron indexed shards for DPO.
+"""Turn preference data (pairs, or unpaired samples for KTO) into megatron indexed shards for training.
 
 python preprocess_data.py --input data.jsonl --tokenizer-type PretrainedFromHF --tokenizer-name-or-path DIR \\
     --output-prefix OUT/name --workers 4 --handler-name AlpacaStylePairwiseHandler --prompt-type llama3

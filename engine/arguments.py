@@ -29,6 +29,8 @@ from engine.loss_catalog import (
     STAGE_TRAITS,
     STAGES,
     StageTraits,
+    option_note,
+    stage_summary,
 )
 from engine.options import ConfigError, Section, add_options, option, require, section_from_args
 
@@ -397,6 +399,12 @@ class TrainingConfig(Section):
     lr_decay_style: str = option("cosine", "decay after warm-up",
                                  choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
     lr_decay_iters: int | None = option(None, "steps of warm-up + decay; default --train-iters")
+    lr_wsd_decay_iters: int | None = option(None, "--lr-decay-style WSD (warm-up, stable, decay): steps of the final "
+                                                   "decay, the last ones of --lr-decay-iters; the lr stays at --lr "
+                                                   "from the warm-up's end until then (required with WSD, as in "
+                                                   "Megatron-LM)")
+    lr_wsd_decay_style: str = option("exponential", "--lr-decay-style WSD: shape of the final decay",
+                                     choices=("exponential", "linear", "cosine", "minus_sqrt"))
     lr_warmup_fraction: float | None = option(None, "warm-up as a fraction of --lr-decay-iters (exclusive with "
                                                     "--lr-warmup-iters)")
     lr_warmup_iters: int = option(0, "warm-up steps")
@@ -464,6 +472,14 @@ class TrainingConfig(Section):
             f"{'--lr-decay-iters' if self.lr_decay_iters else '--train-iters'})",
         )
         require(self.lr_warmup_init <= self.lr, f"--lr-warmup-init ({self.lr_warmup_init}) exceeds --lr ({self.lr})")
+        require((self.lr_decay_style == "WSD") == (self.lr_wsd_decay_iters is not None),
+                "--lr-decay-style WSD needs --lr-wsd-decay-iters (the steps of its final decay)"
+                if self.lr_decay_style == "WSD" else "--lr-wsd-decay-iters applies to --lr-decay-style WSD")
+        if self.lr_wsd_decay_iters is not None and decay_iters is not None:
+            after_warmup = decay_iters * (1 - (self.lr_warmup_fraction or 0)) - self.lr_warmup_iters
+            require(1 <= self.lr_wsd_decay_iters <= after_warmup,
+                    f"--lr-wsd-decay-iters ({self.lr_wsd_decay_iters}) must be between 1 and the {after_warmup:g} "
+                    "decay steps after the warm-up")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/2 must be in [0, 1)")
         require(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
@@ -489,12 +505,13 @@ class CheckpointConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    """Preprocessed pairwise shards and their train/valid/test split."""
+    """Preprocessed shards (pairwise; unpaired for --stage kto) and their train/valid/test split."""
 
     data_path: list[str] | None = option(None, "a preprocess_data.py --output-prefix, or weighted prefixes "
                                                "'W1 P1 W2 P2' to blend (required to train)")
     split: str = option("98,2,0", "train,valid,test weights over each data set's pairs")
-    is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts; pairwise data is the only kind")
+    is_pairwise_dataset: bool = option(False, "accepted for MindSpeed-LLM scripts, and ignored: --stage decides the "
+                                              "data (pairwise; unpaired for kto)")
     pack_sequences: bool = option(False, "concatenate each micro-batch's sequences into one row (megatron's THD "
                                          "layout, attention within each sequence) instead of padding every row")
     shared_prompt: bool = option(False, "each pair as one sequence [prompt | chosen | rejected], the prompt computed "
@@ -557,51 +574,49 @@ class PreferenceConfig(Section):
     error, never ignored. `check` then fills in the defaults of the flags that apply.
     """
 
-    stage: str = option("dpo", "dpo (against a reference policy); simpo, orpo, cpo are reference-free; kto trains on "
-                               "unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or "
-                               "--unpair) against a reference policy; rm trains a reward model (a scalar value head) "
-                               "on the pairwise data",
-                        choices=STAGES)
+    stage: str = option("dpo", stage_summary(), choices=STAGES)
     dpo_loss_type: list[str] | None = option(
-        None, "one or more of: " + ", ".join(DPO_LOSS_TYPES) + " (--stage dpo, default sigmoid); one of: "
-              + ", ".join(CPO_LOSS_TYPES) + " (--stage cpo, default sigmoid)", metavar="LOSS")
+        None, "; ".join(f"{'one or more' if traits.several_losses else 'one'} of: {', '.join(traits.loss_types)} "
+                        f"(--stage {stage}, default {' '.join(traits.defaults['dpo_loss_type'])})"
+                        for stage, traits in STAGE_TRAITS.items() if traits.loss_types), metavar="LOSS")
     dpo_loss_weights: list[float] | None = option(None, "one weight per --dpo-loss-type: the loss is the weighted "
-                                                        "sum (default all 1)", metavar="W")
-    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) of --stage dpo, cpo and "
-                                          "kto; "
-                                          "default 0.1")
+                                                        f"sum ({option_note('dpo_loss_weights')}; default all 1)",
+                                                  metavar="W")
+    dpo_beta: float | None = option(None, "KL strength (temperature of the implicit reward) "
+                                          f"({option_note('dpo_beta')})")
     dpo_label_smoothing: float = option(0.0, "label noise in [0, 0.5) of the sigmoid-family losses (cDPO, robust, "
                                              "exo_pair, sigmoid_norm, aot, aot_unpaired, simpo)")
-    discopop_tau: float | None = option(None, "DiscoPOP's mixing temperature (--dpo-loss-type discopop); "
-                                              "default 0.05")
+    discopop_tau: float | None = option(None, f"DiscoPOP's mixing temperature ({option_note('discopop_tau')})")
     reference_free: bool = option(False, "--stage dpo against a uniform reference (log-probs 0): no reference model")
     ld_alpha: float | None = option(None, "LD-DPO: log-probs of the answer tokens past the pair's shorter answer "
-                                          "are scaled by alpha in [0, 1], for policy and reference alike (--stage "
-                                          "dpo, losses on summed log-probs)")
+                                          "are scaled by alpha in [0, 1], for policy and reference alike (losses on "
+                                          f"summed log-probs; {option_note('ld_alpha')})")
     rpo_alpha: float | None = option(None, "RPO: weight of the chosen answers' NLL (token mean per pair, as the RPO "
                                            "paper and MindSpeed-LLM; --dpo-loss-type sft is TRL's mean over the "
-                                           "batch's tokens) added to a --stage dpo loss")
+                                           f"batch's tokens) added to the loss ({option_note('rpo_alpha')})")
     pref_ftx: float = option(0.0, "the same NLL weight under LLaMA-Factory's name (exclusive with --rpo-alpha)")
-    simpo_beta: float | None = option(None, "SimPO's reward scale (--stage simpo); default 2.0")
+    simpo_beta: float | None = option(None, f"SimPO's reward scale ({option_note('simpo_beta')})")
     simpo_gamma: float | None = option(None, "SimPO's target reward margin, in reward units: loss -logsigmoid(beta "
-                                             "(mean logp_c - mean logp_r) - gamma) (--stage simpo, or cpo with "
-                                             "--dpo-loss-type simpo); default 1.0")
+                                             "(mean logp_c - mean logp_r) - gamma) "
+                                             f"({option_note('simpo_gamma')})")
     cpo_alpha: float | None = option(None, "weight of the chosen answers' NLL (token mean over the global batch's "
-                                           "answer tokens, as TRL's CPOTrainer): --stage cpo (default 1.0) and simpo "
-                                           "(default 0.0: pure SimPO)")
+                                           "answer tokens, as TRL's CPOTrainer; 0: pure SimPO) "
+                                           f"({option_note('cpo_alpha')})")
     orpo_beta: float | None = option(None, "ORPO's lambda, the weight of the odds-ratio term beside the NLL "
-                                           "(--stage orpo); default 0.1")
+                                           f"({option_note('orpo_beta')})")
     orpo_prompt_loss: bool | None = option(None, "ORPO's NLL over the chosen sequences' prompt and answer tokens "
                                                  "(the ORPO authors' default and TRL's), or with --no-orpo-prompt-loss "
                                                  "over their answer tokens only; a token mean over the global batch "
-                                                 "either way (--stage orpo); default on", negatable=True)
-    kto_desirable_weight: float | None = option(None, "--stage kto: weight of the desirable (thumbs-up) samples' "
-                                                      "losses (TRL's desirable_weight); default 1.0")
-    kto_undesirable_weight: float | None = option(None, "--stage kto: weight of the undesirable (thumbs-down) "
-                                                        "samples' losses (TRL's undesirable_weight); default 1.0")
+                                                 f"either way ({option_note('orpo_prompt_loss')})", negatable=True)
+    kto_desirable_weight: float | None = option(None, "weight of the desirable (thumbs-up) samples' losses (TRL's "
+                                                      f"desirable_weight) ({option_note('kto_desirable_weight')})")
+    kto_undesirable_weight: float | None = option(None, "weight of the undesirable (thumbs-down) samples' losses "
+                                                        "(TRL's undesirable_weight) "
+                                                        f"({option_note('kto_undesirable_weight')})")
     center_rewards_coefficient: float | None = option(
-        None, "--stage rm: weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added "
-              "to the loss so rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023); default 0")
+        None, "weight of the mean squared sum of the pair's rewards, (r_chosen + r_rejected)^2, added to the loss so "
+              "rewards stay centred on zero (TRL's RewardConfig, Eisenstein et al. 2023) "
+              f"({option_note('center_rewards_coefficient')})")
     ref_model: str | None = option(None, "checkpoint directory of the reference policy (default: --load's)")
     refer_model_iter: int | None = option(None, "on resume, load the reference from this iteration of --ref-model or "
                                                 "--load (default: the reference the checkpoint records, else 1)")
@@ -650,8 +665,6 @@ class PreferenceConfig(Section):
         require(self.simpo_gamma is None or "simpo" in types,
                 f"--simpo-gamma applies to --stage simpo and to --stage cpo --dpo-loss-type simpo, "
                 f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""))
-        if "simpo" in types:
-            self.simpo_gamma = 1.0 if self.simpo_gamma is None else self.simpo_gamma
 
         require(0.0 <= self.dpo_label_smoothing < 0.5, "--dpo-label-smoothing must be in [0, 0.5)")
         smoothed = [name for name, traits in LOSS_TRAITS.items() if traits.label_smoothing]
@@ -661,9 +674,11 @@ class PreferenceConfig(Section):
             f"not to --stage {stage}" + (f" --dpo-loss-type {' '.join(types)}" if traits.loss_types else ""),
         )
         require(self.discopop_tau is None or "discopop" in types, "--discopop-tau needs --dpo-loss-type discopop")
-        if "discopop" in types:
-            self.discopop_tau = 0.05 if self.discopop_tau is None else self.discopop_tau
-            require(self.discopop_tau > 0, "--discopop-tau must be > 0")
+        require(self.discopop_tau is None or self.discopop_tau > 0, "--discopop-tau must be > 0")
+        for loss in (LOSS_TRAITS[name] for name in types if name in LOSS_TRAITS):  # kto's loss is not catalogued
+            for name, value in loss.defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.ld_alpha is not None:
             require(0.0 <= self.ld_alpha <= 1.0, "--ld-alpha must be in [0, 1]")
             averaged = [t for t in types if LOSS_TRAITS[t].average_logps]

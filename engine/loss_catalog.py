@@ -18,6 +18,8 @@ class LossTraits:
     """True when the formula reads --dpo-label-smoothing."""
     sorts_pairs: bool = False
     """True when the loss sorts over the pairs of a micro-batch (needs --micro-batch-size >= 2)."""
+    defaults: dict = field(default_factory=dict)
+    """Defaults of the options only this loss reads (they are None until the loss is known)."""
 
 
 LOSS_TRAITS: dict[str, LossTraits] = {
@@ -31,12 +33,12 @@ LOSS_TRAITS: dict[str, LossTraits] = {
     "sppo_hard": LossTraits(),
     "apo_zero": LossTraits(),
     "apo_down": LossTraits(),
-    "discopop": LossTraits(),
+    "discopop": LossTraits(defaults={"discopop_tau": 0.05}),
     "sigmoid_norm": LossTraits(average_logps=True, label_smoothing=True),
     "aot": LossTraits(label_smoothing=True, sorts_pairs=True),
     "aot_unpaired": LossTraits(label_smoothing=True, sorts_pairs=True),
     "sft": LossTraits(),
-    "simpo": LossTraits(average_logps=True, label_smoothing=True),
+    "simpo": LossTraits(average_logps=True, label_smoothing=True, defaults={"simpo_gamma": 1.0}),
     "orpo": LossTraits(average_logps=True),
 }
 
@@ -92,7 +94,41 @@ STAGE_TRAITS: dict[str, StageTraits] = {
                       defaults={"center_rewards_coefficient": 0.0}),
 }
 STAGES = tuple(STAGE_TRAITS)
-"""--stage choices; dpo and kto train against a reference model, the others are reference-free; rm trains a reward
-model."""
+"""--stage choices; what each trains on and against is in its traits (`stage_summary` says it in --help)."""
 STAGE_OPTIONS = tuple(sorted({name for traits in STAGE_TRAITS.values() for name in traits.options}))
 """Options that only some stages read."""
+
+
+def stage_summary() -> str:
+    """The --stage help: each stage's reference use and data, read from its traits."""
+    def describe(traits: StageTraits) -> str:
+        model = ("a reward model (scalar value head)" if traits.value_head
+                 else "against a reference policy" if traits.reference else "reference-free")
+        data = ("unpaired thumbs-up/down data (preprocess_data.py --handler-name UnpairedHandler or --unpair)"
+                if traits.data == "unpaired" else "pairwise data")
+        return f"{model}, on {data}"
+    return "; ".join(f"{stage}: {describe(traits)}" for stage, traits in STAGE_TRAITS.items())
+
+
+def option_note(name: str) -> str:
+    """Where a stage or loss option applies and its default there, e.g. "--stage dpo, cpo, kto; default 0.1", for
+    its --help: read from the traits whose defaults `PreferenceConfig.check` fills in, so the two cannot differ."""
+    places: list[tuple[str, object]] = []  # (stage, or stage and loss; the default there)
+    for stage, traits in STAGE_TRAITS.items():
+        if name in traits.options:
+            places.append((stage, traits.defaults.get(name)))
+        for loss, loss_traits in LOSS_TRAITS.items():
+            if name in loss_traits.defaults and (loss in traits.loss_types or loss == stage):
+                where = f"{stage} --dpo-loss-type {loss}" if traits.loss_types else stage
+                places.append((where, loss_traits.defaults[name]))
+    defaults = [default for _, default in places]
+    if all(default == defaults[0] for default in defaults):
+        shown = "" if defaults[0] is None else f"; default {_shown(defaults[0])}"
+        return "--stage " + ", ".join(where for where, _ in places) + shown
+    return "--stage " + ", ".join(f"{where} (default {_shown(default)})" for where, default in places)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)

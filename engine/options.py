@@ -99,7 +99,7 @@ def add_options(parser: argparse.ArgumentParser, section: type, title: str) -> a
         group.add_argument(flag_name(f.name), **_argparse_kwargs(f, hints[f.name]))
         for alias, const in f.metadata["aliases"].items():
             group.add_argument(alias, dest=f.name, action="store_const", const=const, default=argparse.SUPPRESS,
-                               help=f"same as {flag_name(f.name)} {const}")
+                               help=f"same as {flag_name(f.name)}" + ("" if const is True else f" {const}"))
     return group
 
 

@@ -19,9 +19,13 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# megatron-core warns on import that it falls back from TE/apex; scoring uses neither
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from engine.checkpoint.layout import TRACKER_FILE  # noqa: E402
 from engine.data.handlers import HANDLERS, RecordError, build_handler  # noqa: E402
@@ -39,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="HF sequence-classifier folder or megatron RM checkpoint")
     parser.add_argument("--input", required=True, help="JSONL of prompt/response records or of preference pairs")
     parser.add_argument("--output", help="write each record's scores here as JSONL")
-    parser.add_argument("--prompt-type", default="empty", help="chat template (or auto), as preprocess_data.py")
+    parser.add_argument("--prompt-type", default="empty",
+                        help="chat template (or auto), as preprocess_data.py (default: empty)")
     parser.add_argument("--prompt-type-path", help="JSON file of extra templates")
     parser.add_argument("--handler-name", default="AlpacaStylePairwiseHandler", choices=sorted(HANDLERS),
-                        help="shape of pairwise records")
+                        help="shape of pairwise records (default: AlpacaStylePairwiseHandler)")
     parser.add_argument("--map-keys", type=json_object, default={}, help="pairwise columns, as preprocess_data.py")
     parser.add_argument("--tokenizer-name-or-path", help="HF tokenizer folder (default: --load's, if it has one)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument("--seq-length", type=int, help="cut longer sequences as training does")
     return parser
 

@@ -77,8 +77,10 @@ class ConvertConfig(Section):
     max_shard_size: int = option(5 * 10**9, "bytes per HF safetensors shard, e.g. 5GB", type=parse_size)
     lora_load: str | None = option(None, "LoRA training checkpoint (adapter-only or full) whose adapters are "
                                          "merged into --load-dir's base, or exported")
-    lora_r: int | None = option(None, "the adapters' rank (checked against the checkpoint)")
-    lora_alpha: float | None = option(None, "merged as W + (alpha / r) B A")
+    lora_r: int | None = option(None, "the adapters' rank, required with --lora-load (checked against the "
+                                      "checkpoint)")
+    lora_alpha: float | None = option(None, "the run's --lora-alpha, required with --lora-load: merged as "
+                                            "W + (alpha / r) B A")
     lora_target_modules: list[str] = option(default_factory=lambda: list(LORA_TARGETS), choices=LORA_TARGETS,
                                             help="the megatron linears the adapters may adapt")
     save_lora_to_hf: bool = option(False, "write the adapters as a PEFT adapter folder (adapter_config.json, "

@@ -71,7 +71,8 @@ def json_object(text: str) -> dict[str, str]:
 class PreprocessConfig(Section):
     """Everything one preprocessing run needs (MindSpeed-LLM flag names)."""
 
-    input: str = option(help="a JSONL, JSON-array or parquet file, or a directory/glob of them")
+    input: str = option(help="a JSONL, JSON-array, parquet or Arrow file, a directory/glob of them, or a folder "
+                             "written by datasets' save_to_disk")
     output_prefix: str = option(help="OUT/name; files are OUT/name_packed_*_document.{bin,idx}")
     tokenizer: TokenizerConfig = option(cli=False, help="the tokenizer flags")
     handler_name: str = option("AlpacaStylePairwiseHandler", "input data shape; UnpairedHandler: unpaired (KTO) "

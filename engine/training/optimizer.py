@@ -69,8 +69,8 @@ def build_scheduler(config: EngineConfig, optimizer: MegatronOptimizer) -> Optim
         end_wd=train.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
-        wsd_decay_steps=decay_steps if train.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if train.lr_decay_style == "WSD" else None,
+        wsd_decay_steps=train.lr_wsd_decay_iters,
+        lr_wsd_decay_style=train.lr_wsd_decay_style,
     )
 
 

@@ -188,6 +188,11 @@ def test_resume_continues_exactly_and_keeps_the_initial_reference(assets, straig
     assert [r["loss"] for r in first] == [r["loss"] for r in straight[:5]]
     saved = torch.load(resumed_dir / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     assert saved["reference"]["iteration"] == 1
+    # --finetune takes the weights only: iteration 1 again, the loaded (trained) policy as its own reference.
+    finetuned = run_dpo(assets, tmp_path / "finetuned", load=resumed_dir,
+                        extra="--train-iters 1 --micro-batch-size 4 --finetune")
+    assert [r["iteration"] for r in finetuned] == [1] and finetuned[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert finetuned[0]["logps/chosen"] != pytest.approx(straight[0]["logps/chosen"], abs=1e-3)  # the trained weights
     # The task is learnable: the loss falls and the policy prefers the chosen answers.
     assert straight[-1]["loss"] < 0.5 * straight[0]["loss"]
     assert straight[-1]["rewards/accuracies"] >= 0.9
@@ -360,3 +365,15 @@ def test_bf16_training_tracks_fp32(assets, straight, tmp_path):
     assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # same bf16 forward for policy and reference
     assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], abs=0.05)
     assert bf16[-1]["loss"] < bf16[0]["loss"]
+
+
+def test_fp16_with_dynamic_loss_scaling_tracks_fp32(assets, straight, tmp_path):
+    # --fp16: fp16 params, fp32 main weights, megatron's dynamic loss scaler. Its default first scale, 2^32,
+    # overflows these gradients: the update is skipped and says so (the scale then backs off).
+    overflowing = run_dpo(assets, tmp_path / "overflow", extra="--train-iters 2 --micro-batch-size 4 --fp16")
+    assert [r.get("skipped_update") for r in overflowing] == [1, 1]
+    assert [r["loss"] for r in overflowing] == pytest.approx([math.log(2)] * 2, abs=1e-6)  # weights untouched
+    fp16 = run_dpo(assets, tmp_path / "fp16",
+                   extra="--train-iters 3 --micro-batch-size 4 --fp16 --initial-loss-scale 128")
+    assert not any("skipped_update" in r for r in fp16)
+    assert [r["loss"] for r in fp16] == pytest.approx([r["loss"] for r in straight[:3]], abs=0.05)

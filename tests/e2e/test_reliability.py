@@ -67,6 +67,9 @@ def test_sigkill_sigterm_and_exit_interval_all_resume_exactly(assets, tmp_path):
     code, err = finish(start(assets, killed, "--train-iters 8 --save-interval 1"))
     assert code == 0, err[-3000:]
     assert losses(killed) == straight
+    # Trained inside the converted checkpoint's directory: its iteration 1, the reference, was never replaced.
+    converted = assets.checkpoint(1, 1)[0] / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    assert (killed / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").read_bytes() == converted.read_bytes()
 
     # Ctrl-C (SIGINT) with --exit-signal-handler: a checkpoint at the next iteration boundary, exit 0.
     # (SIGTERM takes the same handler: tests/unit/training/test_reliability.py.)

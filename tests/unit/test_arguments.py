@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from engine.arguments import ConfigError, build_parser, config_from_args, parse_args, validate
@@ -193,6 +195,31 @@ def test_stage_defaults():
     assert (cpo.dpo_beta, cpo.cpo_alpha, cpo.loss_terms, cpo.simpo_gamma) == (0.1, 1.0, [(1.0, "sigmoid")], None)
     dpo = config("--dpo-loss-type robust apo_zero --dpo-loss-weights 0.5 2 --dpo-label-smoothing 0.1").preference
     assert dpo.loss_terms == [(0.5, "robust"), (2.0, "apo_zero")] and dpo.nll_weight == 0.0
+
+
+def test_the_help_states_the_defaults_each_stage_and_loss_gets():
+    """The help of an option only some stages or losses read names each of them with the value a run gets there."""
+    from engine.loss_catalog import STAGE_TRAITS
+
+    actions = build_parser()._option_string_actions
+    cases = [(stage, traits.options) for stage, traits in STAGE_TRAITS.items()] + [
+        ("simpo", ("simpo_gamma",)), ("cpo --dpo-loss-type simpo", ("simpo_gamma",)),
+        ("dpo --dpo-loss-type discopop", ("discopop_tau",))]
+    checked = set()
+    for where, names in cases:
+        preference = config(f"--stage {where}").preference
+        for name in names:
+            value = getattr(preference, name)
+            if value is None:
+                continue
+            shown = "on" if value is True else " ".join(value) if isinstance(value, list) else str(value)
+            text = " ".join(actions["--" + name.replace("_", "-")].help.split())
+            listed = re.search(rf"--stage ([^;)]*, )?{re.escape(where)}(, [^;)]*)?; default {re.escape(shown)}\)", text)
+            assert listed or re.search(rf"{re.escape(where)}[ ,]+\(?default {re.escape(shown)}\)", text), (name, text)
+            checked.add(name)
+    assert checked == {"dpo_loss_type", "dpo_beta", "simpo_beta", "cpo_alpha", "orpo_beta", "orpo_prompt_loss",
+                       "kto_desirable_weight", "kto_undesirable_weight", "center_rewards_coefficient", "simpo_gamma",
+                       "discopop_tau"}
 
 
 # -- one declaration per flag ------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ import argparse
 import logging
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# megatron-core warns on import that it falls back from TE/apex; conversion uses neither
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from engine.checkpoint.layout import CheckpointError  # noqa: E402
 from engine.convert.common import ConvertConfig  # noqa: E402

@@ -195,6 +195,7 @@ def _round_trip(save_dir):
     model, optimizer, scheduler = build(1)
     for _ in range(3):
         scheduler.step(increment=1)
+    saved_rng = torch.get_rng_state()
     Checkpointer(run).save(3, model, optimizer, scheduler, TrainState(3, 24, 0, 1), extra={"objective": {"x": 1}})
     fresh, fresh_optimizer, fresh_scheduler = build(2)
     same = lambda: all(torch.equal(a, b) for a, b in zip(unwrap_model(model[0]).parameters(),  # noqa: E731
@@ -203,14 +204,26 @@ def _round_trip(save_dir):
     checkpointer = Checkpointer(run)
     iteration, rank_state = checkpointer.load_policy(fresh)
     state = checkpointer.restore_training_state(iteration, rank_state, fresh_optimizer, fresh_scheduler)
-    return iteration, state, fresh_scheduler.num_steps, rank_state["objective"], (equal_before, same())
+    rng_restored = torch.equal(torch.get_rng_state(), saved_rng)
+    # Megatron-LM's --no-load-optim (optimizer and schedule) and --no-load-rng each skip their part of a resume.
+    skipped = {}
+    for flag in ("--no-load-optim", "--no-load-rng"):
+        _, partial_optimizer, partial_scheduler = build(2)
+        partial = Checkpointer(config("--save", save_dir, "--load", save_dir, "--lr", "1e-3", flag))
+        partial_state = partial.restore_training_state(iteration, rank_state, partial_optimizer, partial_scheduler)
+        skipped[flag] = (partial_state, partial_scheduler.num_steps, torch.equal(torch.get_rng_state(), saved_rng))
+    return iteration, state, fresh_scheduler.num_steps, rank_state["objective"], (equal_before, same()), rng_restored, \
+        skipped
 
 
 def test_save_and_load_round_trip_on_one_rank(tmp_path):
     from engine.training.checkpointing import TrainState
 
-    iteration, state, scheduler_steps, extra, equal = run_ranks(_round_trip, 1, str(tmp_path / "run"))[0]
+    iteration, state, scheduler_steps, extra, equal, rng, skipped = run_ranks(_round_trip, 1, str(tmp_path / "run"))[0]
     assert iteration == 3 and state == TrainState(3, 24, 0, 1)
-    assert scheduler_steps == 3 and extra == {"x": 1}
+    assert scheduler_steps == 3 and extra == {"x": 1} and rng
     assert equal == (False, True)  # other random weights before the load, the saved ones after
+    # The training state (iteration, consumed pairs) is restored either way; the skipped part starts fresh.
+    assert skipped == {"--no-load-optim": (TrainState(3, 24, 0, 1), 0, True),
+                       "--no-load-rng": (TrainState(3, 24, 0, 1), 3, False)}
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

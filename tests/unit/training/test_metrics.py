@@ -1,6 +1,8 @@
-"""Model FLOPs per sequence: an MoE layer costs its active experts, not all of them."""
+"""Model FLOPs per sequence (an MoE layer costs its active experts, not all of them) and the metrics files."""
 
 from __future__ import annotations
+
+import pytest
 
 from engine.arguments import ModelConfig, MoEConfig
 from engine.training.metrics import forward_flops
@@ -29,3 +31,29 @@ def test_dense_layers_of_an_moe_model_cost_their_dense_mlp():
     attention = 2 * s * h * 3 * h + 2 * s * s * h + 2 * s * h * h
     dense_mlp, moe_mlp = 2 * s * h * 64 * 3, 2 * s * h * (2 * 24 * 3 + 8)
     assert forward_flops(model, 128, s, moe=moe) == 4 * attention + 2 * dense_mlp + 2 * moe_mlp + 2 * s * h * 128
+
+
+def test_the_logger_writes_jsonl_rows_and_tensorboard_tags_by_split(tmp_path):
+    """README "Metrics": one JSON object per line with split and iteration, TensorBoard train/<name>, valid/<name>;
+    a non-finite value stays in the JSONL (as its JSON) but is no TensorBoard point."""
+    import json
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path / "save"), str(tmp_path / "tb"), enabled=True)
+    logger.log(1, {"loss": 0.69, "rewards/margins": 0.0})
+    logger.log(2, {"loss": math.nan, "rewards/margins": 0.5})
+    logger.log(2, {"loss": 0.6}, split="valid")
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "save" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["iteration"]) for r in rows] == [("train", 1), ("train", 2), ("valid", 2)]
+    assert math.isnan(rows[1]["loss"]) and rows[2]["loss"] == 0.6
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    points = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert points == {"train/loss": [(1, pytest.approx(0.69))], "train/rewards/margins": [(1, 0.0), (2, 0.5)],
+                      "valid/loss": [(2, pytest.approx(0.6))]}
+    assert MetricsLogger(str(tmp_path / "other"), None, enabled=False).jsonl is None  # ranks other than 0 write nothing

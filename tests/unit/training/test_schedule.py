@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -93,3 +94,21 @@ def test_a_warmup_fraction_worth_less_than_a_step_still_warms_up():
     lrs = lrs_after_resume(saved_after("--train-iters 5 --lr-warmup-fraction 0.1", 0),
                            "--train-iters 5 --lr-warmup-fraction 0.1", 2)
     assert lrs[0] == 0.0 and lrs[1] > 0.0
+
+
+def test_wsd_holds_the_peak_after_warm_up_then_decays_over_its_last_steps(capsys):
+    """Megatron-LM's warm-up / stable / decay: --lr-wsd-decay-iters of the decay steps anneal, the others hold --lr."""
+    scheduler, optimizer, _ = scheduler_for("--train-iters 10 --lr-warmup-iters 2 --lr-decay-style WSD "
+                                            "--lr-wsd-decay-iters 4 --lr-wsd-decay-style linear")
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(1)
+    assert lrs == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0])
+    for flags, message in (("--lr-decay-style WSD", "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+                           ("--lr-wsd-decay-iters 4", "--lr-wsd-decay-iters applies to --lr-decay-style WSD"),
+                           ("--lr-decay-style WSD --lr-wsd-decay-iters 9 --lr-warmup-iters 2",
+                            r"--lr-wsd-decay-iters \(9\) must be between 1 and the 8 decay steps after the warm-up")):
+        with pytest.raises(SystemExit):
+            scheduler_for(f"--train-iters 10 {flags}")
+        assert re.search(message, capsys.readouterr().err), flags

@@ -88,3 +88,34 @@ def test_step_time_is_read_after_a_device_sync_and_the_peak_restarts_every_log_i
     assert events == ["reset peak"] + interval + interval
     assert [row["step_time_s"] for row in logged] == [0.25, 0.25]  # one clock pair per step, nothing else
     assert [row["peak_memory_gib"] for row in logged] == [3.0, 3.0] and logged[0]["tokens_per_s"] == 32.0
+
+
+@pytest.mark.parametrize("flags, reference, passes", [
+    ("", "ReferencePolicy", 4),  # the policy's forward + backward (3 forwards) and the frozen reference's
+    ("", "CachedReference", 3),  # --precompute-ref-logps: no reference forward
+    ("--stage simpo", "NoReference", 3),
+    ("--dpo-loss-type bco_pair", "ReferencePolicy", 5),  # + the policy's pass for the reward shift
+    ("--stage kto --micro-batch-size 2", "ReferencePolicy", 5),  # + the policy's pass for the KL point
+])
+def test_the_step_flops_count_each_forward_pass_the_step_runs(monkeypatch, flags, reference, passes):
+    """tflops_per_device's FLOPs: the passes README's metrics table lists, each of forward_flops."""
+    import engine.training.reference as reference_module
+    import engine.training.reference_cache as cache_module
+    import engine.training.trainer as trainer_module
+    from engine.arguments import parse_args
+    from engine.dpo.stages import build_objective
+    from engine.training.metrics import forward_flops
+    from engine.training.trainer import DPOTrainer
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: None)  # one DP rank
+    monkeypatch.setattr(trainer_module.parallel_state, "get_data_parallel_group", lambda: None)
+    trainer = DPOTrainer.__new__(DPOTrainer)
+    trainer.config = parse_args(("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
+                                 f"--vocab-size 100 {flags}").split(), world_size=1)
+    trainer.reference = getattr(reference_module, reference, None) or getattr(cache_module, reference)
+    trainer.objective = build_objective(trainer.config.preference, 100)
+    lengths = [(40, 12), (64, 30)]  # (tokens, positions the output layer runs on) of each sequence or row
+    tokens, flops = trainer._global_work(lengths)
+    one_pass = sum(forward_flops(trainer.config.model, trainer.config.padded_vocab_size, n, outputs)
+                   for n, outputs in lengths)
+    assert tokens == 104 and flops == pytest.approx(passes * one_pass, rel=1e-12)
