@@ -387,8 +387,9 @@ class PrecisionConfig(Section):
 class TrainingConfig(Section):
     """Batch sizes, optimizer and learning-rate schedule."""
 
-    micro_batch_size: int = option(1, "pairs per micro-batch per DP rank")
-    global_batch_size: int | None = option(None, "pairs per optimizer step; default --micro-batch-size x DP")
+    micro_batch_size: int = option(1, "pairs (samples under --stage kto) per micro-batch per DP rank")
+    global_batch_size: int | None = option(None, "pairs (samples under --stage kto) per optimizer step; "
+                                                  "default --micro-batch-size x DP")
     max_tokens_per_micro_batch: int | None = option(
         None, "form micro-batches by a token budget instead of --micro-batch-size pairs: each DP rank's pairs of a "
               "global batch, in order, fill micro-batches while their collated tokens (chosen and rejected rows with "

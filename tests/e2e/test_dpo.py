@@ -86,6 +86,7 @@ LAYOUTS = [
     # packed rows vary in length, so each send is preceded by its shape, in both directions to one peer
     Layout("pp2vpp2_packed", 2, "--num-layers-per-virtual-pipeline-stage 1 --pack-sequences", pp=2),
     Layout("tp2pp2dp2", 8, "--use-distributed-optimizer", tp=2, pp=2),
+    Layout("recompute", 1, "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"),
 ]
 
 
