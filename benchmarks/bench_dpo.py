@@ -13,6 +13,11 @@ times and each keeps its fastest run. Prints a table and writes JSON.
     python benchmarks/bench_dpo.py                          # CPU, ~10M params, a few minutes
     python benchmarks/bench_dpo.py --shape llama-1.1b       # one GPU: TinyLlama-1.1B shape, bf16, seq 2048
     python benchmarks/bench_dpo.py --hidden-size 2048 --num-layers 16 --nproc 1 --bf16   # any shape
+    python benchmarks/bench_dpo.py --shape llama-1.1b --device cuda --data-shape long-prompt --max-answer 500 \
+        --modes precomputed_packed precomputed_packed_shared      # prompts 500-1500 tokens, answers 83-500
+
+--device picks where everything runs (auto: the GPU when torch sees one); --device cpu hides the GPUs from the
+training processes too.
 
 A --shape preset sets the model, sequence and batch flags (each can still be given explicitly).
 """
@@ -50,12 +55,11 @@ MODES = {  # name -> extra flags
 }
 
 
-def measure_peak_tflops(bf16: bool) -> float:
-    """Dense matmul throughput of this device: the denominator of MFU when no datasheet peak applies.
+def measure_peak_tflops(bf16: bool, device: str) -> float:
+    """Dense matmul throughput of `device`: the denominator of MFU when no datasheet peak applies.
 
     The best of several timed trials, so that a noisy moment does not lower the peak (and lift MFU).
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
     n = 8192 if device == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -90,14 +94,14 @@ def build_model(root: Path, args) -> list[str]:
     from engine.convert.run import run_conversion
 
     # Random init on the GPU when there is one (a 1.1B init on CPU takes a while), saved in bf16 for --bf16.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device(args.device):
         model = LlamaForCausalLM(llama_config(args))
     if args.bf16:
         model = model.to(torch.bfloat16)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(root / "hf")
     del model
-    if torch.cuda.is_available():
+    if args.device == "cuda":
         torch.cuda.empty_cache()  # the training processes need the GPU
     flags = run_conversion(ConvertConfig(load_model_type="hf", save_model_type="mg", load_dir=str(root / "hf"),
                                          save_dir=str(root / "mg"), target_tensor_parallel_size=args.tp,
@@ -156,6 +160,8 @@ def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix:
     if args.bf16:
         command.append("--bf16")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the engine trains on the GPU whenever torch sees one
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -204,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model is built, the peak measured and the modes trained; auto: cuda when "
+                             "torch sees a GPU")
     parser.add_argument("--peak-tflops", type=float, help="default: measured with a dense matmul here")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="the first is the baseline of the speed-up column")
@@ -219,13 +228,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape = parser.parse_known_args(argv)[0].shape
     if shape:
         parser.set_defaults(**SHAPES[shape])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU (a CPU build of torch, or CUDA_VISIBLE_DEVICES)")
+    prompts = DATA_SHAPES[args.data_shape][0] or (args.max_answer, 3 * args.max_answer)
+    if prompts[1] + args.max_answer > args.seq_length:  # a truncated pair is no longer the shape it names
+        parser.error(f"--data-shape {args.data_shape} makes pairs of up to {prompts[1] + args.max_answer} tokens at "
+                     f"--max-answer {args.max_answer}, over --seq-length {args.seq_length}: lower --max-answer")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
-    peak = args.peak_tflops or measure_peak_tflops(args.bf16)
+    peak = args.peak_tflops or measure_peak_tflops(args.bf16, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_flags, parameters = build_model(root, args)
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = results[0]["pairs_per_s"]
     for row in results:
         row["speedup_vs_baseline"] = row["pairs_per_s"] / baseline
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     report = {"device": device, "parameters": parameters, "peak_tflops": peak, "baseline_mode": args.modes[0],
               "peak_source": "--peak-tflops" if args.peak_tflops else "measured dense matmul",
               "config": vars(args), "results": results, "all_runs": runs}

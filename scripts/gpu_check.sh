@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check: one command on a machine with one CUDA GPU, about 8 minutes on an H100/H200-class GPU.
+# The GPU check: one command on a machine with one CUDA GPU, about 8 minutes on an H100/H200-class GPU before the
+# long-prompt benchmark (step 4) was added; not yet timed with it.
 #
 #   1. checks the environment: a CUDA build of torch that sees a GPU, megatron-core (installed from
 #      MCORE_WHEEL_DIR when it does not import, with a line saying so), transformer-engine (optional:
 #      without it the TE tests skip and the runs use the local spec), transformers and pytest;
-#   2. runs the GPU test tier: pytest -m cuda tests/cuda;
+#   2. runs the GPU test tier: pytest -m cuda tests/cuda (the --shared-prompt kernels among them);
 #   3. benchmarks DPO on a ~1.1B Llama shape (hidden 2048, 22 layers, 32 heads in 4 KV groups, FFN 5632,
-#      vocab 32000), bf16, sequences up to 2048, in the three modes (online reference + padding, online +
-#      packing, precomputed reference + packing): tokens/s, TFLOP/s and MFU against a bf16 matmul peak
-#      measured here, as a table and as JSON.
+#      vocab 32000), bf16, sequences up to 2048, short prompts, in four modes (online reference + padding,
+#      online + packing, precomputed reference + packing, the same with --shared-prompt): tokens/s, TFLOP/s and
+#      MFU against a bf16 matmul peak measured here, as a table and as JSON;
+#   4. the same model on long prompts (500-1500 tokens, answers 83-500): precomputed reference + packing with
+#      and without --shared-prompt (its one flash varlen attention call per layer).
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [--skip-tests] [--skip-bench]
 #   --dry-run     print the checks' results and the plan, run nothing, install nothing; exit 2 if not ready
@@ -26,7 +29,7 @@ for arg in "$@"; do
         --dry-run) dry_run=1 ;;
         --skip-tests) tests=0 ;;
         --skip-bench) bench=0 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $arg (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -41,7 +44,9 @@ out="${GPU_CHECK_OUT:-$repo/benchmarks/results}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 tests_cmd=("$python" -m pytest -q -m cuda tests/cuda)
-bench_cmd=("$python" benchmarks/bench_dpo.py --shape llama-1.1b --output "$out/bench_dpo_gpu.json")
+bench_cmd=("$python" benchmarks/bench_dpo.py --shape llama-1.1b --device cuda --output "$out/bench_dpo_gpu.json")
+long_cmd=("$python" benchmarks/bench_dpo.py --shape llama-1.1b --device cuda --data-shape long-prompt --max-answer 500
+          --modes precomputed_packed precomputed_packed_shared --output "$out/bench_dpo_gpu_long_prompt.json")
 
 # Prints one "key value" line per fact; never fails on a missing package.
 preflight() {
@@ -108,6 +113,7 @@ has "megatron-api-problem" && echo "[gpu_check] warning: megatron-core lacks par
 echo "[gpu_check] plan:"
 [ "$tests" = 1 ] && echo "[gpu_check]   1. GPU tests: ${tests_cmd[*]}"
 [ "$bench" = 1 ] && echo "[gpu_check]   2. benchmark: ${bench_cmd[*]}"
+[ "$bench" = 1 ] && echo "[gpu_check]   3. long-prompt benchmark: ${long_cmd[*]}"
 if [ "${#problems[@]}" -gt 0 ]; then
     for problem in "${problems[@]}"; do echo "gpu_check.sh: error: $problem" >&2; done
     exit 2
@@ -130,6 +136,11 @@ if [ "$bench" = 1 ]; then
     bench_status=0
     "${bench_cmd[@]}" || bench_status=$?
     echo "[gpu_check] benchmark: exit $bench_status (JSON: $out/bench_dpo_gpu.json)"
+    [ "$status" = 0 ] && status=$bench_status
+    echo "[gpu_check] running the long-prompt benchmark"
+    bench_status=0
+    "${long_cmd[@]}" || bench_status=$?
+    echo "[gpu_check] long-prompt benchmark: exit $bench_status (JSON: $out/bench_dpo_gpu_long_prompt.json)"
     [ "$status" = 0 ] && status=$bench_status
 fi
 echo "[gpu_check] done in $((SECONDS - start)) s, exit $status"

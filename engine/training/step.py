@@ -25,6 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from engine.model.lora import allreduce_partial_adapter_grads
 from engine.model.spec import moe_layers
 from engine.platform import current_device
+from engine.training.p2p import schedule_communication
 
 
 @dataclass
@@ -97,6 +98,7 @@ def forward_only(forward_step: Callable, items: list, model: list[torch.nn.Modul
         micro_batch_size=batches[0].tokens.shape[0],
         forward_only=True,
         collect_non_loss_data=collect_non_loss_data,
+        **schedule_communication(model),
     )
 
 
@@ -195,6 +197,7 @@ def train_step(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=False,
+        **schedule_communication(model),
     )
     metrics = reduce_metrics(collected, metric_names)
     config = model[0].config

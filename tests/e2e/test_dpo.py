@@ -83,6 +83,8 @@ LAYOUTS = [
     Layout("pp2", 2, pp=2),
     Layout("dp2", 2),
     Layout("pp2vpp2", 2, "--num-layers-per-virtual-pipeline-stage 1", pp=2),
+    # packed rows vary in length, so each send is preceded by its shape, in both directions to one peer
+    Layout("pp2vpp2_packed", 2, "--num-layers-per-virtual-pipeline-stage 1 --pack-sequences", pp=2),
     Layout("tp2pp2dp2", 8, "--use-distributed-optimizer", tp=2, pp=2),
 ]
 
@@ -227,18 +229,23 @@ def test_token_budget_micro_batches_train_like_fixed_ones_and_resume_exactly(ass
 
 
 def test_shared_prompt_trains_like_separate_sequences(assets, straight, tmp_path):
-    """--shared-prompt (each pair one [prompt | chosen | rejected] sequence) through the CLI: padded at TP1, and
-    packed with a cached reference and a token budget at TP2 + sequence parallel: the losses and updates of
-    separate padded sequences."""
-    padded = run_dpo(assets, tmp_path / "padded", extra="--train-iters 3 --micro-batch-size 4 --shared-prompt")
-    packed = run_dpo(assets, tmp_path / "packed", tp=2, nproc=2,
-                     extra="--train-iters 3 --shared-prompt --pack-sequences --precompute-ref-logps "
-                           "--max-tokens-per-micro-batch 256 --sequence-parallel")
-    for rows in (padded, packed):
+    """--shared-prompt (each pair one [prompt | chosen | rejected] sequence) through the CLI: padded at TP1, packed
+    with a cached reference and a token budget at TP2 + sequence parallel, and padded and packed on the interleaved
+    pipeline (PP2 x VPP2, a layer per virtual stage): the losses and updates of separate padded sequences."""
+    vpp = "--train-iters 3 --shared-prompt --num-layers-per-virtual-pipeline-stage 1 --micro-batch-size 2"
+    runs = {
+        "padded": run_dpo(assets, tmp_path / "padded", extra="--train-iters 3 --micro-batch-size 4 --shared-prompt"),
+        "packed_tp2sp": run_dpo(assets, tmp_path / "packed", tp=2, nproc=2,
+                                extra="--train-iters 3 --shared-prompt --pack-sequences --precompute-ref-logps "
+                                      "--max-tokens-per-micro-batch 256 --sequence-parallel"),
+        "pp2vpp2_padded": run_dpo(assets, tmp_path / "vpp_padded", pp=2, nproc=2, extra=vpp),
+        "pp2vpp2_packed": run_dpo(assets, tmp_path / "vpp_packed", pp=2, nproc=2, extra=f"{vpp} --pack-sequences"),
+    }
+    for name, rows in runs.items():
         for a, b in zip(rows, straight[:3], strict=True):
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), name
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), name
 
 
 def test_distributed_optimizer_resumes_exactly(assets, tmp_path):

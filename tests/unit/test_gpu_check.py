@@ -33,7 +33,9 @@ def test_dry_run_without_cuda_prints_the_plan_and_refuses():
     assert result.returncode == 2
     assert "gpu_check.sh: error: torch is a CPU build: install a CUDA build of torch" in result.stderr
     assert "-m pytest -q -m cuda tests/cuda" in result.stdout
-    assert "benchmarks/bench_dpo.py --shape llama-1.1b" in result.stdout
+    assert "benchmarks/bench_dpo.py --shape llama-1.1b --device cuda --output" in result.stdout
+    assert ("--device cuda --data-shape long-prompt --max-answer 500 --modes precomputed_packed "
+            "precomputed_packed_shared") in result.stdout
     assert "megatron.core ok" in result.stdout and "transformer-engine no" in result.stdout
 
 
@@ -62,6 +64,10 @@ def test_benchmark_preset_is_a_1_1b_llama_in_bf16_at_2048():
     assert args.max_answer + 32 <= args.seq_length  # the longest prompt + answer fits: no truncation
     assert bench_dpo.parse_args(["--shape", "llama-1.1b", "--iters", "3"]).iters == 3  # explicit flags win
     assert bench_dpo.parse_args([]).hidden_size == 256  # no preset: the CPU defaults
+    long = bench_dpo.parse_args(["--shape", "llama-1.1b", "--data-shape", "long-prompt", "--max-answer", "500"])
+    assert 3 * long.max_answer + long.max_answer <= long.seq_length  # gpu_check.sh's long prompts: no truncation
+    with pytest.raises(SystemExit):  # the preset's answers with long prompts would be cut: refused
+        bench_dpo.parse_args(["--shape", "llama-1.1b", "--data-shape", "long-prompt"])
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
