@@ -16,6 +16,9 @@ Read from megatron-core source at tags core_v0.15.0, 0.15.3, 0.16.1, 0.17.1, 0.1
   machine: megatron's own ColumnParallelLinear (the output layer) raises RuntimeError without it
   (`tensor_parallel.layers._grad_accum_fusion_available`).
 - The TransformerConfig fields the provider sets exist in all six versions.
+- From 0.16 on, `MoESubmodules.router` names the router class an MoE layer builds (0.15 builds `TopKRouter`
+  itself), and `TopKRouter.routing` calls `self.apply_z_loss(logits, padding_mask=padding_mask)`: the engine's
+  router (`MEGATRON_CORE_CORRECTIONS`) overrides that method, whose arguments are the same in 0.16.1 to 0.19.0.
 
 Nothing here imports transformer_engine or a megatron-core API at module import: each check is a
 function, so a test can monkeypatch it and a CPU machine never touches TE.
@@ -40,6 +43,16 @@ TE_BLOCK_SPEC_PARAMETERS = ("config", "use_transformer_engine", "normalization",
 FUSION_FIELDS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
                  "apply_rope_fusion", "gradient_accumulation_fusion")
 """TransformerConfig fields engine/model/provider.py sets."""
+
+MEGATRON_CORE_CORRECTIONS = (
+    "megatron.core.transformer.moe.router.TopKRouter.apply_z_loss -> engine.model.router.SequenceZLossRouter "
+    "(every device, through MoESubmodules.router): the z-loss is the mean over the real tokens of the whole "
+    "sequence, each rank's sum divided by the TP x CP group's real-token count, not a mean of per-rank means "
+    "(which differs under sequence parallelism when a micro-batch has padding)",
+)
+"""Where the engine replaces megatron-core behaviour that is wrong for its rule (every parallel layout gives one
+rank's losses) on every device, one line per site, each covered by tests/unit/model/test_router.py. Unlike the
+CPU adaptor (engine/platform.py), nothing is patched: each is a subclass the layer spec builds."""
 
 
 def megatron_core_version() -> tuple[int, int]:
@@ -115,6 +128,15 @@ def api_problems() -> list[str]:
     absent = [name for name in FUSION_FIELDS if name not in fields]
     if absent:
         problems.append(f"TransformerConfig has no field {', '.join(absent)}")
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if "router" not in getattr(MoESubmodules, "__dataclass_fields__", {}):
+        problems.append("MoESubmodules has no router field: MoE layers cannot build the engine's router "
+                        "(engine.model.router)")
+    z_loss = getattr(TopKRouter, "apply_z_loss", None)
+    if z_loss is None or "padding_mask" not in inspect.signature(z_loss).parameters:
+        problems.append("TopKRouter.apply_z_loss(logits, padding_mask) is missing: the engine's router overrides it")
     return problems
 
 

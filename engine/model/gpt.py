@@ -88,8 +88,9 @@ class PreferenceGPTModel(GPTModel):
 def routing_padding_mask(chunk: GPTModel, padding: torch.Tensor | None) -> dict:
     """The `padding_mask` keyword of an MoE chunk's forward (none for a dense model or a batch without padding):
     megatron-core 0.16.1's routers leave the True positions out of the load-balancing statistics (the tokens per
-    expert and the mean routing probabilities) and out of the z-loss's token mean, so the router losses are
-    those of the real tokens, packed or padded. The positions are still routed (their outputs are never read).
+    expert and the mean routing probabilities) and the engine's router (engine.model.router) out of the z-loss's
+    mean over the sequence, so the router losses are those of the real tokens, packed or padded. The positions
+    are still routed (their outputs are never read).
 
     megatron splits the mask over sequence parallelism only on the first pipeline stage; a later stage's chunk
     gets its share here, as megatron cuts its hidden states ([s / TP, b])."""

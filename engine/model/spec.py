@@ -14,6 +14,7 @@ run takes the local spec under --transformer-impl auto (one log line says so) an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -44,6 +45,7 @@ from engine.model import compat
 from engine.model.attention import SDPAttention
 from engine.model.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraSettings
 from engine.model.norm import Norm
+from engine.model.router import SequenceZLossRouter
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +85,30 @@ def _mlp_submodules(lora: LoraSettings | None, targets: tuple[str, ...]) -> MLPS
 def moe_spec(lora: LoraSettings | None = None, lora_targets: tuple[str, ...] = ()) -> ModuleSpec:
     """megatron-core's MoE layer on local linears: its router, its token dispatcher, the routed experts as
     one MLP each (SequentialMLP: each expert keeps its own linear_fc1/linear_fc2, so LoRA gives each its
-    own adapters) and the shared expert (built only with --moe-shared-expert-intermediate-size)."""
+    own adapters) and the shared expert (built only with --moe-shared-expert-intermediate-size); the router is
+    the engine's (`SequenceZLossRouter`: the z-loss over the whole sequence, in every layout)."""
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
             experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules(lora, lora_targets)),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules(lora, lora_targets)),
+            router=SequenceZLossRouter,
         ),
     )
+
+
+def with_engine_router(block: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """`block` (megatron-core's TE decoder block) with every MoE layer building `SequenceZLossRouter`.
+
+    The layer specs are copied, not edited: megatron may share one spec object between layers or calls."""
+    layers = []
+    for layer in block.layer_specs:
+        mlp = layer.submodules.mlp
+        if isinstance(mlp, ModuleSpec) and isinstance(mlp.submodules, MoESubmodules):
+            mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=SequenceZLossRouter))
+            layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=mlp))
+        layers.append(layer)
+    return dataclasses.replace(block, layer_specs=layers)
 
 
 def local_layer_spec(qk_layernorm: bool, attention_backend: str, lora: LoraSettings | None = None,
@@ -133,7 +151,7 @@ def decoder_block_spec(
     if transformer_impl == "transformer_engine":
         if lora is not None:
             raise ValueError("LoRA adapts megatron-core's local linears: use --transformer-impl local")
-        return compat.te_decoder_block_spec(config, vp_stage)
+        return with_engine_router(compat.te_decoder_block_spec(config, vp_stage))
     if config.moe_grouped_gemm:
         raise ValueError("--moe-grouped-gemm runs the experts through transformer-engine's grouped GEMM: use "
                          "--transformer-impl transformer_engine on CUDA, or drop the flag (the local spec runs "

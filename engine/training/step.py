@@ -149,9 +149,9 @@ def router_loss_metrics(config: TransformerConfig, num_microbatches: int) -> dic
 
     megatron's tracker holds, per layer, the sum over this rank's micro-batches; its own reduction averages
     with ReduceOp.AVG, which gloo lacks, so the same reduction is done here with sums: over the tracker's
-    reduce group (TP ranks hold partial sums of the load-balancing loss), over the pipeline stages (each holds
-    its layers; a stage of dense layers only has no entry and adds zeros), then the mean over TP (the z-loss
-    is a per-rank token mean) and DP ranks.
+    reduce group (the TP ranks hold partial sums of both losses: the z-loss is the engine's router's,
+    engine.model.router), over the pipeline stages (each holds its layers; a stage of dense layers only has no
+    entry and adds zeros), then the mean over DP ranks.
     """
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
@@ -166,9 +166,9 @@ def router_loss_metrics(config: TransformerConfig, num_microbatches: int) -> dic
             if entry.get("reduce_group") is not None:
                 torch.distributed.all_reduce(values, group=entry["reduce_group"])
         torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-        for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
-            torch.distributed.all_reduce(values, group=group)
-            values /= torch.distributed.get_world_size(group)
+        group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(values, group=group)
+        values /= torch.distributed.get_world_size(group)
         metrics[ROUTER_LOSSES[name]] = values.sum().item() / sum(moe_layers(config)) / num_microbatches
     clear_aux_losses_tracker()
     return metrics

@@ -2,8 +2,10 @@
 (4 experts, top-2 of a softmax over all experts, a shared expert with its sigmoid gate).
 
 One run on one rank is the ground truth; expert-parallel layouts (both token dispatchers, TP x EP with
-sequence parallel, PP x EP, the distributed optimizer, a cached reference) must give step 1 = ln 2 and the
-same losses and router losses, which are on (load balancing and z-loss) and join the policy's loss only.
+sequence parallel, whole experts under TP (ETP1), PP x EP, the distributed optimizer, a cached reference) must
+give step 1 = ln 2 and the same losses and router losses, which are on (load balancing and z-loss) and join the
+policy's loss only. Under sequence parallelism the padding sits in the last TP rank's share: the z-loss is still
+the mean over the micro-batch's real tokens (engine.model.router), so TP layouts agree too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ class MoeAssets:
         self._converted: dict[tuple[int, ...], tuple[Path, list[str]]] = {}
         self._vocab = vocab
         self._layered: dict[int, tuple[Path, list[str]]] = {}
+        self._unpaired: str | None = None
+
+    def unpaired_prefix(self) -> str:
+        """The same pairs as unpaired samples (preprocess_data.py --unpair), for --stage kto."""
+        if self._unpaired is None:
+            from engine.data.preprocess import PreprocessConfig, preprocess
+            from engine.tokenizer import TokenizerConfig
+
+            self._unpaired = str(self.root / "data" / "unpaired")
+            preprocess(PreprocessConfig(input=str(self.root / "pairs.jsonl"), output_prefix=self._unpaired,
+                                        unpair=True, tokenizer=TokenizerConfig("PretrainedFromHF", self.tokenizer_dir),
+                                        prompt_type="llama3", log_interval=10**6))
+        return self._unpaired
 
     def checkpoint(self, tp: int, pp: int, etp: int | None = None) -> tuple[Path, list[str]]:
         """Converted without expert parallelism: an EP run's ranks take their experts from these files. `etp`:
@@ -76,11 +91,13 @@ def assets(tmp_path_factory) -> MoeAssets:
 
 
 def run_moe_dpo(assets: MoeAssets, save: Path, layout: Layout, extra: str = "", load: Path | None = None,
-                stage: str = DPO, converted: tuple[Path, list[str]] | None = None) -> list[dict]:
+                stage: str = DPO, converted: tuple[Path, list[str]] | None = None, data: str | None = None
+                ) -> list[dict]:
     etp = layout.argv[layout.argv.index("--expert-tensor-parallel-size") + 1] if "--expert-tensor-parallel-size" in \
         layout.argv else None
     checkpoint, flags = converted or assets.checkpoint(layout.tp, layout.pp, etp and int(etp))
-    args = [*flags, *TRAIN, *stage.split(), "--data-path", assets.data_prefix, "--tensor-model-parallel-size", str(layout.tp),
+    args = [*flags, *TRAIN, *stage.split(), "--data-path", data or assets.data_prefix, "--tensor-model-parallel-size",
+            str(layout.tp),
             "--pipeline-model-parallel-size", str(layout.pp), "--load", str(load or checkpoint), "--save", str(save),
             *layout.argv, *extra.split()]
     result = run_cli("pretrain_dpo", args, nproc=layout.ranks)
@@ -96,6 +113,10 @@ def one_rank(assets, tmp_path_factory):
     return rows
 
 
+# TP2 x EP2 with every expert whole on its rank (ETP1).
+WHOLE_EXPERTS = Layout("tp2ep2etp1", 4, "--expert-model-parallel-size 2 --expert-tensor-parallel-size 1 "
+                                        "--sequence-parallel", tp=2)
+
 LAYOUTS = [
     Layout("ep2_distributed_optimizer", 2, "--expert-model-parallel-size 2 --use-distributed-optimizer"),
     Layout("ep2_allgather", 2, "--expert-model-parallel-size 2 --moe-token-dispatcher-type allgather"),
@@ -104,6 +125,11 @@ LAYOUTS = [
     # Packed rows (THD) against the padded one-rank run, router losses included: the routers leave padding out.
     Layout("packed", 1, "--pack-sequences"),
     Layout("packed_ep2", 2, "--expert-model-parallel-size 2 --pack-sequences"),
+    # Sequence parallel: the padding in the last TP rank's share; the second stage of TP2 x PP2 cuts the padding
+    # mask as megatron cuts its hidden states.
+    Layout("tp2ep2", 4, "--expert-model-parallel-size 2 --sequence-parallel", tp=2),
+    Layout("tp2pp2", 4, "--sequence-parallel", tp=2, pp=2),
+    WHOLE_EXPERTS,
 ]
 
 
@@ -127,7 +153,19 @@ def test_moe_resume_from_an_expert_parallel_checkpoint(assets, one_rank, tmp_pat
         assert [r[name] for r in rows[1:]] == pytest.approx([r[name] for r in one_rank[1:3]], abs=1e-5), name
 
 
-def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
+LORA = "--train-iters 2 --lora-r 4 --lora-alpha 8 --lr 1e-2"
+
+
+@pytest.fixture(scope="module")
+def lora_one_rank(assets, tmp_path_factory) -> tuple[list[dict], Path]:
+    """LoRA on attention and every expert at one rank: (its metrics, its save directory)."""
+    save = tmp_path_factory.mktemp("lora_ep1")
+    rows = run_moe_dpo(assets, save, Layout("ep1", 1), LORA)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[1]["loss"] != rows[0]["loss"]
+    return rows, save
+
+
+def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, lora_one_rank, tmp_path):
     """Adapters on attention and on every expert's linears (each expert its own): EP2 trains as one rank does,
     and the EP2 checkpoint's adapters merge into the HF experts they belong to."""
     from safetensors.torch import load_file
@@ -135,10 +173,8 @@ def test_moe_lora_on_experts_agrees_at_ep2_and_merges(assets, tmp_path):
     from engine.convert.common import ConvertConfig
     from engine.convert.run import run_conversion
 
-    lora = "--train-iters 2 --lora-r 4 --lora-alpha 8 --lr 1e-2"
-    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), lora)
-    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"), lora)
-    assert one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and one[1]["loss"] != one[0]["loss"]
+    one, _ = lora_one_rank
+    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"), LORA)
     for name in ("loss", *ROUTER):
         assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
     base, _ = assets.checkpoint(1, 1)
@@ -178,6 +214,19 @@ def test_moe_reward_model_agrees_at_ep2(assets, tmp_path):
         assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
 
 
+def test_moe_kto_agrees_at_ep2(assets, tmp_path):
+    """--stage kto on the MoE decoder (the pairs as unpaired samples): losses, KL point, rewards and router losses
+    at EP2 equal one rank's."""
+    kto = "--stage kto --dpo-beta 0.1 --micro-batch-size 4"
+    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), "--train-iters 2", stage=kto,
+                      data=assets.unpaired_prefix())
+    two = run_moe_dpo(assets, tmp_path / "ep2", Layout("ep2", 2, "--expert-model-parallel-size 2"), "--train-iters 2",
+                      stage=kto, data=assets.unpaired_prefix())
+    assert one[0]["loss"] == pytest.approx(0.5, abs=1e-6) and one[1]["loss"] != one[0]["loss"]
+    for name in ("loss", "kl", "rewards/chosen", "rewards/rejected", *ROUTER):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], abs=1e-5), name
+
+
 def test_moe_dpo_with_dense_layers_agrees_under_the_interleaved_pipeline(assets, tmp_path):
     """--moe-layer-freq from a converted Qwen2-MoE (decoder_sparse_step 2: layers 0 and 2 dense, 1 and 3 MoE) trains;
     PP2 x VPP2 puts the dense layers 0 and 2 on the first stage and the MoE layers 1 and 3 on the second (the
@@ -191,35 +240,11 @@ def test_moe_dpo_with_dense_layers_agrees_under_the_interleaved_pipeline(assets,
         assert [r[name] for r in vpp] == pytest.approx([r[name] for r in one], abs=1e-5), name
 
 
-# TP2 x EP2 with every expert whole on its rank (ETP1); under TP the z-loss is compared off (see below).
-WHOLE_EXPERTS = Layout("tp2ep2etp1", 4, "--expert-model-parallel-size 2 --expert-tensor-parallel-size 1 "
-                                        "--sequence-parallel", tp=2)
-Z_OFF = "--moe-z-loss-coeff 0"
-
-
-def test_moe_tensor_parallel_agrees_with_the_z_loss_off(assets, tmp_path):
-    """TP2 x EP2 and TP2 x PP2 (sequence parallel; the second stage cuts the padding mask as megatron cuts its
-    hidden states) give one rank's losses and load-balancing loss. The z-loss is off (0: not computed, not
-    logged): megatron-core takes its mean over each sequence-parallel shard's real tokens, then over the shards,
-    which is the one-rank mean over the micro-batch's real tokens only when every shard holds equally many
-    (padding sits at the rows' ends, in the last shard)."""
-    off = "--train-iters 3 --moe-z-loss-coeff 0"
-    one = run_moe_dpo(assets, tmp_path / "one", Layout("one", 1), off)
-    assert "moe/z_loss" not in one[0] and one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for layout in (Layout("tp2ep2", 4, "--expert-model-parallel-size 2 --sequence-parallel", tp=2),
-                   Layout("tp2pp2", 4, "--sequence-parallel", tp=2, pp=2), WHOLE_EXPERTS):
-        rows = run_moe_dpo(assets, tmp_path / layout.name, layout, off)
-        for name in ("loss", "rewards/margins", "moe/load_balancing_loss"):
-            assert [r[name] for r in rows] == pytest.approx([r[name] for r in one], abs=1e-5), (layout.name, name)
-
-
-def test_moe_resume_with_expert_tensor_parallel_below_tp(assets, tmp_path):
+def test_moe_resume_with_expert_tensor_parallel_below_tp(assets, one_rank, tmp_path):
     """TP2 x EP2 with whole experts (ETP1): the files are Megatron-LM's, the ranks' (TP rank, EP rank) pairs
     (0, 0) and (1, 1) with EP rank 1's experts whole in mp_rank_01_001; a resume with the distributed optimizer
-    continues as one rank does (z-loss off, as for every TP layout), and a run at ETP2 is told which flag
-    differs."""
-    one = run_moe_dpo(assets, tmp_path / "one", Layout("one", 1), f"--train-iters 3 {Z_OFF}")
-    layout = Layout("tp2ep2etp1", 4, f"{WHOLE_EXPERTS.flags} --use-distributed-optimizer {Z_OFF}", tp=2)
+    continues as one rank does, and a run at ETP2 is told which flag differs."""
+    layout = Layout("tp2ep2etp1", 4, f"{WHOLE_EXPERTS.flags} --use-distributed-optimizer", tp=2)
     run_moe_dpo(assets, tmp_path, layout, "--train-iters 1")
     saved = sorted(p.name for p in (tmp_path / "iter_0000001").iterdir() if p.is_dir())
     assert saved == ["mp_rank_00_000", "mp_rank_01_001"]
@@ -230,8 +255,8 @@ def test_moe_resume_with_expert_tensor_parallel_below_tp(assets, tmp_path):
     assert fc2.shape[1] == state["args"]["moe_ffn_hidden_size"] and dense.shape[1] * 2 == dense.shape[0]
     rows = run_moe_dpo(assets, tmp_path, layout, "--train-iters 3", load=tmp_path)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
-    for name in ("loss", "moe/load_balancing_loss"):
-        assert [r[name] for r in rows[1:]] == pytest.approx([r[name] for r in one[1:3]], abs=1e-5), name
+    for name in ("loss", *ROUTER):
+        assert [r[name] for r in rows[1:]] == pytest.approx([r[name] for r in one_rank[1:3]], abs=1e-5), name
     checkpoint, flags = assets.checkpoint(2, 1)
     args = [*flags, *TRAIN, *DPO.split(), "--data-path", assets.data_prefix, "--tensor-model-parallel-size", "2",
             "--expert-model-parallel-size", "2", "--sequence-parallel", "--load", str(tmp_path), "--train-iters", "4"]
@@ -240,7 +265,7 @@ def test_moe_resume_with_expert_tensor_parallel_below_tp(assets, tmp_path):
     assert "splits each expert over --expert-tensor-parallel-size 1, the run over 2" in result.stdout + result.stderr
 
 
-def test_moe_lora_with_whole_experts_under_tp2_agrees_and_merges(assets, tmp_path):
+def test_moe_lora_with_whole_experts_under_tp2_agrees_and_merges(assets, lora_one_rank, tmp_path):
     """LoRA at TP2 x EP2 x ETP1: the experts' adapters are whole on each rank (their partial gradients summed
     over the experts' TP group, of one rank, not over TP); losses match one rank, and the adapters read back
     from Megatron-LM's two files merge into the same HF experts as the one-rank run's."""
@@ -249,16 +274,15 @@ def test_moe_lora_with_whole_experts_under_tp2_agrees_and_merges(assets, tmp_pat
     from engine.convert.common import ConvertConfig
     from engine.convert.run import run_conversion
 
-    lora = f"--train-iters 2 --lora-r 4 --lora-alpha 8 --lr 1e-2 {Z_OFF}"
-    one = run_moe_dpo(assets, tmp_path / "ep1", Layout("ep1", 1), lora)
-    four = run_moe_dpo(assets, tmp_path / "etp1", WHOLE_EXPERTS, lora)
-    assert one[1]["loss"] != one[0]["loss"]
-    for name in ("loss", "moe/load_balancing_loss"):
+    one, one_save = lora_one_rank
+    four = run_moe_dpo(assets, tmp_path / "etp1", WHOLE_EXPERTS, LORA)
+    for name in ("loss", *ROUTER):
         assert [r[name] for r in four] == pytest.approx([r[name] for r in one], abs=1e-5), name
     merged = {}
-    for run, (base, _) in (("ep1", assets.checkpoint(1, 1)), ("etp1", assets.checkpoint(2, 1, 1))):
+    for run, (base, _), adapters in (("ep1", assets.checkpoint(1, 1), one_save),
+                                     ("etp1", assets.checkpoint(2, 1, 1), tmp_path / "etp1")):
         run_conversion(ConvertConfig("mg", "hf", str(base), str(tmp_path / f"hf_{run}"),
-                                     lora_load=str(tmp_path / run), lora_r=4, lora_alpha=8.0))
+                                     lora_load=str(adapters), lora_r=4, lora_alpha=8.0))
         merged[run] = load_file(tmp_path / f"hf_{run}" / "model.safetensors")
     before = load_file(assets.hf / "model.safetensors")
     assert not torch.equal(before["model.layers.1.mlp.experts.3.down_proj.weight"],
