@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dpo import build_data  # noqa: E402 - the same synthetic pairs as the DPO benchmark
+from bench_dpo import DATA_SHAPES, build_data  # noqa: E402 - the same synthetic pairs as the DPO benchmark
 
 
 def build(root: Path, name: str, args) -> tuple[list[str], int, int]:
@@ -83,7 +83,7 @@ def run(root: Path, name: str, nproc: int, flags: list[str], prefix: str, args, 
             **{k: rows[-1][k] for k in ("moe/load_balancing_loss",) if k in rows[-1]}}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--max-answer", type=int, default=120)
+    parser.add_argument("--data-shape", choices=list(DATA_SHAPES), default="short-prompt",
+                        help="bench_dpo.py's synthetic pairs: short prompts, or prompts >= 60%% of the tokens")
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=8)
@@ -102,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ep", type=int, default=1, help="also run the MoE at this expert-parallel size")
     parser.add_argument("--grouped-gemm", action="store_true", help="GPU: --moe-grouped-gemm (transformer-engine)")
     parser.add_argument("--output", default="benchmarks/results/bench_moe.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     moe_extra = ["--moe-aux-loss-coeff", "0.001"] + (["--moe-grouped-gemm"] if args.grouped_gemm else [])
     with tempfile.TemporaryDirectory() as tmp:
