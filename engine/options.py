@@ -91,11 +91,16 @@ def _argparse_kwargs(f: dataclasses.Field, annotation: Any) -> dict:
     return kwargs
 
 
-def add_options(parser: argparse.ArgumentParser, section: type, title: str) -> argparse._ArgumentGroup:
-    """One argument group with a flag per declared field of `section`."""
-    group = parser.add_argument_group(title, (section.__doc__ or "").strip().splitlines()[0])
+def add_options(parser: argparse.ArgumentParser, section: type, title: str,
+                only: Sequence[str] | None = None) -> argparse._ArgumentGroup:
+    """One argument group with a flag per declared field of `section` (or per field named in `only`: a tool that
+    reads some of another program's flags declares them from the same fields)."""
+    description = None if only is not None else (section.__doc__ or "").strip().splitlines()[0]
+    group = parser.add_argument_group(title, description)
     hints = typing.get_type_hints(section)
     for f in declared_fields(section):
+        if only is not None and f.name not in only:
+            continue
         group.add_argument(flag_name(f.name), **_argparse_kwargs(f, hints[f.name]))
         for alias, const in f.metadata["aliases"].items():
             group.add_argument(alias, dest=f.name, action="store_const", const=const, default=argparse.SUPPRESS,
@@ -106,6 +111,12 @@ def add_options(parser: argparse.ArgumentParser, section: type, title: str) -> a
 def given(args: argparse.Namespace, section: type) -> dict[str, Any]:
     """The flags of `section` present on the command line (absent ones keep the dataclass default)."""
     return {f.name: getattr(args, f.name) for f in declared_fields(section) if hasattr(args, f.name)}
+
+
+def values_from_args(args: argparse.Namespace, section: type, names: Sequence[str]) -> dict[str, Any]:
+    """The named fields of `section`: the flags given, the declared defaults for the others."""
+    fields = {f.name: f for f in declared_fields(section)}
+    return {name: getattr(args, name) if hasattr(args, name) else _default(fields[name]) for name in names}
 
 
 def section_from_args(section: type, args: argparse.Namespace, **overrides: Any):

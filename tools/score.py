@@ -28,13 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from engine.checkpoint.layout import TRACKER_FILE  # noqa: E402
-from engine.data.handlers import HANDLERS, RecordError, build_handler  # noqa: E402
-from engine.data.preprocess import json_object  # noqa: E402
+from engine.data.handlers import RecordError, build_handler  # noqa: E402
+from engine.data.preprocess import PreprocessConfig  # noqa: E402
 from engine.data.templates import ChatEncoder, Conversation, build_chat_encoder  # noqa: E402
 from engine.data.truncation import cut_sequence, truncate_lengths  # noqa: E402
+from engine.options import add_options, values_from_args  # noqa: E402
 from engine.tokenizer import TokenizerConfig, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("score")
+
+RECORD_FLAGS = ("handler_name", "prompt_type", "prompt_type_path", "map_keys")
+"""preprocess_data.py's flags for reading records, declared there once."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="HF sequence-classifier folder or megatron RM checkpoint")
     parser.add_argument("--input", required=True, help="JSONL of prompt/response records or of preference pairs")
     parser.add_argument("--output", help="write each record's scores here as JSONL")
-    parser.add_argument("--prompt-type", default="empty",
-                        help="chat template (or auto), as preprocess_data.py (default: empty)")
-    parser.add_argument("--prompt-type-path", help="JSON file of extra templates")
-    parser.add_argument("--handler-name", default="AlpacaStylePairwiseHandler", choices=sorted(HANDLERS),
-                        help="shape of pairwise records (default: AlpacaStylePairwiseHandler)")
-    parser.add_argument("--map-keys", type=json_object, default={}, help="pairwise columns, as preprocess_data.py")
-    parser.add_argument("--tokenizer-name-or-path", help="HF tokenizer folder (default: --load's, if it has one)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument("--seq-length", type=int, help="cut longer sequences as training does")
+    add_options(parser, PreprocessConfig, "records (as preprocess_data.py reads them; pairwise handlers only)",
+                only=RECORD_FLAGS)
+    add_options(parser, TokenizerConfig, "tokenizer (default: --load's, if it has one)", only=["tokenizer_name_or_path"])
     return parser
 
 
@@ -127,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             hf_dir = Path(scratch) / "hf"
             run_conversion(ConvertConfig(load_model_type="mg", save_model_type="hf", load_dir=args.load,
                                          save_dir=str(hf_dir)))
-        tokenizer_dir = args.tokenizer_name_or_path or str(hf_dir)
+        tokenizer_dir = getattr(args, "tokenizer_name_or_path", None) or str(hf_dir)
+        records_format = values_from_args(args, PreprocessConfig, RECORD_FLAGS)
         try:
-            encoder = build_chat_encoder(args.prompt_type, build_tokenizer(TokenizerConfig("PretrainedFromHF",
-                                                                                        tokenizer_dir)),
-                                         args.prompt_type_path)
-            records, pairwise = read_sequences(args.input, encoder, build_handler(args.handler_name, args.map_keys),
-                                               args.seq_length)
+            encoder = build_chat_encoder(records_format["prompt_type"],
+                                         build_tokenizer(TokenizerConfig("PretrainedFromHF", tokenizer_dir)),
+                                         records_format["prompt_type_path"])
+            handler = build_handler(records_format["handler_name"], records_format["map_keys"])
+            records, pairwise = read_sequences(args.input, encoder, handler, args.seq_length)
         except (OSError, ValueError) as err:
             print(f"score.py: error: {err}", file=sys.stderr)
             return 1

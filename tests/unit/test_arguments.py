@@ -441,3 +441,18 @@ def test_moe_layer_freq_runs_no_code_and_says_what_it_reads(text, message, capsy
 def test_moe_layer_freq_checks_name_the_flag(extra, message):
     with pytest.raises(ConfigError, match=message):
         validate(config(extra), world_size=1)
+
+
+def test_a_tool_declares_another_programs_flags_from_the_same_fields():
+    """tools/score.py reads records as preprocess_data.py does: the same declarations, defaults and help."""
+    import argparse
+
+    from engine.data.preprocess import PreprocessConfig
+    from engine.options import add_options, values_from_args
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, PreprocessConfig, "records", only=["prompt_type", "map_keys"])
+    assert {a.dest for a in parser._actions} == {"help", "prompt_type", "map_keys"}
+    args = parser.parse_args(["--map-keys", '{"prompt": "question"}'])
+    assert values_from_args(args, PreprocessConfig, ["prompt_type", "map_keys"]) == {
+        "prompt_type": "empty", "map_keys": {"prompt": "question"}}
