@@ -1002,9 +1002,6 @@ def validate(config: EngineConfig, world_size: int) -> None:
         require(budget >= 2 * model.seq_length,
                 f"--max-tokens-per-micro-batch ({budget}) must hold the longest pair: at least 2 x --seq-length "
                 f"({2 * model.seq_length})")
-        require(par.num_layers_per_virtual_pipeline_stage is None,
-                "--max-tokens-per-micro-batch cannot be combined with --num-layers-per-virtual-pipeline-stage: the "
-                "interleaved schedule needs a micro-batch count that is a multiple of the pipeline size")
         sorted_losses = [name for name in SORTED_LOSS_TYPES if name in config.preference.loss_types]
         require(not sorted_losses,
                 f"--dpo-loss-type {' '.join(sorted_losses)} sorts over the pairs of a micro-batch, which a token "

@@ -71,8 +71,11 @@ class PairwiseData:
         if budget is None:
             return indices, samples
         flat, pairs = [i for micro in indices for i in micro], [s for micro in samples for s in micro]
+        par = self.config.parallel
+        interleaved = par.num_layers_per_virtual_pipeline_stage is not None
         sizes = token_budget_micro_batches([self.rows(s) for s in pairs], budget, pad_to_multiple_of,
-                                           self.config.data.pack_sequences)
+                                           self.config.data.pack_sequences,
+                                           par.pipeline_model_parallel_size if interleaved else 1)
         bounds = list(itertools.accumulate(sizes, initial=0))
         return ([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
                 [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])])

@@ -81,14 +81,18 @@ class PairwiseBatchSampler:
 
 
 def token_budget_micro_batches(rows: list[tuple[int, ...]], budget: int, pad_to_multiple_of: int,
-                               packed: bool) -> list[int]:
+                               packed: bool, count_multiple_of: int = 1) -> list[int]:
     """Sizes of consecutive micro-batches over pairs, in order, each pair given as the lengths of the rows it
     collates into ((chosen, rejected), or one [prompt | chosen | rejected] row under --shared-prompt): a
     micro-batch takes pairs while its collated tokens stay within `budget` (padded: its rows times the longest
     rounded up to `pad_to_multiple_of`; packed: the sum of the lengths rounded up), so a long pair is not padded
     with many short ones' rows and many short pairs share one micro-batch. A pair over the budget alone is a
     micro-batch of its own. The split depends on the lengths alone: every rank of a pipeline and every rerun or
-    resume forms the same micro-batches."""
+    resume forms the same micro-batches.
+
+    `count_multiple_of`: the interleaved pipeline schedule runs a multiple of PP micro-batches, so the largest
+    micro-batch (the first of equals) is halved until the count is one; a part of a micro-batch stays within
+    the budget. The pairs must be at least that many (the arguments' rule on --micro-batch-size ensures it)."""
     def round_up(n: int) -> int:
         return -(-n // pad_to_multiple_of) * pad_to_multiple_of
 
@@ -102,4 +106,9 @@ def token_budget_micro_batches(rows: list[tuple[int, ...]], budget: int, pad_to_
         count, (width, longest, total) = count + 1, grown
     if count:
         sizes.append(count)
+    while len(sizes) % count_multiple_of:
+        largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+        if sizes[largest] < 2:
+            raise ValueError(f"{len(rows)} pairs cannot form a multiple of {count_multiple_of} micro-batches")
+        sizes[largest:largest + 1] = [sizes[largest] - sizes[largest] // 2, sizes[largest] // 2]
     return sizes

@@ -227,6 +227,11 @@ def test_token_budget_micro_batches_train_like_fixed_ones_and_resume_exactly(ass
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     packed = run_dpo(assets, tmp_path / "packed", nproc=2, extra=f"--train-iters 2 --pack-sequences {budget}")
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in straight[:2]], abs=1e-6)
+    # the interleaved pipeline: 384 tokens pack 3 + 3 + 2 pairs, halved to 4 micro-batches (a multiple of PP)
+    interleaved = run_dpo(assets, tmp_path / "vpp", pp=2, nproc=2,
+                          extra="--train-iters 2 --pack-sequences --num-layers-per-virtual-pipeline-stage 1 "
+                                "--max-tokens-per-micro-batch 384")
+    assert [r["loss"] for r in interleaved] == pytest.approx([r["loss"] for r in straight[:2]], abs=1e-5)
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(assets.checkpoint(1, 1)[0], resumed_dir)
     run_dpo(assets, resumed_dir, load=resumed_dir, extra=f"--train-iters 2 {budget}")

@@ -48,8 +48,6 @@ def test_padded_vocab_rounds_to_multiple_times_tp():
         ("--pipeline-model-parallel-size 3 --num-layer-list 1,1,1", 3, r"--num-layer-list 1,1,1 sums to 3, not --num-layers \(4\)"),
         ("--max-tokens-per-micro-batch 63", 1, r"--max-tokens-per-micro-batch \(63\) must hold the longest pair: at "
                                                r"least 2 x --seq-length \(64\)"),
-        ("--max-tokens-per-micro-batch 64 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1",
-         2, r"--max-tokens-per-micro-batch cannot be combined with --num-layers-per-virtual-pipeline-stage"),
         ("--max-tokens-per-micro-batch 64 --dpo-loss-type aot", 1, r"--dpo-loss-type aot sorts over the pairs of a "
                                                                    r"micro-batch, which a token budget would change"),
         ("--stage kto --micro-batch-size 2 --shared-prompt", 1, r"--shared-prompt cannot be combined with --stage kto"),

@@ -96,3 +96,13 @@ def test_a_token_budget_fills_micro_batches_in_order_as_they_would_be_collated()
     # a pair over the budget forms a micro-batch alone; every pair is placed once
     assert token_budget_micro_batches([(3, 3), (100, 90), (3, 3)], 64, 8, packed=True) == [1, 1, 1]
     assert token_budget_micro_batches([(3, 3)] * 7, 10**6, 8, packed=False) == [7]
+
+
+def test_the_interleaved_schedule_gets_a_multiple_of_pp_micro_batches_within_the_budget():
+    pairs = [(10, 12), (5, 5), (30, 2), (3, 3), (3, 3)]
+    # [2, 1, 2] -> the first largest halved -> [1, 1, 1, 2]
+    assert token_budget_micro_batches(pairs, 64, 8, packed=False, count_multiple_of=2) == [1, 1, 1, 2]
+    assert token_budget_micro_batches(pairs, 64, 8, packed=True, count_multiple_of=2) == [3, 2]  # already even
+    assert token_budget_micro_batches([(3, 3)] * 8, 10**6, 8, packed=False, count_multiple_of=4) == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="3 pairs cannot form a multiple of 4 micro-batches"):
+        token_budget_micro_batches([(3, 3)] * 3, 10**6, 8, packed=False, count_multiple_of=4)
