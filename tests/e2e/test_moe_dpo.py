@@ -289,3 +289,17 @@ def test_moe_lora_with_whole_experts_under_tp2_agrees_and_merges(assets, lora_on
                            merged["etp1"]["model.layers.1.mlp.experts.3.down_proj.weight"])
     for key, tensor in merged["ep1"].items():
         torch.testing.assert_close(merged["etp1"][key], tensor, rtol=0, atol=1e-4, msg=key)  # moves are ~2e-2
+    # The TP2 x ETP1 adapters as a PEFT adapter (attention's TP shards and the whole experts assembled) on the base
+    # HF model give that merged checkpoint's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _ = assets.checkpoint(2, 1, 1)
+    run_conversion(ConvertConfig("mg", "hf", str(base), str(tmp_path / "peft"), lora_load=str(tmp_path / "etp1"),
+                                 lora_r=4, lora_alpha=8.0, save_lora_to_hf=True))
+    tokens = torch.arange(3, 35).unsqueeze(0)
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    with torch.no_grad():
+        expected = load(tmp_path / "hf_etp1")(tokens).logits
+        got = PeftModel.from_pretrained(load(assets.hf), tmp_path / "peft").eval()(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
