@@ -10,10 +10,8 @@ contiguous document ranges, then the prefixes are blended by weight.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -31,7 +29,7 @@ CHECK_CHUNK = 1 << 24
 """Tokens per vectorized check step: bounds the temporary arrays to a few hundred MB."""
 
 
-def check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
+def _check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bool) -> None:
     """Every id in ``path`` lies in [0, vocab_size) (labels may also be IGNORE_INDEX)."""
     tokens = np.memmap(path, dtype=dtype, mode="r")
     high = np.iinfo(np.int64).max if vocab_size is None else vocab_size
@@ -48,7 +46,7 @@ def check_token_range(path: str, dtype: type, vocab_size: int | None, labels: bo
                             f"(vocab size {vocab_size}); was the data preprocessed with another tokenizer?")
 
 
-def check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: np.ndarray) -> None:
+def _check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: np.ndarray) -> None:
     """Labels equal the input ids except where masked: catches files from two different runs."""
     ids = np.memmap(ids_path, dtype=dtype, mode="r")
     labels = np.memmap(labels_path, dtype=dtype, mode="r")
@@ -59,6 +57,44 @@ def check_labels_match(ids_path: str, labels_path: str, dtype: type, pointers: n
             pair = int(np.searchsorted(pointers, start + bad[0], side="right") - 1)
             raise DataError(f"{labels_path}: pair {pair}: labels differ from the input ids in {ids_path} "
                             f"(labels must be the input ids with prompt positions {IGNORE_INDEX})")
+
+
+def open_shards(prefix: str, keys: tuple[str, ...], unit: str) -> tuple[dict[str, str], dict[str, IndexedDataset]]:
+    """The indexed datasets of one preprocessed prefix (`keys`: pairwise or unpaired), by key, with their paths:
+    each must exist and hold tokens, and all must hold the same number of `unit`s (pairs, samples)."""
+    paths = {k: output_path_prefix(prefix, k) for k in keys}
+    if not all(IndexedDataset.exists(p) for p in paths.values()):
+        raise DataError(missing_shards_message(prefix, keys))
+    empty = [p + ".bin" for p in paths.values() if not os.path.getsize(p + ".bin")]
+    if empty:  # megatron cannot memory-map an empty file
+        raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
+    datasets = {k: IndexedDataset(p) for k, p in paths.items()}
+    counts = {k: len(d) for k, d in datasets.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{paths[k]}.idx: {n}" for k, n in counts.items())
+        raise DataError(f"--data-path {prefix!r}: the {len(keys)} files disagree on the number of {unit}s ({listed})")
+    return paths, datasets
+
+
+def check_ids_and_labels(prefix: str, paths: dict[str, str], datasets: dict[str, IndexedDataset], side: str,
+                         unit: str, vocab_size: int | None) -> None:
+    """One side's `{side}_input_ids` and `{side}_labels` files: a label per token, ids in the vocabulary, and
+    labels that are the ids with prompt positions masked (files of one preprocessing run)."""
+    ids_key, labels_key = f"{side}_input_ids", f"{side}_labels"
+    ids, labels = datasets[ids_key], datasets[labels_key]
+    bad = np.flatnonzero(ids.sequence_lengths != labels.sequence_lengths)
+    if bad.size:
+        i = int(bad[0])
+        named = "" if side == "completion" else f"{side} "
+        raise DataError(f"--data-path {prefix!r}: {unit} {i}: {named}input ids have {ids.sequence_lengths[i]} tokens "
+                        f"in {paths[ids_key]}.bin but {labels.sequence_lengths[i]} labels in {paths[labels_key]}.bin "
+                        f"({bad.size} such {unit}s)")
+    ids_bin, labels_bin = paths[ids_key] + ".bin", paths[labels_key] + ".bin"
+    _check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
+    _check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
+    if ids.index.dtype == labels.index.dtype:
+        offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
+        _check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
 
 
 class PairwiseDataset(Dataset):
@@ -77,41 +113,15 @@ class PairwiseDataset(Dataset):
             raise ValueError(f"vocab size must be positive, got {vocab_size}")
         self.prefix = prefix
         self.seq_length = seq_length
-        paths = {k: output_path_prefix(prefix, k) for k in OUTPUT_KEYS}
-        if not all(IndexedDataset.exists(p) for p in paths.values()):
-            raise DataError(missing_shards_message(prefix))
-        empty = [p + ".bin" for p in paths.values() if not os.path.getsize(p + ".bin")]
-        if empty:  # megatron cannot memory-map an empty file
-            raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
-        self.datasets = {k: IndexedDataset(p) for k, p in paths.items()}
-        self._validate(paths, vocab_size)
+        paths, self.datasets = open_shards(prefix, OUTPUT_KEYS, "pair")
+        for side in ("chosen", "rejected"):
+            check_ids_and_labels(prefix, paths, self.datasets, side, "pair", vocab_size)
         self.margins = self._margins(output_path_prefix(prefix, MARGIN_KEY))
         lengths = np.maximum(self.datasets["chosen_input_ids"].sequence_lengths,
                              self.datasets["rejected_input_ids"].sequence_lengths)
         long = int(np.count_nonzero(lengths > seq_length))
         logger.info("%s: %d pairs, %d longer than --seq-length %d will be truncated (longest %d tokens)",
                     prefix, len(self), long, seq_length, int(lengths.max()))
-
-    def _validate(self, paths: dict[str, str], vocab_size: int | None) -> None:
-        counts = {k: len(d) for k, d in self.datasets.items()}
-        if len(set(counts.values())) > 1:
-            listed = ", ".join(f"{paths[k]}.idx: {n}" for k, n in counts.items())
-            raise DataError(f"--data-path {self.prefix!r}: the four files disagree on the number of pairs ({listed})")
-        for side in ("chosen", "rejected"):
-            ids, labels = self.datasets[f"{side}_input_ids"], self.datasets[f"{side}_labels"]
-            bad = np.flatnonzero(ids.sequence_lengths != labels.sequence_lengths)
-            if bad.size:
-                i = int(bad[0])
-                raise DataError(f"--data-path {self.prefix!r}: pair {i}: {side} input ids have "
-                                f"{ids.sequence_lengths[i]} tokens in {paths[f'{side}_input_ids']}.bin but "
-                                f"{labels.sequence_lengths[i]} labels in {paths[f'{side}_labels']}.bin "
-                                f"({bad.size} such pairs)")
-            ids_bin, labels_bin = paths[f"{side}_input_ids"] + ".bin", paths[f"{side}_labels"] + ".bin"
-            check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
-            check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
-            if ids.index.dtype == labels.index.dtype:
-                offsets = ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize
-                check_labels_match(ids_bin, labels_bin, ids.index.dtype, offsets)
 
     def _margins(self, path: str) -> np.ndarray | None:
         """The per-pair margins, read whole (4 bytes a pair), or None when the data set has none."""

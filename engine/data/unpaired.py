@@ -24,23 +24,21 @@ gradient pass runs on (the completions alone).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
 from engine.data.collate import PairBatch, collate_pairs, pack_pairs
-from engine.data.dataset import check_labels_match, check_token_range, prompt_length
+from engine.data.dataset import check_ids_and_labels, open_shards, prompt_length
 from engine.data.handlers import PairwiseHandler, PairwiseSample, RecordError, MessagesMixin
 from engine.data.readers import DataError
 from engine.data.sampler import PairwiseBatchSampler
 from engine.data.records import Conversation
 from engine.data.truncation import truncate_lengths
-from engine.formats import IGNORE_INDEX, UNPAIRED_KEYS, missing_shards_message, output_path_prefix
+from engine.formats import IGNORE_INDEX, UNPAIRED_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -140,24 +138,8 @@ class UnpairedDataset(Dataset):
         if seq_length < 2:
             raise ValueError(f"--seq-length must be at least 2, got {seq_length}")
         self.prefix, self.seq_length = prefix, seq_length
-        paths = {k: output_path_prefix(prefix, k) for k in UNPAIRED_KEYS}
-        if not all(IndexedDataset.exists(p) for p in paths.values()):
-            raise DataError(missing_shards_message(prefix, UNPAIRED_KEYS))
-        empty = [p + ".bin" for p in paths.values() if not os.path.getsize(p + ".bin")]
-        if empty:
-            raise DataError(f"--data-path {prefix!r}: the data set is empty (no tokens in {empty})")
-        self.datasets = {k: IndexedDataset(p) for k, p in paths.items()}
-        counts = {k: len(d) for k, d in self.datasets.items()}
-        if len(set(counts.values())) > 1:
-            listed = ", ".join(f"{paths[k]}.idx: {n}" for k, n in counts.items())
-            raise DataError(f"--data-path {prefix!r}: the three files disagree on the number of samples ({listed})")
-        ids, labels = self.datasets["completion_input_ids"], self.datasets["completion_labels"]
-        bad = np.flatnonzero(ids.sequence_lengths != labels.sequence_lengths)
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"--data-path {prefix!r}: sample {i}: {ids.sequence_lengths[i]} input ids in "
-                            f"{paths['completion_input_ids']}.bin but {labels.sequence_lengths[i]} labels in "
-                            f"{paths['completion_labels']}.bin ({bad.size} such samples)")
+        paths, self.datasets = open_shards(prefix, UNPAIRED_KEYS, "sample")
+        check_ids_and_labels(prefix, paths, self.datasets, "completion", "sample", vocab_size)
         flags = self.datasets["desirable"]
         if (flags.sequence_lengths != 1).any():
             i = int(np.flatnonzero(flags.sequence_lengths != 1)[0])
@@ -168,15 +150,9 @@ class UnpairedDataset(Dataset):
             i = int(np.flatnonzero(~np.isin(self.desirable, (0, 1)))[0])
             raise DataError(f"{paths['desirable']}.bin: sample {i}: value {self.desirable[i]}, expected 1 (desirable) "
                             "or 0 (undesirable)")
-        ids_bin, labels_bin = paths["completion_input_ids"] + ".bin", paths["completion_labels"] + ".bin"
-        check_token_range(ids_bin, ids.index.dtype, vocab_size, labels=False)
-        check_token_range(labels_bin, labels.index.dtype, vocab_size, labels=True)
-        if ids.index.dtype == labels.index.dtype:
-            check_labels_match(ids_bin, labels_bin, ids.index.dtype,
-                                ids.index.sequence_pointers // np.dtype(ids.index.dtype).itemsize)
         logger.info("%s: %d unpaired samples (%d desirable), %d longer than --seq-length %d will be truncated",
-                    prefix, len(self), int(self.desirable.sum()), int((ids.sequence_lengths > seq_length).sum()),
-                    seq_length)
+                    prefix, len(self), int(self.desirable.sum()),
+                    int((self.datasets["completion_input_ids"].sequence_lengths > seq_length).sum()), seq_length)
 
     def __len__(self) -> int:
         return len(self.datasets["desirable"])
