@@ -146,21 +146,15 @@ def build_data(root: Path, args) -> str:
     return prefix
 
 
-def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix: str, args, peak: float) -> dict:
-    save = root / f"{name}_{repeat}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--master-port", str(29600 + list(MODES).index(name)), str(REPO / "pretrain_dpo.py"),
-               *model_flags, "--seq-length", str(args.seq_length), "--stage", "dpo", "--data-path", prefix,
-               "--split", "100,0,0", "--tensor-model-parallel-size", str(args.tp),
-               "--pipeline-model-parallel-size", str(args.pp), "--micro-batch-size", str(args.micro_batch_size),
-               "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
-               "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
-               "--load", str(root / "mg"), "--save", str(save), "--peak-tflops", str(peak), *MODES[name],
-               *args.train_args.split()]
-    if args.bf16:
-        command.append("--bf16")
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
-    if args.device == "cpu":
+def train_run(name: str, flags: list[str], save: Path, nproc: int, port: int, warmup: int,
+              hide_gpus: bool = False) -> dict:
+    """`pretrain_dpo.py FLAGS --save SAVE` under torchrun (one OpenMP share of the cores per rank), and its
+    figures over the iterations after `warmup`: seconds, mean step time, tokens/s (weighted by step time), the
+    peak memory of any iteration, the last loss, the wall time, and the metric rows themselves."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(port), str(REPO / "pretrain_dpo.py"), *flags, "--save", str(save)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the engine trains on the GPU whenever torch sees one
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -168,21 +162,39 @@ def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix:
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[args.warmup:]
+    steady = rows[warmup:]
+    seconds = sum(r["step_time_s"] for r in steady)
+    return {"rows": rows, "steady": steady, "seconds": seconds, "step_time_s": seconds / len(steady),
+            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "final_loss": rows[-1]["loss"],
+            "wall_s_including_startup": wall}
+
+
+def run_mode(root: Path, name: str, repeat: int, model_flags: list[str], prefix: str, args, peak: float) -> dict:
+    flags = [*model_flags, "--seq-length", str(args.seq_length), "--stage", "dpo", "--data-path", prefix,
+             "--split", "100,0,0", "--tensor-model-parallel-size", str(args.tp),
+             "--pipeline-model-parallel-size", str(args.pp), "--micro-batch-size", str(args.micro_batch_size),
+             "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
+             "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
+             "--load", str(root / "mg"), "--peak-tflops", str(peak), *MODES[name], *args.train_args.split()]
+    if args.bf16:
+        flags.append("--bf16")
+    run = train_run(name, flags, root / f"{name}_{repeat}", args.nproc, 29600 + list(MODES).index(name), args.warmup,
+                    hide_gpus=args.device == "cpu")
     # Every mode trains on the same batches in the same order: totals over the same iterations
     # compare like with like, whatever each batch's own length.
-    seconds = sum(r["step_time_s"] for r in steady)
+    steady, seconds = run["steady"], run["seconds"]
     tflops = sum(r["tflops_per_device"] * r["step_time_s"] for r in steady) / seconds
     return {
         "mode": name,
         "pairs_per_s": args.global_batch_size * len(steady) / seconds,
-        "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
+        "tokens_per_s": run["tokens_per_s"],
         "tflops_per_device": tflops,
         "mfu": tflops / peak,
-        "step_time_s": seconds / len(steady),
-        "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
-        "wall_s_including_startup": wall,
-        "final_loss": rows[-1]["loss"],
+        "step_time_s": run["step_time_s"],
+        "peak_memory_gib": run["peak_memory_gib"],
+        "wall_s_including_startup": run["wall_s_including_startup"],
+        "final_loss": run["final_loss"],
     }
 
 

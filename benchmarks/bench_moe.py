@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dpo import DATA_SHAPES, build_data  # noqa: E402 - the same synthetic pairs as the DPO benchmark
+from bench_dpo import DATA_SHAPES, build_data, train_run  # noqa: E402 - the DPO benchmark's pairs and runs
 
 
 def build(root: Path, name: str, args) -> tuple[list[str], int, int]:
@@ -61,26 +59,16 @@ def build(root: Path, name: str, args) -> tuple[list[str], int, int]:
 
 
 def run(root: Path, name: str, nproc: int, flags: list[str], prefix: str, args, extra: list[str]) -> dict:
-    save = root / f"run_{name}_{nproc}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(29700 + nproc), str(REPO / "pretrain_dpo.py"), *flags, "--seq-length", str(args.seq_length),
-               "--stage", "dpo", "--data-path", prefix, "--split", "100,0,0",
-               "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-               "--train-iters", str(args.iters), "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
-               "--load", str(root / f"mg_{name.split('_')[0]}"), "--save", str(save), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[args.warmup:]
-    seconds = sum(r["step_time_s"] for r in steady)
-    return {"run": name, "ranks": nproc, "step_time_s": seconds / len(steady),
-            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
-            "peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "final_loss": rows[-1]["loss"],
-            "wall_s_including_startup": time.perf_counter() - start,
-            **{k: rows[-1][k] for k in ("moe/load_balancing_loss",) if k in rows[-1]}}
+    flags = [*flags, "--seq-length", str(args.seq_length), "--stage", "dpo", "--data-path", prefix, "--split", "100,0,0",
+             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+             "--train-iters", str(args.iters), "--lr", "1e-5", "--lr-decay-style", "constant", "--log-interval", "1",
+             "--load", str(root / f"mg_{name.split('_')[0]}"), *extra]
+    result = train_run(name, flags, root / f"run_{name}_{nproc}", nproc, 29700 + nproc, args.warmup)
+    last = result["rows"][-1]
+    return {"run": name, "ranks": nproc,
+            **{k: result[k] for k in ("step_time_s", "tokens_per_s", "peak_memory_gib", "final_loss",
+                                      "wall_s_including_startup")},
+            **{k: last[k] for k in ("moe/load_balancing_loss",) if k in last}}
 
 
 def build_parser() -> argparse.ArgumentParser:
